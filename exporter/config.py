@@ -1,0 +1,269 @@
+"""Configuration: defaults < YAML file < environment < CLI flags, typed and validated.
+
+Every problem is collected and reported at once (`ConfigError.problems`), each naming the
+dotted key and where its value came from, so a user fixes a broken config in one pass.
+Secrets are `SecretStr` and only ever leave this module masked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_ENV = "EXPORTER_CONFIG"
+
+# Environment variable -> dotted config key. The first block is the seed's contract.
+ENV_KEYS: dict[str, str] = {
+    "MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
+    "PROMETHEUS_GATEWAY": "prometheus.gateway",
+    "PROMETHEUS_JOB_NAME": "prometheus.job_name",
+    "PRAMATHUS_ENDPOINT": "pramathus.endpoint",
+    "PRAMATHUS_API_KEY": "pramathus.api_key",
+    "PRAMATHUS_ENABLED": "pramathus.enabled",
+    "EXPORT_INTERVAL": "export.interval_seconds",
+    "MAX_EXPERIMENTS": "export.max_experiments",
+    "EXPORTER_STATE_DIR": "export.state_dir",
+    # MLflow's own client variables, honoured the way MLflow's client honours them.
+    "MLFLOW_TRACKING_USERNAME": "mlflow.username",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow.password",
+    "MLFLOW_TRACKING_TOKEN": "mlflow.token",
+    "MLFLOW_TRACKING_INSECURE_TLS": "mlflow.insecure_tls",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH": "mlflow.ca_bundle",
+    # The exporter's own.
+    "PROMETHEUS_GATEWAY_USERNAME": "prometheus.username",
+    "PROMETHEUS_GATEWAY_PASSWORD": "prometheus.password",
+    "PRAMATHUS_BATCH_SIZE": "pramathus.batch_size",
+    "EXPORTER_PORT": "server.port",
+    "LOG_LEVEL": "logging.level",
+    "LOG_FORMAT": "logging.format",
+}
+
+
+class ConfigError(Exception):
+    """Raised with every problem found in the configuration, not just the first."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _http_url(value: str, *, default_scheme: str = "http") -> str:
+    """Accept `host:port` (the seed's PROMETHEUS_GATEWAY form) as well as full URLs."""
+    value = value.strip().rstrip("/")
+    if "://" not in value:
+        value = f"{default_scheme}://{value}"
+    if not re.match(r"^https?://[^/\s:]+(:\d{1,5})?(/\S*)?$", value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+class MlflowSettings(_Section):
+    tracking_uri: str = "http://localhost:5000"
+    timeout_seconds: float = Field(30.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    page_size: int = Field(1000, ge=1, le=50000)
+    insecure_tls: bool = False
+    ca_bundle: str | None = None
+    username: SecretStr | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+
+    _check_uri = field_validator("tracking_uri")(lambda v: _http_url(v))
+
+
+class PrometheusSettings(_Section):
+    enabled: bool = True
+    gateway: str = "http://localhost:9091"
+    job_name: str = Field("mlflow_metrics", pattern=r"^[A-Za-z0-9_.:-]+$")
+    timeout_seconds: float = Field(10.0, gt=0)
+    username: SecretStr | None = None
+    password: SecretStr | None = None
+    run_id_length: int = Field(12, ge=8, le=32)
+
+    _check_gateway = field_validator("gateway")(lambda v: _http_url(v))
+
+
+class PramathusSettings(_Section):
+    enabled: bool = False
+    endpoint: str | None = None
+    api_key: SecretStr | None = None
+    batch_size: int = Field(500, ge=1, le=50000)
+    timeout_seconds: float = Field(10.0, gt=0)
+    delivery_budget_seconds: float = Field(60.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=100)
+    max_tag_value_length: int = Field(256, ge=0)
+    spool_max_points: int = Field(1_000_000, ge=1)
+    spool_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    verify_tls: bool = True
+    ca_bundle: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, v: str | None) -> str | None:
+        return None if v in (None, "") else _http_url(v, default_scheme="https")
+
+    @model_validator(mode="after")
+    def _endpoint_when_enabled(self) -> PramathusSettings:
+        if self.enabled and not self.endpoint:
+            raise ValueError("pramathus.enabled is true but pramathus.endpoint is not set")
+        return self
+
+
+class ExportSettings(_Section):
+    interval_seconds: float = Field(60.0, ge=1)
+    max_experiments: int = Field(10, ge=0)
+    include_experiments: list[str] = Field(default_factory=list)
+    exclude_experiments: list[str] = Field(default_factory=list)
+    state_dir: str = "./state"
+
+    @field_validator("include_experiments", "exclude_experiments")
+    @classmethod
+    def _valid_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return patterns
+
+
+class ServerSettings(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"  # noqa: S104 - the health port is meant to be scraped
+    port: int = Field(9877, ge=0, le=65535)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Settings(_Section):
+    """The whole effective configuration."""
+
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)  # type: ignore[arg-type]
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)  # type: ignore[arg-type]
+    pramathus: PramathusSettings = Field(default_factory=PramathusSettings)  # type: ignore[arg-type]
+    export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data, every secret replaced by asterisks."""
+        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.export.state_dir)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):  # YAML gave a scalar where a section belongs
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(f"{path}: cannot read config file ({exc.strerror or exc})")
+        return {}
+    except yaml.YAMLError as exc:
+        problems.append(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
+        return {}
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        problems.append(f"{path}: top level must be a mapping of sections")
+        return {}
+    return loaded
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the effective settings; raise `ConfigError` listing every problem.
+
+    `overrides` maps dotted keys to values from CLI flags (None means "flag not given").
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    sources: dict[str, str] = {}
+    tree: dict[str, Any] = {}
+
+    path = config_path or env.get(DEFAULT_CONFIG_ENV)
+    if path:
+        tree = _read_yaml(Path(path), problems)
+        sources.update(_leaf_sources(tree, f"file {path}"))
+    for name, dotted in ENV_KEYS.items():
+        if name in env and env[name] != "":
+            _set_dotted(tree, dotted, env[name])
+            sources[dotted] = f"env {name}"
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+            sources[dotted] = "command line"
+
+    try:
+        settings = Settings.model_validate(tree)
+    except ValidationError as exc:
+        problems.extend(_describe(err, sources) for err in exc.errors())
+        settings = None
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return settings
+
+
+def _leaf_sources(tree: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_leaf_sources(value, source, f"{dotted}."))
+        else:
+            out[dotted] = source
+    return out
+
+
+def _describe(err: Any, sources: Mapping[str, str]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    where = sources.get(loc) or next(
+        (src for key, src in sources.items() if key.startswith(f"{loc}.")), "default"
+    )
+    # Never echo the offending value: it could be a secret put under the wrong key.
+    return f"{loc or '(top level)'}: {msg} [from {where}]"

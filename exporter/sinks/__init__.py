@@ -1,0 +1,1 @@
+"""Where finished snapshots go: the Pushgateway and Pramathus."""

@@ -1,0 +1,1 @@
+"""Real servers and small documented fakes shared by the tests."""

@@ -1,0 +1,95 @@
+"""A real HTTP receiver standing in for a customer's Pramathus endpoint.
+
+It listens on 127.0.0.1, records every request (headers and parsed JSON body), and answers
+with whatever `script` says: a queue of (status, headers, delay) replies, then `default`.
+Tests use it to check payloads and to play outages (503, 429, 400, slow, stopped).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    body: bytes = b'{"status": "ok"}'
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    status: int
+
+
+class Receiver:
+    """Start with `Receiver()`, stop with `.stop()`; `.url` is its endpoint."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.requests: list[Received] = []
+        self.script: deque[Reply] = deque()
+        self.default = Reply()
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                with receiver._lock:
+                    reply = receiver.script.popleft() if receiver.script else receiver.default
+                if reply.delay:
+                    time.sleep(reply.delay)
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                with receiver._lock:
+                    receiver.requests.append(Received(self.command, self.path,
+                                                      dict(self.headers), body, reply.status))
+                try:
+                    self.send_response(reply.status)
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(reply.body)
+                except OSError:
+                    pass  # the client gave up (timeout test)
+
+            do_POST = do_HEAD = do_GET = _handle  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}/api/metrics"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def accepted(self) -> list[Received]:
+        """POSTs answered with a 2xx."""
+        with self._lock:
+            return [r for r in self.requests if r.method == "POST" and 200 <= r.status < 300]
+
+    def accepted_points(self) -> list[dict[str, Any]]:
+        """Every metric entry of every accepted batch, repeats included."""
+        return [m for r in self.accepted() for m in r.body["metrics"]]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
