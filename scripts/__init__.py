@@ -1,0 +1,1 @@
+"""Helper scripts for running and testing the stack on loopback."""
