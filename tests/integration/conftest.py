@@ -50,8 +50,9 @@ def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Se
 
 
 @pytest.fixture(scope="session")
-def prometheus(tmp_path_factory: pytest.TempPathFactory,
-               pushgateway: servers.Server) -> Iterator[servers.Server]:
+def prometheus(
+    tmp_path_factory: pytest.TempPathFactory, pushgateway: servers.Server
+) -> Iterator[servers.Server]:
     config = PROMETHEUS_CONFIG.format(pg_port=pushgateway.port)
     server = servers.start_prometheus(tmp_path_factory.mktemp("prometheus"), config)
     yield server
@@ -88,22 +89,28 @@ class ExporterEnv:
 
     def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
         """Run `python -m exporter ARGS` with this environment; bounded in time."""
-        return subprocess.run([sys.executable, "-m", "exporter", *args],
-                              env={**self.env, **env}, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "exporter", *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
 
 @pytest.fixture
-def exporter_env(tmp_path: Path, mlflow_server: servers.Server, pushgateway: servers.Server,
-                 mlflow_client: MlflowClient, receiver: Receiver) -> ExporterEnv:
+def exporter_env(
+    tmp_path: Path,
+    mlflow_server: servers.Server,
+    pushgateway: servers.Server,
+    mlflow_client: MlflowClient,
+    receiver: Receiver,
+) -> ExporterEnv:
     tag = uuid.uuid4().hex[:8]
     prefix = f"t{tag}-"
     config = tmp_path / "config.yaml"
-    config.write_text(
-        "export:\n"
-        f"  include_experiments: ['{prefix}.*']\n"
-        "  max_experiments: 0\n"
-    )
+    config.write_text(f"export:\n  include_experiments: ['{prefix}.*']\n  max_experiments: 0\n")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRAMATHUS_"))},
         "EXPORTER_CONFIG": str(config),

@@ -34,8 +34,11 @@ AWKWARD = {
 def _received(receiver: Receiver) -> set[tuple[object, ...]]:
     out = set()
     for m in receiver.accepted_points():
-        value = m["value"] if m["value"] is not None else {
-            "NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}[m["metadata"]["non_finite"]]
+        value = (
+            m["value"]
+            if m["value"] is not None
+            else {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}[m["metadata"]["non_finite"]]
+        )
         out.add((m["metadata"]["run_id"], m["name"], m["metadata"]["step"], value))
     return out
 
@@ -67,18 +70,28 @@ def test_export_once_makes_mlflow_latest_values_queryable_in_prometheus(
     assert servers.prom_query(prometheus, f"mlflow_train_f1_score{{{sel}}}")
     assert servers.prom_query(prometheus, f"mlflow_precision{{{sel}}}")
     runs = servers.prom_query(
-        prometheus, f'mlflow_experiment_runs{{job="{job}",status="FINISHED"}}')
+        prometheus, f'mlflow_experiment_runs{{job="{job}",status="FINISHED"}}'
+    )
     assert float(runs[0]["value"][1]) == 1  # type: ignore[index]
-    assert servers.prom_query(prometheus, f'count by (experiment_name) (mlflow_accuracy{{job="{job}"}})')
+    assert servers.prom_query(
+        prometheus, f'count by (experiment_name) (mlflow_accuracy{{job="{job}"}})'
+    )
 
 
 def test_every_logged_point_reaches_pramathus_exactly_once(
     exporter_env: ExporterEnv, receiver: Receiver
 ) -> None:
     exp = exporter_env.experiment()
-    runs = [make_run(exporter_env.client, exp, AWKWARD),
-            make_run(exporter_env.client, exp, {"loss": [float(i) for i in range(40)]},
-                     status="RUNNING", tags={"mlflow.user": "hidden", "stage": "dev"})]
+    runs = [
+        make_run(exporter_env.client, exp, AWKWARD),
+        make_run(
+            exporter_env.client,
+            exp,
+            {"loss": [float(i) for i in range(40)]},
+            status="RUNNING",
+            tags={"mlflow.user": "hidden", "stage": "dev"},
+        ),
+    ]
 
     assert exporter_env.run("export-once").returncode == 0
     expected = mlflow_points(exporter_env.client, runs)
@@ -148,7 +161,9 @@ def test_export_once_fails_fast_with_one_line_when_mlflow_is_down(
     exporter_env: ExporterEnv,
 ) -> None:
     started = time.monotonic()
-    done = exporter_env.run("export-once", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{servers.free_port()}")
+    done = exporter_env.run(
+        "export-once", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{servers.free_port()}"
+    )
     assert done.returncode == 1
     assert time.monotonic() - started < 30
     last = done.stderr.strip().splitlines()[-1]
@@ -162,9 +177,13 @@ def test_continuous_serves_health_and_stops_cleanly_on_sigterm(
     exp = exporter_env.experiment()
     make_run(exporter_env.client, exp, {"accuracy": [0.8]})
     port = servers.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "exporter", "continuous", "--interval", "1",
-                             "--port", str(port)], env=exporter_env.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "continuous", "--interval", "1", "--port", str(port)],
+        env=exporter_env.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         servers.wait_http(f"http://127.0.0.1:{port}/livez", 30, proc)  # type: ignore[arg-type]
         deadline = time.monotonic() + 30
@@ -180,7 +199,7 @@ def test_continuous_serves_health_and_stops_cleanly_on_sigterm(
         assert exporter_env.env["PRAMATHUS_API_KEY"] not in text
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=15)
+        _out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
     assert "cycle.succeeded" in events
@@ -201,13 +220,23 @@ def test_generate_sample_fills_mlflow_with_every_status_and_a_registered_model(
     exporter_env: ExporterEnv, mlflow_server: servers.Server
 ) -> None:
     model = f"{exporter_env.prefix}model"
-    done = exporter_env.run("generate-sample", "--experiments", "2", "--runs", "8", "--steps",
-                            "5", "--model-name", model)
+    done = exporter_env.run(
+        "generate-sample",
+        "--experiments",
+        "2",
+        "--runs",
+        "8",
+        "--steps",
+        "5",
+        "--model-name",
+        model,
+    )
     assert done.returncode == 0, done.stderr
     assert "created 16 runs" in done.stdout
     client = exporter_env.client
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              max_results=5000)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], max_results=5000
+    )
     assert {"FINISHED", "FAILED", "KILLED", "RUNNING"} <= {r.info.status for r in runs}
     registered = client.get_registered_model(model)
     assert set(registered.aliases) == {"champion", "challenger"}

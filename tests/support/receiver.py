@@ -56,8 +56,9 @@ class Receiver:
                 except ValueError:
                     body = raw.decode(errors="replace")
                 with receiver._lock:
-                    receiver.requests.append(Received(self.command, self.path,
-                                                      dict(self.headers), body, reply.status))
+                    receiver.requests.append(
+                        Received(self.command, self.path, dict(self.headers), body, reply.status)
+                    )
                 try:
                     self.send_response(reply.status)
                     for k, v in reply.headers.items():
@@ -69,7 +70,7 @@ class Receiver:
                 except OSError:
                     pass  # the client gave up (timeout test)
 
-            do_POST = do_HEAD = do_GET = _handle  # noqa: N815
+            do_POST = do_HEAD = do_GET = _handle
 
             def log_message(self, *args: Any) -> None:
                 pass

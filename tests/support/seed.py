@@ -10,14 +10,22 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 
-def make_run(client: MlflowClient, experiment_id: str,
-             history: Mapping[str, Sequence[float]], status: str = "FINISHED",
-             tags: Mapping[str, str] | None = None, name: str | None = None) -> str:
+def make_run(
+    client: MlflowClient,
+    experiment_id: str,
+    history: Mapping[str, Sequence[float]],
+    status: str = "FINISHED",
+    tags: Mapping[str, str] | None = None,
+    name: str | None = None,
+) -> str:
     """One run whose metric `key` took the given values at steps 0, 1, 2..."""
     run = client.create_run(experiment_id, run_name=name, tags=dict(tags or {}))
     now = int(time.time() * 1000)
-    metrics = [Metric(key, value, now + step, step)
-               for key, values in history.items() for step, value in enumerate(values)]
+    metrics = [
+        Metric(key, value, now + step, step)
+        for key, values in history.items()
+        for step, value in enumerate(values)
+    ]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
     if status != "RUNNING":
@@ -25,11 +33,13 @@ def make_run(client: MlflowClient, experiment_id: str,
     return str(run.info.run_id)
 
 
-def log_points(client: MlflowClient, run_id: str, key: str, values: Sequence[float],
-               first_step: int) -> None:
+def log_points(
+    client: MlflowClient, run_id: str, key: str, values: Sequence[float], first_step: int
+) -> None:
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, v, now + i, first_step + i)
-                                      for i, v in enumerate(values)])
+    client.log_batch(
+        run_id, metrics=[Metric(key, v, now + i, first_step + i) for i, v in enumerate(values)]
+    )
 
 
 def mlflow_points(client: MlflowClient, run_ids: Sequence[str]) -> set[tuple[Any, ...]]:

@@ -74,12 +74,20 @@ class Server:
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
-def start(name: str, cmd: list[str], port: int, workdir: Path, ready_path: str,
-          timeout: float, env: dict[str, str] | None = None) -> Server:
+def start(
+    name: str,
+    cmd: list[str],
+    port: int,
+    workdir: Path,
+    ready_path: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> Server:
     log = workdir / f"{name}.log"
     server = Server(name, _spawn(cmd, log, env), port, log, cmd, env)
     try:
@@ -94,10 +102,20 @@ def start(name: str, cmd: list[str], port: int, workdir: Path, ready_path: str,
 def start_mlflow(workdir: Path, port: int | None = None) -> Server:
     port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [str(VENV_BIN / "mlflow"), "server",
-           "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-           "--default-artifact-root", str(workdir / "artifacts"),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--default-artifact-root",
+        str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     return start("mlflow", cmd, port, workdir, "/health", 90, env)
 
 
@@ -120,17 +138,26 @@ def start_prometheus(workdir: Path, config: str, port: int | None = None) -> Ser
     cfg = workdir / "prometheus.yml"
     cfg.write_text(config)
     (workdir / "tsdb").mkdir(exist_ok=True)
-    cmd = [binary("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-           f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"]
+    cmd = [
+        binary("prometheus"),
+        f"--config.file={cfg}",
+        f"--storage.tsdb.path={workdir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-lifecycle",
+    ]
     return start("prometheus", cmd, port, workdir, "/-/ready", 30)
 
 
 def start_alertmanager(workdir: Path, config_file: Path, port: int | None = None) -> Server:
     port = port or free_port()
     (workdir / "am-data").mkdir(exist_ok=True)
-    cmd = [binary("prometheus-alertmanager"), f"--config.file={config_file}",
-           f"--storage.path={workdir / 'am-data'}", f"--web.listen-address=127.0.0.1:{port}",
-           "--cluster.listen-address="]
+    cmd = [
+        binary("prometheus-alertmanager"),
+        f"--config.file={config_file}",
+        f"--storage.path={workdir / 'am-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+    ]
     return start("alertmanager", cmd, port, workdir, "/-/ready", 30)
 
 
@@ -143,8 +170,9 @@ def prom_query(prometheus: Server, expr: str) -> list[dict[str, object]]:
     return body["data"]["result"]  # type: ignore[no-any-return]
 
 
-def wait_for_query(prometheus: Server, expr: str, timeout: float = 30,
-                   min_results: int = 1) -> list[dict[str, object]]:
+def wait_for_query(
+    prometheus: Server, expr: str, timeout: float = 30, min_results: int = 1
+) -> list[dict[str, object]]:
     """Poll until `expr` returns at least `min_results` series (bounded)."""
     deadline = time.monotonic() + timeout
     result: list[dict[str, object]] = []
