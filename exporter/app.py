@@ -6,6 +6,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import structlog
+
 from exporter.config import Settings
 from exporter.health import Health, SelfMetrics
 from exporter.mlflow_source import MlflowClient
@@ -13,6 +15,8 @@ from exporter.runner import Runner
 from exporter.sinks.pramathus import PramathusSink
 from exporter.sinks.prometheus import Pushgateway
 from exporter.state import StateStore
+
+log = structlog.get_logger("exporter.app")
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -36,6 +40,10 @@ def open_runner(
     """A `Runner` whose state store is closed (and lock released) on exit."""
     metrics = metrics or SelfMetrics()
     state = StateStore(settings.state_path)
+    if state.set_aside is not None:
+        # The points it held in the spool are read again from MLflow: nothing is lost, but
+        # some points may be delivered twice, and a human may want the file.
+        log.warning("state.corrupt_set_aside", path=str(state.set_aside))
     try:
         client = MlflowClient.from_settings(
             settings.mlflow, on_request=lambda ep: metrics.mlflow_requests.labels(ep).inc()

@@ -48,6 +48,8 @@ ENV_KEYS: dict[str, str] = {
     "PROMETHEUS_GATEWAY_PASSWORD": "prometheus.password",
     "PRAMATHUS_BATCH_SIZE": "pramathus.batch_size",
     "EXPORTER_PORT": "server.port",
+    "EXPORTER_SHARD_INDEX": "export.shard_index",
+    "EXPORTER_SHARD_COUNT": "export.shard_count",
     "LOG_LEVEL": "logging.level",
     "LOG_FORMAT": "logging.format",
 }
@@ -71,8 +73,11 @@ def _http_url(value: str, *, default_scheme: str = "http") -> str:
     value = value.strip().rstrip("/")
     if "://" not in value:
         value = f"{default_scheme}://{value}"
-    if not re.match(r"^https?://[^/\s:]+(:\d{1,5})?(/\S*)?$", value):
-        raise ValueError(f"not an http(s) URL: {value!r}")
+    if not re.match(r"^https?://[^/\s:@]+(:\d{1,5})?(/\S*)?$", value):
+        # The value is not echoed: it may be a secret pasted into the wrong variable.
+        raise ValueError(
+            "not an http(s) URL like http://host:port (credentials go in their own settings)"
+        )
     return value
 
 
@@ -130,12 +135,28 @@ class PramathusSettings(_Section):
 
 class ExportSettings(_Section):
     interval_seconds: float = Field(60.0, ge=1)
+    reconcile_interval_seconds: float = Field(3600.0, ge=0)
     max_experiments: int = Field(10, ge=0)
     include_experiments: list[str] = Field(default_factory=list)
     exclude_experiments: list[str] = Field(default_factory=list)
+    max_runs_per_experiment: int = Field(1000, ge=0)
+    include_metrics: list[str] = Field(default_factory=list)
+    exclude_metrics: list[str] = Field(default_factory=list)
+    shard_index: int = Field(0, ge=0)
+    shard_count: int = Field(1, ge=1)
     state_dir: str = "./state"
 
-    @field_validator("include_experiments", "exclude_experiments")
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> ExportSettings:
+        if self.shard_index >= self.shard_count:
+            raise ValueError(
+                f"shard_index {self.shard_index} must be below shard_count {self.shard_count}"
+            )
+        return self
+
+    @field_validator(
+        "include_experiments", "exclude_experiments", "include_metrics", "exclude_metrics"
+    )
     @classmethod
     def _valid_patterns(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:

@@ -7,10 +7,12 @@ API is where the cheap bulk endpoints live.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +78,7 @@ class MlflowClient:
         retrying = Retrying(
             retry=retry_if_exception(_retryable),
             stop=stop_after_attempt(self.settings.max_retries + 1),
-            wait=wait_exponential_jitter(initial=0.5, max=5),
+            wait=wait_exponential_jitter(multiplier=0.5, max=5),
             reraise=True,
             sleep=self.sleep,
         )
@@ -109,11 +111,16 @@ class MlflowClient:
         return data if isinstance(data, dict) else {}
 
     def pages(
-        self, method: str, endpoint: str, payload: dict[str, Any], items: str
+        self,
+        method: str,
+        endpoint: str,
+        payload: dict[str, Any],
+        items: str,
+        max_pages: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Yield every item of a paged list endpoint."""
+        """Yield every item of a paged list endpoint (of its first `max_pages` pages)."""
         token: str | None = None
-        while True:
+        for _ in itertools.count() if max_pages is None else range(max_pages):
             data = self.call(
                 method, endpoint, {**payload, **({"page_token": token} if token else {})}
             )
@@ -170,6 +177,12 @@ def parse_run(raw: dict[str, Any]) -> Run:
     )
 
 
+def shard_of(experiment_id: str, shard_count: int) -> int:
+    """The shard owning an experiment: a stable hash, the same in every process and release."""
+    digest = hashlib.sha256(experiment_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shard_count
+
+
 def select_experiments(
     experiments: list[Experiment], export: ExportSettings
 ) -> tuple[list[Experiment], int]:
@@ -177,6 +190,12 @@ def select_experiments(
 
     Patterns match the whole experiment name; the most recently updated experiments are kept.
     """
+    if export.shard_count > 1:  # other shards' experiments are theirs, not "cut"
+        experiments = [
+            e
+            for e in experiments
+            if shard_of(e.experiment_id, export.shard_count) == export.shard_index
+        ]
     include = [re.compile(p) for p in export.include_experiments]
     exclude = [re.compile(p) for p in export.exclude_experiments]
     kept = [
@@ -206,16 +225,51 @@ def list_experiments(client: MlflowClient) -> list[Experiment]:
     ]
 
 
+# MLflow takes many experiment ids per search; chunks keep each request and its SQL modest.
+EXPERIMENTS_PER_SEARCH = 100
+RUNS_PER_ID_FILTER = 100
+
+
+def search_runs(
+    client: MlflowClient,
+    experiment_ids: Sequence[str],
+    filter_string: str = "",
+    view: str = "ACTIVE_ONLY",
+    max_pages: int | None = None,
+) -> Iterator[Run]:
+    """Runs of these experiments matching `filter_string`, page after page.
+
+    Ordered by ascending start time: `page_token` is an offset, and new runs then land at the
+    end instead of shifting pages under the reader.
+    """
+    for start in range(0, len(experiment_ids), EXPERIMENTS_PER_SEARCH):
+        payload = {
+            "experiment_ids": list(experiment_ids[start : start + EXPERIMENTS_PER_SEARCH]),
+            "max_results": client.settings.page_size,
+            "run_view_type": view,
+            "order_by": ["attributes.start_time ASC", "attributes.run_id ASC"],
+            **({"filter": filter_string} if filter_string else {}),
+        }
+        items = client.pages("POST", "runs/search", payload, "runs", max_pages=max_pages)
+        yield from (parse_run(r) for r in items)
+
+
+def runs_by_id(
+    client: MlflowClient, experiment_ids: Sequence[str], run_ids: Sequence[str]
+) -> Iterator[Run]:
+    """The active runs among `run_ids` (deleted ones are simply absent)."""
+    for start in range(0, len(run_ids), RUNS_PER_ID_FILTER):
+        quoted = ", ".join(
+            f"'{r}'"
+            for r in run_ids[start : start + RUNS_PER_ID_FILTER]
+            if re.fullmatch(r"[0-9a-zA-Z_-]+", r)
+        )
+        yield from search_runs(client, experiment_ids, f"attributes.run_id IN ({quoted})")
+
+
 def list_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
     """Every active run of one experiment, with the latest value of each metric."""
-    payload = {
-        "experiment_ids": [experiment_id],
-        "max_results": client.settings.page_size,
-        "run_view_type": "ACTIVE_ONLY",
-        # Ascending start time keeps the offset-based page tokens stable while runs are added.
-        "order_by": ["attributes.start_time ASC"],
-    }
-    return [parse_run(r) for r in client.pages("POST", "runs/search", payload, "runs")]
+    return list(search_runs(client, [experiment_id]))
 
 
 def read_registry(client: MlflowClient) -> tuple[list[str], list[ModelVersion]]:
@@ -258,16 +312,70 @@ def read_history(
     """Every logged point of (run, key) strictly after the `(step, timestamp_ms)` mark."""
     payload = {"run_id": run_id, "metric_key": key, "max_results": 25000}
     points = [
-        MetricPoint(
-            run_id=run_id,
-            key=key,
-            value=_float(m.get("value")),
-            step=int(m.get("step") or 0),
-            timestamp_ms=int(m.get("timestamp") or 0),
-        )
+        _point(run_id, key, m)
         for m in client.pages("GET", "metrics/get-history", payload, "metrics")
     ]
     if after is not None:
         points = [p for p in points if (p.step, p.timestamp_ms) > after]
     points.sort(key=lambda p: (p.step, p.timestamp_ms))
     return points
+
+
+# `get-history-bulk-interval` returns at most this many points per run, sampled above it.
+BULK_MAX_POINTS = 2500
+BULK_MAX_RUNS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    """Points of (run, key) after `after` (None: all), up to the latest step MLflow reported."""
+
+    run_id: str
+    key: str
+    after: tuple[int, int] | None
+    last_step: int
+
+
+def read_histories(client: MlflowClient, wanted: Sequence[HistoryRequest]) -> list[MetricPoint]:
+    """New points of many (run, key) series of ONE key, in as few requests as MLflow allows.
+
+    Up to 100 runs go in one `get-history-bulk-interval` call over the steps still missing. A
+    run that comes back with the per-run maximum may have been sampled: it is re-read in full
+    with `get-history`, so no point is ever skipped.
+    """
+    points: list[MetricPoint] = []
+    for start in range(0, len(wanted), BULK_MAX_RUNS):
+        chunk = wanted[start : start + BULK_MAX_RUNS]
+        key = chunk[0].key
+        payload = {
+            "run_ids": [w.run_id for w in chunk],
+            "metric_key": key,
+            "max_results": BULK_MAX_POINTS,
+            "start_step": min((w.after[0] if w.after else 0) for w in chunk),
+            "end_step": max(max(w.last_step for w in chunk), 0),
+        }
+        got: dict[str, list[MetricPoint]] = {w.run_id: [] for w in chunk}
+        for m in client.call("GET", "metrics/get-history-bulk-interval", payload).get(
+            "metrics", []
+        ):
+            if m.get("run_id") in got:
+                got[m["run_id"]].append(_point(m["run_id"], key, m))
+        for w in chunk:
+            run_points = got[w.run_id]
+            if len(run_points) >= BULK_MAX_POINTS:
+                run_points = read_history(client, w.run_id, key, None)
+            points.extend(
+                p for p in run_points if w.after is None or (p.step, p.timestamp_ms) > w.after
+            )
+    points.sort(key=lambda p: (p.run_id, p.step, p.timestamp_ms))
+    return points
+
+
+def _point(run_id: str, key: str, m: dict[str, Any]) -> MetricPoint:
+    return MetricPoint(
+        run_id=run_id,
+        key=key,
+        value=_float(m.get("value")),
+        step=int(m.get("step") or 0),
+        timestamp_ms=int(m.get("timestamp") or 0),
+    )

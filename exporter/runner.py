@@ -6,26 +6,39 @@ MLflow outage still lets the spool drain. The cycle reports every stage's error 
 
 from __future__ import annotations
 
+import itertools
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from prometheus_client.registry import Collector
 
 from exporter.config import Settings
 from exporter.health import Health, SelfMetrics
-from exporter.mlflow_source import MlflowClient, MlflowError, collect_snapshot, read_history
+from exporter.mlflow_source import (
+    BULK_MAX_RUNS,
+    HistoryRequest,
+    MlflowClient,
+    MlflowError,
+    read_histories,
+    shard_of,
+)
 from exporter.model import MetricPoint, Snapshot
+from exporter.naming import short_id_length
 from exporter.sinks.pramathus import PramathusSink, RunContext, public_tags
 from exporter.sinks.prometheus import (
     REGISTRY_GROUP,
+    ExperimentGroup,
+    GroupKey,
     PushError,
     Pushgateway,
-    build_groups,
-    run_id_length_for,
+    RegistryGroup,
 )
 from exporter.state import StateStore
+from exporter.sync import registry_from_state, sync
 
 log = structlog.get_logger("exporter.runner")
 
@@ -72,45 +85,94 @@ class Runner:
         """Run one full cycle and record its outcome in the self-metrics and health."""
         started = self.clock()
         result = CycleResult()
-        snapshot = self._read(result)
-        if snapshot is not None and self.pushgateway is not None:
-            self._push(snapshot, result)
+        synced = self._sync(result)
+        # Pushed from the mirror even when MLflow is unreachable: the Pushgateway stays
+        # complete (e.g. after a Pushgateway restart) with the last known data.
+        if self.pushgateway is not None and self.state.get_meta("last_full_sync") is not None:
+            self._push(result)
         if self.pramathus is not None:
-            if snapshot is not None:
-                self._spool_new_points(snapshot, result)
+            if synced:
+                self._spool_new_points(result)
             self._deliver(result)
         result.duration_seconds = self.clock() - started
         self._record(result)
         return result
 
-    def _read(self, result: CycleResult) -> Snapshot | None:
+    def _sync(self, result: CycleResult) -> bool:
         try:
-            snapshot = collect_snapshot(self.client, self.settings.export)
+            synced = sync(self.client, self.state, self.settings.export, self.clock)
         except MlflowError as exc:
             result.errors["mlflow"] = str(exc)
             self.metrics.up.set(0)
-            return None
+            return False
         self.metrics.up.set(1)
-        result.experiments = len(snapshot.experiments)
-        result.runs = sum(len(r) for r in snapshot.runs.values())
-        for kind, count in snapshot.excluded.items():
-            self.metrics.excluded.labels(kind).set(count)
-        return snapshot
+        self.metrics.excluded.labels("experiments").set(synced.experiments_cut)
+        result.experiments = synced.experiments
+        result.runs = self.state.mirror.run_count()
+        log.debug(
+            "mlflow.synced",
+            full_read=synced.full_read,
+            runs_changed=synced.runs_changed,
+            runs_removed=synced.runs_removed,
+        )
+        return True
 
-    def _push(self, snapshot: Snapshot, result: CycleResult) -> None:
+    def _metric_allowed(self) -> Callable[[str], bool]:
+        export = self.settings.export
+        include = [re.compile(p) for p in export.include_metrics]
+        exclude = [re.compile(p) for p in export.exclude_metrics]
+
+        def allowed(key: str) -> bool:
+            return (not include or any(p.fullmatch(key) for p in include)) and not any(
+                p.fullmatch(key) for p in exclude
+            )
+
+        return allowed
+
+    def _push(self, result: CycleResult) -> None:
         assert self.pushgateway is not None
+        mirror, export = self.state.mirror, self.settings.export
+        names, versions = registry_from_state(self.state)
+        ids = itertools.chain(mirror.run_ids(), (v.run_id for v in versions if v.run_id))
         # The label length only ever grows, so a series keeps its run_id across cycles.
         length = max(
-            run_id_length_for(snapshot, self.settings.prometheus.run_id_length),
+            short_id_length(ids, self.settings.prometheus.run_id_length),
             self.state.get_meta("run_id_length", 0),
         )
         self.state.set_meta("run_id_length", length)
-        groups = build_groups(snapshot, length)
+        registry = Snapshot([], {}, names, versions)
+        stages, allowed = registry.stage_by_run(), self._metric_allowed()
+        exported_runs = 0
+
+        def groups() -> Iterator[tuple[GroupKey, Collector]]:
+            nonlocal exported_runs
+            for e in mirror.experiments():
+                runs = mirror.runs_for_push(e.experiment_id, export.max_runs_per_experiment)
+                exported_runs += len(runs)
+                yield (
+                    (("experiment_id", e.experiment_id),),
+                    ExperimentGroup(
+                        e,
+                        runs,
+                        stages,
+                        length,
+                        status_counts=mirror.status_counts(e.experiment_id),
+                        last_run_start_ms=mirror.max_start_time([e.experiment_id]),
+                        metric_allowed=allowed,
+                    ),
+                )
+            if export.shard_index == 0:
+                yield tuple(REGISTRY_GROUP.items()), RegistryGroup(registry, length)
+
         try:
-            pushed = self.pushgateway.push(groups, owns=_owned_group)
+            pushed = self.pushgateway.push(groups(), owns=self._owns)
         except PushError as exc:
             result.errors["pushgateway"] = str(exc)
             return
+        self.metrics.excluded.labels("runs").set(mirror.run_count() - exported_runs)
+        self.metrics.excluded.labels("metrics").set(
+            sum(not allowed(k) for k in mirror.metric_keys())
+        )
         result.pushed_series = pushed.series
         self.metrics.pushed_groups.set(pushed.groups)
         self.metrics.pushed_series.set(pushed.series)
@@ -122,38 +184,50 @@ class Runner:
             deleted_groups=pushed.deleted,
         )
 
-    def _spool_new_points(self, snapshot: Snapshot, result: CycleResult) -> None:
+    def _owns(self, labels: dict[str, str]) -> bool:
+        """Groups this shard manages on its job: its experiments', and (shard 0) the registry."""
+        export = self.settings.export
+        if set(labels) == {"experiment_id"}:
+            return shard_of(labels["experiment_id"], export.shard_count) == export.shard_index
+        return labels == REGISTRY_GROUP and export.shard_index == 0
+
+    def _spool_new_points(self, result: CycleResult) -> None:
         assert self.pramathus is not None
-        names = {e.experiment_id: e.name for e in snapshot.experiments}
+        mirror, allowed = self.state.mirror, self._metric_allowed()
         max_tag = self.settings.pramathus.max_tag_value_length
-        marks = self.state.watermarks()
         chunk = self.settings.pramathus.batch_size * SPOOL_CHUNK_BATCHES
         points: list[MetricPoint] = []
-        new_marks: list[tuple[str, str, int, int]] = []
+        marks: list[tuple[str, str, int, int]] = []
         contexts: dict[str, RunContext] = {}
         try:
-            for run in snapshot.all_runs():
-                if self.should_stop():
-                    break
-                for m in run.metrics:
-                    mark = marks.get((run.run_id, m.key))
-                    if mark is not None and (m.step, m.timestamp_ms) <= mark:
-                        continue
-                    got = read_history(self.client, run.run_id, m.key, mark)
+            for key in mirror.pending_keys():
+                if not allowed(key):
+                    continue
+                wanted = [
+                    HistoryRequest(
+                        run_id, key, None if m_step is None else (m_step, m_ts or 0), step
+                    )
+                    for run_id, step, m_step, m_ts in mirror.pending_for_key(key)
+                ]
+                for start in range(0, len(wanted), BULK_MAX_RUNS):
+                    if self.should_stop():
+                        raise _Stopped
+                    got = read_histories(self.client, wanted[start : start + BULK_MAX_RUNS])
+                    for p in got:
+                        if p.run_id not in contexts:
+                            name, tags = mirror.run_context(p.run_id)
+                            contexts[p.run_id] = RunContext(name, public_tags(tags, max_tag))
                     points.extend(got)
-                    top = max(((p.step, p.timestamp_ms) for p in got), default=None)
-                    if top is not None:
-                        new_marks.append((run.run_id, m.key, *top))
-                contexts[run.run_id] = RunContext(
-                    names.get(run.experiment_id, ""), public_tags(run.tags, max_tag)
-                )
-                if len(points) >= chunk:
-                    result.points_spooled += self._flush(points, contexts, new_marks)
+                    marks.extend(_top_marks(got))
+                    if len(points) >= chunk:
+                        result.points_spooled += self._flush(points, contexts, marks)
         except MlflowError as exc:
             result.errors["mlflow"] = str(exc)
             self.metrics.up.set(0)
+        except _Stopped:
+            pass
         # What was read completely is spooled even when a later read failed.
-        result.points_spooled += self._flush(points, contexts, new_marks)
+        result.points_spooled += self._flush(points, contexts, marks)
 
     def _flush(
         self,
@@ -216,6 +290,15 @@ class Runner:
             log.warning("cycle.failed", errors=result.errors, **fields)
 
 
-def _owned_group(labels: dict[str, str]) -> bool:
-    """Groups this exporter manages on its job: one per experiment, and the registry."""
-    return set(labels) == {"experiment_id"} or labels == REGISTRY_GROUP
+class _Stopped(Exception):
+    """Raised inside a cycle when a stop was requested; what was read is still spooled."""
+
+
+def _top_marks(points: list[MetricPoint]) -> list[tuple[str, str, int, int]]:
+    """The highest (step, timestamp) read per (run, key): the new delivery watermarks."""
+    top: dict[tuple[str, str], tuple[int, int]] = {}
+    for p in points:
+        mark = (p.step, p.timestamp_ms)
+        if mark > top.get((p.run_id, p.key), (-(2**63), 0)):
+            top[(p.run_id, p.key)] = mark
+    return [(run_id, key, *mark) for (run_id, key), mark in top.items()]

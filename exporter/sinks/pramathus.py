@@ -169,6 +169,9 @@ class PramathusSink:
             if should_stop():
                 result.error = "stopped"
                 break
+            if self.clock() >= deadline:
+                result.error = "delivery budget spent; the rest stays spooled"
+                break
             try:
                 self._send_with_retries(batch, deadline)
             except DeliveryError as exc:
@@ -191,7 +194,7 @@ class PramathusSink:
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             hinted = exc.retry_after if isinstance(exc, DeliveryError) else None
-            backoff = wait_exponential_jitter(initial=0.5, max=30)(state)
+            backoff = wait_exponential_jitter(multiplier=0.5, max=30)(state)
             delay = hinted if hinted is not None else backoff
             return max(0.0, min(delay, deadline - self.clock()))
 

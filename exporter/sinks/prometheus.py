@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,10 @@ class ExperimentGroup(Collector):
     runs: list[Run]
     stage_by_run: dict[str, str]
     run_id_length: int
-    nonfinite: Counter[str] = field(default_factory=Counter)
+    # Counted over all the experiment's runs when only some are exported as per-run series.
+    status_counts: Mapping[str, int] | None = None
+    last_run_start_ms: int | None = None
+    metric_allowed: Callable[[str], bool] = field(default=lambda key: True)
 
     def collect(self) -> Iterator[Metric]:
         f = _Families()
@@ -88,7 +91,9 @@ class ExperimentGroup(Collector):
             exp,
             _seconds(self.experiment.last_update_time_ms),
         )
-        by_status = Counter(run.status for run in self.runs)
+        by_status = self.status_counts
+        if by_status is None:
+            by_status = Counter(run.status for run in self.runs)
         for status in RUN_STATUSES:
             f.add(
                 "mlflow_experiment_runs",
@@ -97,11 +102,14 @@ class ExperimentGroup(Collector):
                 by_status.get(status, 0),
             )
         starts = [r.start_time_ms for r in self.runs if r.start_time_ms is not None]
+        newest = max(
+            [*starts, *([self.last_run_start_ms] if self.last_run_start_ms else [])], default=None
+        )
         f.add(
             "mlflow_experiment_last_run_start_time_seconds",
             "Start time of the experiment's newest run (Unix time).",
             exp,
-            _seconds(max(starts)) if starts else None,
+            _seconds(newest),
         )
         for run in self.runs:
             self._run_series(f, exp, run)
@@ -135,9 +143,10 @@ class ExperimentGroup(Collector):
             _seconds(run.end_time_ms),
         )
         for m in run.metrics:
+            if not self.metric_allowed(m.key):
+                continue
             ml = {**rl, "metric_key": m.key}
-            if not math.isfinite(m.value):
-                self.nonfinite[m.key] += 1  # pushed as-is: the text format carries NaN/+Inf
+            # NaN and infinities are pushed as they are: the text format carries them.
             f.add(
                 metric_family_name(m.key),
                 "Latest value of an MLflow run metric.",
@@ -236,6 +245,21 @@ def run_id_length_for(snapshot: Snapshot, minimum: int) -> int:
     return short_id_length(ids, minimum)
 
 
+GroupKey = tuple[tuple[str, str], ...]
+# Families that carry user metric values (the rest are the exporter's own, always finite).
+USER_FAMILY_PREFIXES = ("mlflow_",)
+
+
+class _Fixed(Collector):
+    """Already-collected families, so a group is rendered from one collection."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
 @dataclass
 class PushResult:
     groups: int = 0
@@ -266,21 +290,28 @@ class Pushgateway:
 
     def push(
         self,
-        groups: dict[tuple[tuple[str, str], ...], Collector],
+        groups: Mapping[GroupKey, Collector] | Iterable[tuple[GroupKey, Collector]],
         owns: Callable[[dict[str, str]], bool],
     ) -> PushResult:
-        """PUT every group, then delete groups of this job that `owns` but were not pushed."""
+        """PUT every group, then delete groups of this job that `owns` but were not pushed.
+
+        `groups` may be a lazy iterable, so only one group's series are in memory at a time.
+        """
         result = PushResult()
-        for key, collector in groups.items():
+        pushed: set[GroupKey] = set()
+        for key, collector in groups.items() if isinstance(groups, Mapping) else groups:
+            families = list(collector.collect())  # collected once: pushed and counted
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(collector)
+            registry.register(_Fixed(families))
             self._call(push_to_gateway, registry=registry, grouping_key=dict(key))
+            pushed.add(key)
             result.groups += 1
-            result.series += sum(len(m.samples) for m in registry.collect())
-            if isinstance(collector, ExperimentGroup):
-                result.nonfinite += sum(collector.nonfinite.values())
+            for family in families:
+                result.series += len(family.samples)
+                if family.name.startswith(USER_FAMILY_PREFIXES):
+                    result.nonfinite += sum(not math.isfinite(x.value) for x in family.samples)
         for stale in self.existing_groups():
-            if owns(stale) and tuple(sorted(stale.items())) not in groups:
+            if owns(stale) and tuple(sorted(stale.items())) not in pushed:
                 self._call(delete_from_gateway, grouping_key=stale)
                 result.deleted += 1
         return result

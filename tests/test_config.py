@@ -1,0 +1,331 @@
+"""Unit tests for exporter.config.load_settings: layering, validation, secret hygiene.
+
+Every call passes `env=` explicitly so the process environment never leaks in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter.config import ConfigError, Settings, load_settings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VALID = FIXTURES / "config_valid.yaml"
+MANY_PROBLEMS = FIXTURES / "config_many_problems.yaml"
+INVALID_YAML = FIXTURES / "config_invalid_yaml.yaml"
+
+SECRET = "sk_live_Zq9hunter2TOPSECRET"
+
+
+def problems_of(**kwargs: object) -> list[str]:
+    kwargs.setdefault("env", {})
+    with pytest.raises(ConfigError) as info:
+        load_settings(**kwargs)  # type: ignore[arg-type]
+    return info.value.problems
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- layering
+
+
+def test_defaults_apply_when_nothing_is_configured() -> None:
+    s = load_settings(env={})
+    assert s.mlflow.tracking_uri == "http://localhost:5000"
+    assert s.prometheus.enabled is True
+    assert s.prometheus.gateway == "http://localhost:9091"
+    assert s.prometheus.job_name == "mlflow_metrics"
+    assert s.prometheus.run_id_length == 12
+    assert s.pramathus.enabled is False
+    assert s.pramathus.endpoint is None
+    assert s.pramathus.api_key is None
+    assert s.pramathus.batch_size == 500
+    assert s.pramathus.spool_overflow == "drop_oldest"
+    assert s.export.interval_seconds == 60
+    assert s.export.max_experiments == 10
+    assert s.export.state_dir == "./state"
+    assert s.state_path == Path("./state")
+    assert s.server.port == 9877
+    assert s.logging.level == "INFO"
+
+
+def test_yaml_overrides_defaults() -> None:
+    s = load_settings(VALID, env={})
+    assert s.mlflow.tracking_uri == "http://mlflow.internal:5000"
+    assert s.mlflow.timeout_seconds == 5
+    assert s.prometheus.gateway == "http://pushgateway.internal:9091"
+    assert s.prometheus.job_name == "from_yaml"
+    assert s.pramathus.enabled is True
+    assert s.pramathus.endpoint == "https://pramathus.example.com/api/metrics"
+    assert s.pramathus.batch_size == 100
+    assert s.export.interval_seconds == 15
+    assert s.export.include_experiments == ["^prod-.*"]
+    assert s.logging.level == "DEBUG"
+    # Keys the file does not mention keep their defaults.
+    assert s.mlflow.page_size == 1000
+    assert s.server.port == 9877
+
+
+def test_env_overrides_yaml() -> None:
+    env = {
+        "PROMETHEUS_JOB_NAME": "from_env",
+        "EXPORT_INTERVAL": "30",
+        "PRAMATHUS_BATCH_SIZE": "7",
+        "LOG_LEVEL": "warning",
+    }
+    s = load_settings(VALID, env=env)
+    assert s.prometheus.job_name == "from_env"
+    assert s.export.interval_seconds == 30.0
+    assert s.pramathus.batch_size == 7
+    assert s.logging.level == "WARNING"
+    # Untouched YAML values survive.
+    assert s.prometheus.gateway == "http://pushgateway.internal:9091"
+
+
+def test_env_strings_are_coerced_to_typed_values() -> None:
+    env = {
+        "PRAMATHUS_ENABLED": "true",
+        "PRAMATHUS_ENDPOINT": "https://p.example.com/ingest",
+        "MAX_EXPERIMENTS": "0",
+        "MLFLOW_TRACKING_INSECURE_TLS": "1",
+        "EXPORTER_PORT": "0",
+    }
+    s = load_settings(env=env)
+    assert s.pramathus.enabled is True
+    assert s.export.max_experiments == 0
+    assert s.mlflow.insecure_tls is True
+    assert s.server.port == 0
+
+
+def test_empty_env_variable_does_not_override_yaml() -> None:
+    s = load_settings(VALID, env={"PROMETHEUS_JOB_NAME": ""})
+    assert s.prometheus.job_name == "from_yaml"
+
+
+def test_command_line_overrides_beat_env() -> None:
+    env = {"PROMETHEUS_JOB_NAME": "from_env", "EXPORT_INTERVAL": "30"}
+    s = load_settings(
+        VALID,
+        env=env,
+        overrides={"prometheus.job_name": "from_cli", "export.interval_seconds": 5},
+    )
+    assert s.prometheus.job_name == "from_cli"
+    assert s.export.interval_seconds == 5
+
+
+def test_command_line_override_of_none_means_flag_not_given() -> None:
+    s = load_settings(
+        VALID, env={"PROMETHEUS_JOB_NAME": "from_env"}, overrides={"prometheus.job_name": None}
+    )
+    assert s.prometheus.job_name == "from_env"
+
+
+def test_config_path_can_come_from_exporter_config_env() -> None:
+    s = load_settings(env={"EXPORTER_CONFIG": str(VALID)})
+    assert s.prometheus.job_name == "from_yaml"
+
+
+def test_empty_yaml_file_means_all_defaults(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "# nothing but a comment\n"), env={})
+    assert s == Settings()
+
+
+# ---------------------------------------------------------------- URL normalisation
+
+
+def test_bare_host_port_gateway_is_normalised_to_http_url() -> None:
+    s = load_settings(env={"PROMETHEUS_GATEWAY": "host:9091"})
+    assert s.prometheus.gateway == "http://host:9091"
+
+
+def test_trailing_slash_and_whitespace_are_stripped_from_urls() -> None:
+    s = load_settings(env={"MLFLOW_TRACKING_URI": " http://mlflow:5000/ "})
+    assert s.mlflow.tracking_uri == "http://mlflow:5000"
+
+
+def test_bare_pramathus_endpoint_defaults_to_https() -> None:
+    s = load_settings(
+        env={"PRAMATHUS_ENABLED": "true", "PRAMATHUS_ENDPOINT": "p.example.com/api/metrics"}
+    )
+    assert s.pramathus.endpoint == "https://p.example.com/api/metrics"
+
+
+# ---------------------------------------------------------------- reporting problems
+
+
+def test_every_problem_is_reported_at_once_naming_key_and_source() -> None:
+    source = f"[from file {MANY_PROBLEMS}]"
+    problems = problems_of(config_path=MANY_PROBLEMS)
+    text = "\n".join(problems)
+
+    def line_for(key: str) -> str:
+        hits = [p for p in problems if p.startswith(f"{key}: ")]
+        assert len(hits) == 1, f"expected one problem for {key!r} in:\n{text}"
+        return hits[0]
+
+    wrong_type = line_for("prometheus.run_id_length")
+    assert "integer" in wrong_type
+    assert wrong_type.endswith(source)
+
+    unknown = line_for("export.intreval_seconds")
+    assert "unknown key" in unknown
+    assert unknown.endswith(source)
+
+    bad_url = line_for("prometheus.gateway")
+    assert "URL" in bad_url
+    assert bad_url.endswith(source)
+
+    no_endpoint = line_for("pramathus")
+    assert "pramathus.endpoint is not set" in no_endpoint
+    assert no_endpoint.endswith(source)
+
+    bad_regex = line_for("export.include_experiments")
+    assert "regular expression" in bad_regex
+    assert bad_regex.endswith(source)
+
+    assert len(problems) == 5
+    assert str(ConfigError(problems)) == text
+
+
+def test_problem_from_env_names_the_env_variable() -> None:
+    problems = problems_of(env={"MAX_EXPERIMENTS": "-1", "EXPORTER_PORT": "seventy"})
+    assert len(problems) == 2
+    assert any(
+        p.startswith("export.max_experiments: ") and p.endswith("[from env MAX_EXPERIMENTS]")
+        for p in problems
+    )
+    assert any(
+        p.startswith("server.port: ") and p.endswith("[from env EXPORTER_PORT]") for p in problems
+    )
+
+
+def test_problem_from_command_line_names_the_command_line() -> None:
+    problems = problems_of(overrides={"export.interval_seconds": 0})
+    assert problems == [problems[0]]
+    assert problems[0].startswith("export.interval_seconds: ")
+    assert problems[0].endswith("[from command line]")
+
+
+def test_unknown_top_level_section_is_reported_with_its_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "promethues:\n  gateway: http://x:9091\n")
+    assert problems_of(config_path=path) == [f"promethues: unknown key [from file {path}]"]
+
+
+def test_invalid_yaml_is_reported_with_the_file_name() -> None:
+    problems = problems_of(config_path=INVALID_YAML)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{INVALID_YAML}: not valid YAML")
+
+
+def test_invalid_yaml_is_reported_alongside_env_problems() -> None:
+    problems = problems_of(config_path=INVALID_YAML, env={"EXPORTER_PORT": "99999"})
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{INVALID_YAML}: not valid YAML")
+    assert problems[1].startswith("server.port: ")
+
+
+def test_missing_config_file_is_reported(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    problems = problems_of(config_path=missing)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{missing}: cannot read config file")
+
+
+def test_yaml_whose_top_level_is_not_a_mapping_is_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, "- just\n- a list\n")
+    assert problems_of(config_path=path) == [f"{path}: top level must be a mapping of sections"]
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def test_secrets_are_masked_in_masked_view() -> None:
+    env = {
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": SECRET + "-mlflow-pw",
+        "MLFLOW_TRACKING_TOKEN": SECRET + "-mlflow-token",
+        "PROMETHEUS_GATEWAY_USERNAME": "pg-user",
+        "PROMETHEUS_GATEWAY_PASSWORD": SECRET + "-pg-pw",
+        "PRAMATHUS_ENABLED": "true",
+        "PRAMATHUS_ENDPOINT": "https://p.example.com/api/metrics",
+        "PRAMATHUS_API_KEY": SECRET + "-api-key",
+    }
+    s = load_settings(env=env)
+    masked = s.masked()
+    dumped = json.dumps(masked)
+    assert SECRET not in dumped
+    assert SECRET not in repr(s)
+    assert SECRET not in str(s)
+    assert masked["pramathus"]["api_key"] == "**********"
+    assert masked["mlflow"]["password"] == "**********"
+    assert masked["mlflow"]["token"] == "**********"
+    assert masked["prometheus"]["password"] == "**********"
+    # Non-secret values stay readable, and the secret itself is still usable.
+    assert masked["pramathus"]["endpoint"] == "https://p.example.com/api/metrics"
+    assert s.pramathus.api_key is not None
+    assert s.pramathus.api_key.get_secret_value() == SECRET + "-api-key"
+
+
+def test_unset_secrets_are_shown_as_null_in_masked_view() -> None:
+    masked = load_settings(env={}).masked()
+    assert masked["pramathus"]["api_key"] is None
+    assert masked["mlflow"]["token"] is None
+
+
+def test_secret_under_unknown_key_never_appears_in_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, f"pramathus:\n  apikey: {SECRET}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problems == [f"pramathus.apikey: unknown key [from file {path}]"]
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env_name", "dotted"),
+    [
+        ("EXPORT_INTERVAL", "export.interval_seconds"),
+        ("PRAMATHUS_BATCH_SIZE", "pramathus.batch_size"),
+        ("PRAMATHUS_ENABLED", "pramathus.enabled"),
+        ("LOG_FORMAT", "logging.format"),
+        ("PROMETHEUS_JOB_NAME", "prometheus.job_name"),
+    ],
+)
+def test_secret_under_wrongly_typed_key_never_appears_in_config_error(
+    env_name: str, dotted: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={env_name: SECRET + " =/"})
+    assert info.value.problems[0].startswith(f"{dotted}: ")
+    assert SECRET not in str(info.value)
+    # Nothing carrying the raw value is chained on for a traceback to print.
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
+
+
+def test_secret_on_a_broken_yaml_line_never_appears_in_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, f'pramathus:\n  api_key: "{SECRET}\n  endpoint: [\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert "not valid YAML" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MLFLOW_TRACKING_URI": f"https://bob:{SECRET}@mlflow.example.com"},
+        {"PROMETHEUS_GATEWAY": f"Bearer:{SECRET}"},
+    ],
+    ids=["credentials-in-url", "api-key-in-gateway-variable"],
+)
+def test_secret_under_url_key_never_appears_in_config_error(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert SECRET not in str(info.value)
