@@ -101,12 +101,13 @@ def export_once(ctx: click.Context) -> None:
     settings = _settings(ctx)
     with open_runner(settings) as runner:
         result = runner.run_cycle()
+        requests_made = runner.client.requests_made
     if not result.ok:
         _fail(result.reason())
     click.echo(
         f"exported {result.experiments} experiments, {result.runs} runs, "
-        f"{result.pushed_series} series, {result.points_sent} points sent "
-        f"in {result.duration_seconds:.2f}s"
+        f"{result.pushed_series} series, {result.points_sent} points sent, "
+        f"{requests_made} MLflow requests in {result.duration_seconds:.2f}s"
     )
 
 

@@ -57,6 +57,7 @@ class MlflowClient:
     session: requests.Session
     on_request: Callable[[str], None] = lambda endpoint: None
     sleep: Callable[[float], None] = time.sleep
+    requests_made: int = 0
 
     @classmethod
     def from_settings(
@@ -96,6 +97,7 @@ class MlflowClient:
             raise MlflowError(f"MLflow {endpoint} answered {exc}") from None
 
     def _once(self, method: str, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
+        self.requests_made += 1
         self.on_request(endpoint)
         url = f"{self.settings.tracking_uri}{API}/{endpoint}"
         kwargs: dict[str, Any] = {"params" if method == "GET" else "json": payload}

@@ -349,8 +349,8 @@ class Mirror:
         """The newest `limit` runs (0 = all) plus every unfinished run, with latest metrics."""
         rows = self.db.execute(
             "SELECT run_id, experiment_id, run_name, status, user_id, start_time_ms, "
-            "end_time_ms, tags FROM run WHERE experiment_id = ? ORDER BY "
-            "status NOT IN ('RUNNING', 'SCHEDULED'), start_time_ms DESC, run_id",
+            "end_time_ms, tags FROM run WHERE experiment_id = ? "
+            "ORDER BY start_time_ms DESC, run_id",
             (experiment_id,),
         ).fetchall()
         if limit:
