@@ -38,7 +38,7 @@ from exporter.sinks.prometheus import (
     RegistryGroup,
 )
 from exporter.state import StateStore
-from exporter.sync import registry_from_state, sync
+from exporter.sync import SyncResult, registry_from_state, sync
 
 log = structlog.get_logger("exporter.runner")
 
@@ -89,22 +89,22 @@ class Runner:
         # Pushed from the mirror even when MLflow is unreachable: the Pushgateway stays
         # complete (e.g. after a Pushgateway restart) with the last known data.
         if self.pushgateway is not None and self.state.get_meta("last_full_sync") is not None:
-            self._push(result)
+            self._push(result, full_read=synced is not None and synced.full_read > 0)
         if self.pramathus is not None:
-            if synced:
+            if synced is not None:
                 self._spool_new_points(result)
             self._deliver(result)
         result.duration_seconds = self.clock() - started
         self._record(result)
         return result
 
-    def _sync(self, result: CycleResult) -> bool:
+    def _sync(self, result: CycleResult) -> SyncResult | None:
         try:
             synced = sync(self.client, self.state, self.settings.export, self.clock)
         except MlflowError as exc:
             result.errors["mlflow"] = str(exc)
             self.metrics.up.set(0)
-            return False
+            return None
         self.metrics.up.set(1)
         self.metrics.excluded.labels("experiments").set(synced.experiments_cut)
         result.experiments = synced.experiments
@@ -115,7 +115,7 @@ class Runner:
             runs_changed=synced.runs_changed,
             runs_removed=synced.runs_removed,
         )
-        return True
+        return synced
 
     def _metric_allowed(self) -> Callable[[str], bool]:
         export = self.settings.export
@@ -129,7 +129,7 @@ class Runner:
 
         return allowed
 
-    def _push(self, result: CycleResult) -> None:
+    def _push(self, result: CycleResult, full_read: bool) -> None:
         assert self.pushgateway is not None
         mirror, export = self.state.mirror, self.settings.export
         names, versions = registry_from_state(self.state)
@@ -164,11 +164,16 @@ class Runner:
             if export.shard_index == 0:
                 yield tuple(REGISTRY_GROUP.items()), RegistryGroup(registry, length)
 
+        # The Pushgateway is asked which groups exist after a full read (and when nothing is
+        # recorded); in between, the groups the last push left are known from state.
+        known = None if full_read else self.state.get_meta("pushed_groups")
         try:
-            pushed = self.pushgateway.push(groups(), owns=self._owns)
+            pushed = self.pushgateway.push(groups(), owns=self._owns, known=known)
         except PushError as exc:
             result.errors["pushgateway"] = str(exc)
+            self.state.set_meta("pushed_groups", None)  # unsure what is there: ask next time
             return
+        self.state.set_meta("pushed_groups", pushed.pushed)
         self.metrics.excluded.labels("runs").set(mirror.run_count() - exported_runs)
         self.metrics.excluded.labels("metrics").set(
             sum(not allowed(k) for k in mirror.metric_keys())

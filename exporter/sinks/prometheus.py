@@ -262,6 +262,7 @@ class _Fixed(Collector):
 
 @dataclass
 class PushResult:
+    pushed: list[dict[str, str]] = field(default_factory=list)
     groups: int = 0
     series: int = 0
     deleted: int = 0
@@ -292,10 +293,13 @@ class Pushgateway:
         self,
         groups: Mapping[GroupKey, Collector] | Iterable[tuple[GroupKey, Collector]],
         owns: Callable[[dict[str, str]], bool],
+        known: Iterable[dict[str, str]] | None = None,
     ) -> PushResult:
         """PUT every group, then delete groups of this job that `owns` but were not pushed.
 
         `groups` may be a lazy iterable, so only one group's series are in memory at a time.
+        `known` are the groups a previous push left; without it the Pushgateway is asked
+        (its listing carries every series, so it is worth skipping on most cycles).
         """
         result = PushResult()
         pushed: set[GroupKey] = set()
@@ -310,7 +314,9 @@ class Pushgateway:
                 result.series += len(family.samples)
                 if family.name.startswith(USER_FAMILY_PREFIXES):
                     result.nonfinite += sum(not math.isfinite(x.value) for x in family.samples)
-        for stale in self.existing_groups():
+        result.pushed = [dict(key) for key in pushed]
+        present = self.existing_groups() if known is None else list(known)
+        for stale in present:
             if owns(stale) and tuple(sorted(stale.items())) not in pushed:
                 self._call(delete_from_gateway, grouping_key=stale)
                 result.deleted += 1
