@@ -19,8 +19,14 @@ from exporter.state import StateError
 
 log = structlog.get_logger("exporter.cli")
 
+# Secret values of the loaded settings: `_fail` masks them, as the log scrubber does for logs,
+# in case a backend's error text repeats one.
+_secret_values: list[str] = []
+
 
 def _fail(message: str, code: int = 1) -> NoReturn:
+    for secret in _secret_values:
+        message = message.replace(secret, logs.MASK)
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -34,16 +40,22 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
         "export.state_dir": params.get("state_dir"),
         "logging.level": params.get("log_level"),
         "logging.format": params.get("log_format"),
+        "export.shard_index": params.get("shard_index"),
+        "export.shard_count": params.get("shard_count"),
         **overrides,
     }
     try:
         settings = load_settings(params.get("config"), overrides=flags)
     except ConfigError as exc:
-        click.echo(f"error: invalid configuration ({len(exc.problems)} problems):", err=True)
+        count = len(exc.problems)
+        click.echo(f"error: invalid configuration ({count} problem{'s' * (count != 1)}):", err=True)
         for problem in exc.problems:
             click.echo(f"  - {problem}", err=True)
         sys.exit(2)
-    logs.configure(settings.logging.level, settings.logging.format, _secrets(settings))
+    _secret_values[:] = sorted(
+        (v for v in _secrets(settings) if len(v) >= 4), key=len, reverse=True
+    )
+    logs.configure(settings.logging.level, settings.logging.format, _secret_values)
     return settings
 
 
@@ -87,6 +99,8 @@ def _guarded(fn: Callable[..., None]) -> Callable[..., None]:
 @click.option("--state-dir", help="Directory for the exporter's state (EXPORTER_STATE_DIR).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL).")
 @click.option("--log-format", help="auto, json or console (LOG_FORMAT).")
+@click.option("--shard-index", type=int, help="This replica's shard (EXPORTER_SHARD_INDEX).")
+@click.option("--shard-count", type=int, help="Number of replicas (EXPORTER_SHARD_COUNT).")
 def main(**_: Any) -> None:
     """Export MLflow experiments, runs and models to Prometheus and Pramathus."""
 
@@ -123,7 +137,7 @@ def continuous(ctx: click.Context, interval: float | None, port: int | None) -> 
     from exporter.scheduler import run_forever
 
     settings = _settings(ctx, **{"export.interval_seconds": interval, "server.port": port})
-    metrics, health, stop = SelfMetrics(), Health(), threading.Event()
+    metrics, health, stop = SelfMetrics(), Health(secrets=_secret_values), threading.Event()
     if settings.server.enabled:
         server = serve(metrics, health, settings.server.host, settings.server.port)
         log.info("http.listening", host=settings.server.host, port=server.server_port)

@@ -106,9 +106,13 @@ class Health:
 
     ok: bool | None = None  # None: no cycle finished yet
     reason: str = "starting"
+    # Masked out of reasons: a backend's error text may repeat a credential.
+    secrets: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set(self, ok: bool, reason: str) -> None:
+        for secret in self.secrets:
+            reason = reason.replace(secret, "**********")
         with self._lock:
             self.ok, self.reason = ok, reason
 

@@ -92,7 +92,11 @@ class StateStore:
             return self._connect(path)
         except sqlite3.DatabaseError:
             # Corrupt or foreign file: keep it for inspection and start afresh.
-            aside = path.with_name(f"state.db.corrupt-{int(self.clock())}")
+            stamp = int(self.clock() * 1000)
+            aside = path.with_name(f"state.db.corrupt-{stamp}")
+            while aside.exists():  # never overwrite an earlier copy
+                stamp += 1
+                aside = path.with_name(f"state.db.corrupt-{stamp}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(f"{path}{suffix}")
                 if src.exists():

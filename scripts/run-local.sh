@@ -29,7 +29,7 @@ export EXPORTER_STATE_DIR=$data/exporter-state EXPORTER_PORT EXPORT_INTERVAL
 export LOG_FORMAT=${LOG_FORMAT:-console}
 cat > "$data/Procfile" <<PROCFILE
 mlflow: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec .venv/bin/mlflow server --backend-store-uri sqlite:///$data/mlflow/mlflow.db --default-artifact-root $data/mlflow/artifacts --host 127.0.0.1 --port $MLFLOW_PORT --workers 1
-pushgateway: exec prometheus-pushgateway --web.listen-address=127.0.0.1:$PUSHGATEWAY_PORT
+pushgateway: exec prometheus-pushgateway --web.listen-address=127.0.0.1:$PUSHGATEWAY_PORT --persistence.file=$data/pushgateway.db
 prometheus: exec prometheus --config.file=$data/prometheus/prometheus.yml --storage.tsdb.path=$data/tsdb --web.listen-address=127.0.0.1:$PROMETHEUS_PORT
 alertmanager: exec prometheus-alertmanager --config.file=$PWD/prometheus/alertmanager.yml --storage.path=$data/alertmanager --web.listen-address=127.0.0.1:$ALERTMANAGER_PORT --cluster.listen-address=
 exporter: bash scripts/local-exporter.sh

@@ -110,7 +110,7 @@ def test_corrupt_state_db_is_set_aside_and_a_fresh_one_works(tmp_path: Path) -> 
 
     store = StateStore(tmp_path, clock=FakeClock(1_700_000_000.5))
     try:
-        aside = tmp_path / "state.db.corrupt-1700000000"
+        aside = tmp_path / "state.db.corrupt-1700000000500"  # milliseconds
         assert store.set_aside == aside
         assert aside.read_bytes() == garbage  # kept intact for inspection
         assert store.watermarks() == {}

@@ -29,6 +29,7 @@ from tenacity import (
 )
 
 from exporter.config import PramathusSettings
+from exporter.logs import MASK
 from exporter.model import MetricPoint
 from exporter.state import SpooledBatch, StateStore
 
@@ -233,7 +234,10 @@ class PramathusSink:
         status = response.status_code
         if 200 <= status < 300:
             return
-        excerpt = response.text[:200].replace("\n", " ")
+        text = response.text
+        if s.api_key is not None:  # some endpoints echo the key they refuse: never repeat it
+            text = text.replace(s.api_key.get_secret_value(), MASK)
+        excerpt = text[:200].replace("\n", " ")
         retryable = status >= 500 or status in (408, 425, 429)
         raise DeliveryError(
             f"Pramathus answered HTTP {status}: {excerpt}",

@@ -31,18 +31,6 @@ AWKWARD = {
 }
 
 
-def _received(receiver: Receiver) -> set[tuple[object, ...]]:
-    out = set()
-    for m in receiver.accepted_points():
-        value = (
-            m["value"]
-            if m["value"] is not None
-            else {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}[m["metadata"]["non_finite"]]
-        )
-        out.add((m["metadata"]["run_id"], m["name"], m["metadata"]["step"], value))
-    return out
-
-
 def test_export_once_makes_mlflow_latest_values_queryable_in_prometheus(
     exporter_env: ExporterEnv, prometheus: servers.Server
 ) -> None:
@@ -95,7 +83,7 @@ def test_every_logged_point_reaches_pramathus_exactly_once(
 
     assert exporter_env.run("export-once").returncode == 0
     expected = mlflow_points(exporter_env.client, runs)
-    assert _received(receiver) == expected
+    assert receiver.received_points() == expected
     assert len(receiver.accepted_points()) == len(expected)  # nothing sent twice
 
     first = receiver.accepted()[0]
@@ -117,7 +105,7 @@ def test_every_logged_point_reaches_pramathus_exactly_once(
     assert exporter_env.run("export-once").returncode == 0
     new = [m for r in receiver.accepted()[-1:] for m in r.body["metrics"]]
     assert [(m["name"], m["metadata"]["step"]) for m in new] == [("loss", 40), ("loss", 41)]
-    assert _received(receiver) == mlflow_points(exporter_env.client, runs)
+    assert receiver.received_points() == mlflow_points(exporter_env.client, runs)
 
 
 def test_a_deleted_experiment_disappears_from_the_pushgateway(
@@ -154,7 +142,7 @@ def test_pramathus_outage_keeps_points_spooled_until_it_returns(
 
     receiver.default = Reply(status=200)
     assert exporter_env.run("export-once").returncode == 0
-    assert _received(receiver) == mlflow_points(exporter_env.client, runs)
+    assert receiver.received_points() == mlflow_points(exporter_env.client, runs)
 
 
 def test_export_once_fails_fast_with_one_line_when_mlflow_is_down(

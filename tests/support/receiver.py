@@ -31,6 +31,7 @@ class Received:
     headers: dict[str, str]
     body: Any
     status: int
+    at: float = 0.0  # time.monotonic() when the request arrived (before any scripted delay)
 
 
 class Receiver:
@@ -38,6 +39,7 @@ class Receiver:
 
     def __init__(self, port: int = 0) -> None:
         self.requests: list[Received] = []
+        self.arrivals: list[float] = []  # monotonic arrival time of every request, at once
         self.script: deque[Reply] = deque()
         self.default = Reply()
         self._lock = threading.Lock()
@@ -45,6 +47,9 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def _handle(self) -> None:
+                arrived = time.monotonic()
+                with receiver._lock:
+                    receiver.arrivals.append(arrived)
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 with receiver._lock:
@@ -57,7 +62,9 @@ class Receiver:
                     body = raw.decode(errors="replace")
                 with receiver._lock:
                     receiver.requests.append(
-                        Received(self.command, self.path, dict(self.headers), body, reply.status)
+                        Received(
+                            self.command, self.path, dict(self.headers), body, reply.status, arrived
+                        )
                     )
                 try:
                     self.send_response(reply.status)
@@ -91,6 +98,27 @@ class Receiver:
         """Every metric entry of every accepted batch, repeats included."""
         return [m for r in self.accepted() for m in r.body["metrics"]]
 
+    def received_points(self, since: float | None = None) -> set[tuple[Any, ...]]:
+        """Accepted points as (run_id, key, step, value-or-repr), comparable with
+        `tests.support.seed.mlflow_points`; only requests arrived at or after `since`
+        (a `time.monotonic()` value) when given. Repeats collapse into one."""
+        return {
+            point_of(m)
+            for r in self.accepted()
+            if since is None or r.at >= since
+            for m in r.body["metrics"]
+        }
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+_NON_FINITE = {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}
+
+
+def point_of(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """One payload entry as (run_id, key, step, value-or-repr), as `mlflow_points` has it."""
+    meta = entry["metadata"]
+    value = entry["value"] if entry["value"] is not None else _NON_FINITE[meta["non_finite"]]
+    return (meta["run_id"], entry["name"], meta["step"], value)

@@ -126,9 +126,20 @@ def binary(name: str) -> str:
     return path
 
 
-def start_pushgateway(workdir: Path, port: int | None = None) -> Server:
+def start_pushgateway(
+    workdir: Path, port: int | None = None, persistence_file: Path | None = None
+) -> Server:
+    """A Pushgateway keeping groups in memory only unless `persistence_file` is given.
+
+    Debian's build defaults `--persistence.file` to /var/lib/prometheus/pushgateway.data, which
+    every instance would share (and reload groups from) across test sessions; never use it.
+    """
     port = port or free_port()
-    cmd = [binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"]
+    cmd = [
+        binary("prometheus-pushgateway"),
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--persistence.file={persistence_file or ''}",
+    ]
     return start("pushgateway", cmd, port, workdir, "/-/ready", 20)
 
 
