@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,6 +200,20 @@ class Settings(_Section):
     @property
     def state_path(self) -> Path:
         return Path(self.export.state_dir)
+
+
+def name_filter(include: list[str], exclude: list[str]) -> Callable[[str], bool]:
+    """A predicate for the include/exclude pattern pairs: whole-name regex matches, an empty
+    include list admitting everything."""
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+
+    def allowed(name: str) -> bool:
+        return (not inc or any(p.fullmatch(name) for p in inc)) and not any(
+            p.fullmatch(name) for p in exc
+        )
+
+    return allowed
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

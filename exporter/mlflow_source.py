@@ -24,8 +24,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from exporter.config import ExportSettings, MlflowSettings
-from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Run, Snapshot
+from exporter.config import ExportSettings, MlflowSettings, name_filter
+from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Run
 
 API = "/api/2.0/mlflow"
 
@@ -198,14 +198,8 @@ def select_experiments(
             for e in experiments
             if shard_of(e.experiment_id, export.shard_count) == export.shard_index
         ]
-    include = [re.compile(p) for p in export.include_experiments]
-    exclude = [re.compile(p) for p in export.exclude_experiments]
-    kept = [
-        e
-        for e in experiments
-        if (not include or any(p.fullmatch(e.name) for p in include))
-        and not any(p.fullmatch(e.name) for p in exclude)
-    ]
+    allowed = name_filter(export.include_experiments, export.exclude_experiments)
+    kept = [e for e in experiments if allowed(e.name)]
     kept.sort(key=lambda e: (e.last_update_time_ms or 0, e.experiment_id), reverse=True)
     if export.max_experiments:
         kept = kept[: export.max_experiments]
@@ -269,11 +263,6 @@ def runs_by_id(
         yield from search_runs(client, experiment_ids, f"attributes.run_id IN ({quoted})")
 
 
-def list_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
-    """Every active run of one experiment, with the latest value of each metric."""
-    return list(search_runs(client, [experiment_id]))
-
-
 def read_registry(client: MlflowClient) -> tuple[list[str], list[ModelVersion]]:
     """Registered model names and all their versions, with aliases and (deprecated) stages."""
     names: list[str] = []
@@ -298,14 +287,6 @@ def read_registry(client: MlflowClient) -> tuple[list[str], list[ModelVersion]]:
         )
     ]
     return names, versions
-
-
-def collect_snapshot(client: MlflowClient, export: ExportSettings) -> Snapshot:
-    """Read experiments, their runs and the registry into one `Snapshot`."""
-    experiments, cut = select_experiments(list_experiments(client), export)
-    runs = {e.experiment_id: list_runs(client, e.experiment_id) for e in experiments}
-    names, versions = read_registry(client)
-    return Snapshot(experiments, runs, names, versions, excluded={"experiments": cut})
 
 
 def read_history(

@@ -7,7 +7,6 @@ MLflow outage still lets the spool drain. The cycle reports every stage's error 
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 import structlog
 from prometheus_client.registry import Collector
 
-from exporter.config import Settings
+from exporter.config import Settings, name_filter
 from exporter.health import Health, SelfMetrics
 from exporter.mlflow_source import (
     BULK_MAX_RUNS,
@@ -119,15 +118,7 @@ class Runner:
 
     def _metric_allowed(self) -> Callable[[str], bool]:
         export = self.settings.export
-        include = [re.compile(p) for p in export.include_metrics]
-        exclude = [re.compile(p) for p in export.exclude_metrics]
-
-        def allowed(key: str) -> bool:
-            return (not include or any(p.fullmatch(key) for p in include)) and not any(
-                p.fullmatch(key) for p in exclude
-            )
-
-        return allowed
+        return name_filter(export.include_metrics, export.exclude_metrics)
 
     def _push(self, result: CycleResult, full_read: bool) -> None:
         assert self.pushgateway is not None
