@@ -53,9 +53,13 @@ class SelfMetrics:
             f"{p}mlflow_requests", "HTTP requests made to MLflow.", ["endpoint"], registry=r
         )
         self.pushed_groups = Gauge(
-            f"{p}pushed_groups", "Pushgateway groups in the last push.", registry=r
+            f"{p}pushed_groups",
+            "Pushgateway groups pushed by the last cycle (unchanged ones are not re-pushed).",
+            registry=r,
         )
-        self.pushed_series = Gauge(f"{p}pushed_series", "Series in the last push.", registry=r)
+        self.pushed_series = Gauge(
+            f"{p}pushed_series", "Series pushed by the last cycle.", registry=r
+        )
         self.nonfinite = Gauge(
             f"{p}nonfinite_values",
             "Latest metric values in the last push that were NaN or inf.",

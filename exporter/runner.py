@@ -25,7 +25,7 @@ from exporter.mlflow_source import (
     read_histories,
     shard_of,
 )
-from exporter.model import MetricPoint, Snapshot
+from exporter.model import Experiment, MetricPoint, Snapshot
 from exporter.naming import short_id_length
 from exporter.sinks.pramathus import PramathusSink, RunContext, public_tags
 from exporter.sinks.prometheus import (
@@ -34,12 +34,15 @@ from exporter.sinks.prometheus import (
     GroupKey,
     PushError,
     Pushgateway,
+    PushResult,
     RegistryGroup,
 )
 from exporter.state import StateStore
 from exporter.sync import SyncResult, registry_from_state, sync
 
 log = structlog.get_logger("exporter.runner")
+
+REGISTRY_KEY: GroupKey = tuple(REGISTRY_GROUP.items())
 
 # Points are spooled in chunks of this many batches, so a first read of a large server
 # never holds all history in memory at once.
@@ -121,7 +124,51 @@ class Runner:
         return name_filter(export.include_metrics, export.exclude_metrics)
 
     def _push(self, result: CycleResult, full_read: bool) -> None:
+        """Push the groups that changed; all of them after a full read or when the
+        Pushgateway restarted (it may have lost what it held)."""
         assert self.pushgateway is not None
+        state, mirror, export = self.state, self.state.mirror, self.settings.export
+        try:
+            started = self.pushgateway.start_time()
+        except PushError as exc:
+            result.errors["pushgateway"] = str(exc)
+            return
+        everything = (
+            full_read
+            or started != state.get_meta("pushgateway_start")
+            or state.get_meta("pushed_groups") is None
+        )
+        dirty = mirror.dirty_experiments()
+        experiments = mirror.experiments()
+        keep: set[GroupKey] = {(("experiment_id", e.experiment_id),) for e in experiments}
+        owns_registry = export.shard_index == 0
+        if owns_registry:
+            keep.add(REGISTRY_KEY)
+        chosen = [e for e in experiments if everything or e.experiment_id in dirty]
+        with_registry = owns_registry and (everything or state.get_meta("registry_dirty", True))
+        # The Pushgateway is asked which groups exist after a full read; in between, the
+        # groups the last push left are known from state.
+        known = None if full_read else state.get_meta("pushed_groups")
+        try:
+            pushed = self.pushgateway.push(
+                self._groups(chosen, with_registry), owns=self._owns, known=known, keep=keep
+            )
+        except PushError as exc:
+            result.errors["pushgateway"] = str(exc)
+            state.set_meta("pushed_groups", None)  # unsure what is there: push all next time
+            return
+        mirror.mark_clean(e.experiment_id for e in chosen)
+        state.set_meta(
+            "registry_dirty", state.get_meta("registry_dirty", True) and not with_registry
+        )
+        state.set_meta("pushgateway_start", started)
+        state.set_meta("pushed_groups", pushed.pushed)
+        self._record_push(result, pushed)
+
+    def _groups(
+        self, experiments: list[Experiment], with_registry: bool
+    ) -> Iterator[tuple[GroupKey, Collector]]:
+        """Collectors for the given experiments' groups (built one at a time) and registry."""
         mirror, export = self.state.mirror, self.settings.export
         names, versions = registry_from_state(self.state)
         ids = itertools.chain(mirror.run_ids(), (v.run_id for v in versions if v.run_id))
@@ -130,42 +177,32 @@ class Runner:
             short_id_length(ids, self.settings.prometheus.run_id_length),
             self.state.get_meta("run_id_length", 0),
         )
-        self.state.set_meta("run_id_length", length)
+        if length != self.state.get_meta("run_id_length", 0):
+            self.state.set_meta("run_id_length", length)
+            mirror.mark_dirty()  # every run_id label changes: later cycles push all groups
         registry = Snapshot([], {}, names, versions)
         stages, allowed = registry.stage_by_run(), self._metric_allowed()
-        exported_runs = 0
+        for e in experiments:
+            yield (
+                (("experiment_id", e.experiment_id),),
+                ExperimentGroup(
+                    e,
+                    mirror.runs_for_push(e.experiment_id, export.max_runs_per_experiment),
+                    stages,
+                    length,
+                    status_counts=mirror.status_counts(e.experiment_id),
+                    last_run_start_ms=mirror.max_start_time([e.experiment_id]),
+                    metric_allowed=allowed,
+                ),
+            )
+        if with_registry:
+            yield REGISTRY_KEY, RegistryGroup(registry, length)
 
-        def groups() -> Iterator[tuple[GroupKey, Collector]]:
-            nonlocal exported_runs
-            for e in mirror.experiments():
-                runs = mirror.runs_for_push(e.experiment_id, export.max_runs_per_experiment)
-                exported_runs += len(runs)
-                yield (
-                    (("experiment_id", e.experiment_id),),
-                    ExperimentGroup(
-                        e,
-                        runs,
-                        stages,
-                        length,
-                        status_counts=mirror.status_counts(e.experiment_id),
-                        last_run_start_ms=mirror.max_start_time([e.experiment_id]),
-                        metric_allowed=allowed,
-                    ),
-                )
-            if export.shard_index == 0:
-                yield tuple(REGISTRY_GROUP.items()), RegistryGroup(registry, length)
-
-        # The Pushgateway is asked which groups exist after a full read (and when nothing is
-        # recorded); in between, the groups the last push left are known from state.
-        known = None if full_read else self.state.get_meta("pushed_groups")
-        try:
-            pushed = self.pushgateway.push(groups(), owns=self._owns, known=known)
-        except PushError as exc:
-            result.errors["pushgateway"] = str(exc)
-            self.state.set_meta("pushed_groups", None)  # unsure what is there: ask next time
-            return
-        self.state.set_meta("pushed_groups", pushed.pushed)
-        self.metrics.excluded.labels("runs").set(mirror.run_count() - exported_runs)
+    def _record_push(self, result: CycleResult, pushed: PushResult) -> None:
+        mirror, allowed = self.state.mirror, self._metric_allowed()
+        self.metrics.excluded.labels("runs").set(
+            mirror.runs_beyond(self.settings.export.max_runs_per_experiment)
+        )
         self.metrics.excluded.labels("metrics").set(
             sum(not allowed(k) for k in mirror.metric_keys())
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -36,11 +37,12 @@ CREATE TABLE IF NOT EXISTS spool (
     attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT);
 CREATE TABLE IF NOT EXISTS experiment (
     experiment_id TEXT PRIMARY KEY, name TEXT NOT NULL, lifecycle_stage TEXT NOT NULL,
-    creation_time_ms INTEGER, last_update_time_ms INTEGER, synced INTEGER NOT NULL DEFAULT 0);
+    creation_time_ms INTEGER, last_update_time_ms INTEGER, synced INTEGER NOT NULL DEFAULT 0,
+    dirty INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS run (
     run_id TEXT PRIMARY KEY, experiment_id TEXT NOT NULL, run_name TEXT NOT NULL,
     status TEXT NOT NULL, user_id TEXT NOT NULL, start_time_ms INTEGER, end_time_ms INTEGER,
-    tags TEXT NOT NULL);
+    tags TEXT NOT NULL, fingerprint TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS run_by_experiment ON run (experiment_id, start_time_ms);
 CREATE TABLE IF NOT EXISTS latest (
     run_id TEXT NOT NULL, metric_key TEXT NOT NULL, value REAL, step INTEGER NOT NULL,
@@ -257,7 +259,10 @@ class Mirror:
         self.db.executemany(
             "INSERT INTO experiment(experiment_id, name, lifecycle_stage, creation_time_ms, "
             "last_update_time_ms) VALUES(?, ?, ?, ?, ?) ON CONFLICT(experiment_id) DO UPDATE "
-            "SET name = excluded.name, lifecycle_stage = excluded.lifecycle_stage, "
+            "SET dirty = dirty OR name IS NOT excluded.name "
+            "OR lifecycle_stage IS NOT excluded.lifecycle_stage "
+            "OR last_update_time_ms IS NOT excluded.last_update_time_ms, "
+            "name = excluded.name, lifecycle_stage = excluded.lifecycle_stage, "
             "last_update_time_ms = excluded.last_update_time_ms",
             rows,
         )
@@ -287,38 +292,76 @@ class Mirror:
             (experiment_id,),
         )
         self.db.execute("DELETE FROM run WHERE experiment_id = ?", (experiment_id,))
+        self.mark_dirty([experiment_id])
+
+    def mark_dirty(self, experiment_ids: Iterable[str] | None = None) -> None:
+        """Flag experiments (None: all) whose Pushgateway group must be pushed again."""
+        if experiment_ids is None:
+            self.db.execute("UPDATE experiment SET dirty = 1")
+            return
+        self.db.executemany(
+            "UPDATE experiment SET dirty = 1 WHERE experiment_id = ?",
+            [(i,) for i in experiment_ids],
+        )
+
+    def mark_clean(self, experiment_ids: Iterable[str]) -> None:
+        self.db.executemany(
+            "UPDATE experiment SET dirty = 0 WHERE experiment_id = ?",
+            [(i,) for i in experiment_ids],
+        )
+
+    def dirty_experiments(self) -> set[str]:
+        return {
+            i for (i,) in self.db.execute("SELECT experiment_id FROM experiment WHERE dirty = 1")
+        }
 
     def upsert_runs(self, runs: Iterable[Run]) -> int:
+        """Write runs; an experiment is flagged dirty only when one of its runs changed."""
         count = 0
         for run in runs:
+            tags = json.dumps(dict(run.tags), sort_keys=True)
+            metrics = [(m.key, _value_in(m.value), m.step, m.timestamp_ms) for m in run.metrics]
+            row = (
+                run.run_id,
+                run.experiment_id,
+                run.run_name,
+                run.status,
+                run.user_id,
+                run.start_time_ms,
+                run.end_time_ms,
+                tags,
+            )
+            fingerprint = hashlib.sha1(  # noqa: S324 - change detection, not security
+                json.dumps([row, sorted(metrics, key=lambda m: m[0])]).encode()
+            ).hexdigest()
+            count += 1
+            old = self.db.execute(
+                "SELECT fingerprint FROM run WHERE run_id = ?", (run.run_id,)
+            ).fetchone()
+            if old is not None and old[0] == fingerprint:
+                continue
             self.db.execute(
                 "INSERT OR REPLACE INTO run(run_id, experiment_id, run_name, status, user_id, "
-                "start_time_ms, end_time_ms, tags) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run.run_id,
-                    run.experiment_id,
-                    run.run_name,
-                    run.status,
-                    run.user_id,
-                    run.start_time_ms,
-                    run.end_time_ms,
-                    json.dumps(dict(run.tags)),
-                ),
+                "start_time_ms, end_time_ms, tags, fingerprint) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*row, fingerprint),
             )
             self.db.execute("DELETE FROM latest WHERE run_id = ?", (run.run_id,))
             self.db.executemany(
                 "INSERT OR REPLACE INTO latest(run_id, metric_key, value, step, timestamp_ms) "
                 "VALUES(?, ?, ?, ?, ?)",
-                [
-                    (run.run_id, m.key, _value_in(m.value), m.step, m.timestamp_ms)
-                    for m in run.metrics
-                ],
+                [(run.run_id, *m) for m in metrics],
             )
-            count += 1
+            self.mark_dirty([run.experiment_id])
         return count
 
     def remove_runs(self, run_ids: Iterable[str]) -> int:
         ids = [(i,) for i in run_ids]
+        for (run_id,) in ids:
+            self.db.execute(
+                "UPDATE experiment SET dirty = 1 WHERE experiment_id = "
+                "(SELECT experiment_id FROM run WHERE run_id = ?)",
+                (run_id,),
+            )
         self.db.executemany("DELETE FROM latest WHERE run_id = ?", ids)
         self.db.executemany("DELETE FROM run WHERE run_id = ?", ids)
         return len(ids)
@@ -383,6 +426,18 @@ class Mirror:
             )
             for r in rows
         ]
+
+    def runs_beyond(self, limit: int) -> int:
+        """Finished runs that `runs_for_push(limit)` leaves out, over all experiments."""
+        if not limit:
+            return 0
+        row = self.db.execute(
+            "SELECT count(*) FROM (SELECT status, row_number() OVER (PARTITION BY "
+            "experiment_id ORDER BY start_time_ms DESC, run_id) AS rank FROM run) "
+            "WHERE rank > ? AND status NOT IN ('RUNNING', 'SCHEDULED')",
+            (limit,),
+        ).fetchone()
+        return int(row[0])
 
     def run_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM run").fetchone()[0])

@@ -71,7 +71,12 @@ def sync(
         if full_due:
             mirror.prune_watermarks()
             state.set_meta("last_full_sync", now())
-        state.set_meta("registry", _registry_data(names, versions))
+        registry = _registry_data(names, versions)
+        if registry != state.get_meta("registry"):
+            # Stages label every run's series: all groups change with the registry.
+            mirror.mark_dirty()
+            state.set_meta("registry", registry)
+            state.set_meta("registry_dirty", True)
     return result
 
 

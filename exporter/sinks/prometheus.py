@@ -294,8 +294,10 @@ class Pushgateway:
         groups: Mapping[GroupKey, Collector] | Iterable[tuple[GroupKey, Collector]],
         owns: Callable[[dict[str, str]], bool],
         known: Iterable[dict[str, str]] | None = None,
+        keep: set[GroupKey] | None = None,
     ) -> PushResult:
-        """PUT every group, then delete groups of this job that `owns` but were not pushed.
+        """PUT every group, then delete groups of this job that `owns` but are not kept
+        (`keep`: the current groups, unchanged ones included; default: those pushed now).
 
         `groups` may be a lazy iterable, so only one group's series are in memory at a time.
         `known` are the groups a previous push left; without it the Pushgateway is asked
@@ -314,23 +316,42 @@ class Pushgateway:
                 result.series += len(family.samples)
                 if family.name.startswith(USER_FAMILY_PREFIXES):
                     result.nonfinite += sum(not math.isfinite(x.value) for x in family.samples)
-        result.pushed = [dict(key) for key in pushed]
+        kept = pushed if keep is None else keep | pushed
+        result.pushed = [dict(key) for key in kept]
         present = self.existing_groups() if known is None else list(known)
         for stale in present:
-            if owns(stale) and tuple(sorted(stale.items())) not in pushed:
+            if owns(stale) and tuple(sorted(stale.items())) not in kept:
                 self._call(delete_from_gateway, grouping_key=stale)
                 result.deleted += 1
         return result
 
+    def start_time(self) -> str:
+        """When the Pushgateway process started: a change means it may have lost groups."""
+        try:
+            response = self.http_get(
+                f"{self.settings.gateway}/api/v1/status",
+                timeout=self.settings.timeout_seconds,
+                auth=self._auth(),
+            )
+            response.raise_for_status()
+            return str(response.json()["data"]["start_time"])
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            raise PushError(
+                f"Pushgateway {self.settings.gateway} status failed: {type(exc).__name__}"
+            ) from None
+
+    def _auth(self) -> tuple[str, str] | None:
+        s = self.settings
+        if s.username is None or s.password is None:
+            return None
+        return (s.username.get_secret_value(), s.password.get_secret_value())
+
     def existing_groups(self) -> list[dict[str, str]]:
         """Grouping keys (without job) of this job's groups currently on the Pushgateway."""
         s = self.settings
-        auth = None
-        if s.username is not None and s.password is not None:
-            auth = (s.username.get_secret_value(), s.password.get_secret_value())
         try:
             response = self.http_get(
-                f"{s.gateway}/api/v1/metrics", timeout=s.timeout_seconds, auth=auth
+                f"{s.gateway}/api/v1/metrics", timeout=s.timeout_seconds, auth=self._auth()
             )
             response.raise_for_status()
             data = response.json().get("data", [])

@@ -195,3 +195,35 @@ def test_three_shards_export_every_experiment_and_point_exactly_once(
     )
     assert set(received) == {p[:3] for p in mlflow_points(exporter_env.client, runs)}
     assert set(received.values()) == {1}
+
+
+def test_only_changed_groups_are_pushed_again_and_everything_after_a_gateway_restart(
+    exporter_env: ExporterEnv, tmp_path: Path
+) -> None:
+    (tmp_path / "pg").mkdir()
+    pg = servers.start_pushgateway(tmp_path / "pg")
+    env = {**exporter_env.env, "PROMETHEUS_GATEWAY": pg.url}
+    quiet, busy = exporter_env.experiment("quiet"), exporter_env.experiment("busy")
+    make_run(exporter_env.client, quiet, {"loss": [1.0]})
+    running = make_run(exporter_env.client, busy, {"loss": [2.0]}, status="RUNNING")
+    cycles = Cycles(ExporterEnv(**{**exporter_env.__dict__, "env": env}), tmp_path)
+    try:
+        _, first = cycles.run()
+        _, idle = cycles.run()
+        log_points(exporter_env.client, running, "loss", [1.5], first_step=1)
+        _, changed = cycles.run()
+        pg.restart("/-/ready")
+        _, after_restart = cycles.run()
+        groups = requests.get(f"{pg.url}/api/v1/metrics", timeout=5).json()["data"]
+    finally:
+        cycles.close()
+        pg.stop()
+    assert first.pushed_series > 0
+    assert idle.pushed_series == 0  # nothing changed: nothing re-pushed
+    busy_only = changed.pushed_series
+    assert 0 < busy_only < first.pushed_series
+    assert after_restart.pushed_series == first.pushed_series  # all groups again
+    ids = {
+        g["labels"].get("experiment_id") for g in groups if g["labels"]["job"] == exporter_env.job
+    }
+    assert {quiet, busy} <= ids
