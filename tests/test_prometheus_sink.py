@@ -8,6 +8,7 @@ own text parser. Nothing here talks to a Pushgateway.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -275,13 +276,14 @@ def test_run_id_length_counts_model_version_run_ids_too(snapshot: Snapshot) -> N
 
 
 class _Listing:
-    """The Pushgateway's `/api/v1/metrics` answer with no groups, as `http_get` returns it."""
+    """The Pushgateway's `/metrics` text with no groups of ours, as `http_get` returns it."""
 
     def raise_for_status(self) -> None:
         pass
 
-    def json(self) -> dict[str, Any]:
-        return {"data": []}
+    def iter_lines(self, decode_unicode: bool = False) -> Iterator[str]:
+        yield "# HELP push_time_seconds Last Unix time when changing this group succeeded."
+        yield 'push_time_seconds{instance="",job="other"} 1.7e+09'
 
 
 @pytest.fixture

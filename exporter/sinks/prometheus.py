@@ -21,6 +21,7 @@ from prometheus_client.exposition import (
     delete_from_gateway,
     push_to_gateway,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from exporter.config import PrometheusSettings
@@ -347,21 +348,26 @@ class Pushgateway:
         return (s.username.get_secret_value(), s.password.get_secret_value())
 
     def existing_groups(self) -> list[dict[str, str]]:
-        """Grouping keys (without job) of this job's groups currently on the Pushgateway."""
+        """Grouping keys (without job) of this job's groups currently on the Pushgateway.
+
+        Read from the `push_time_seconds` lines of its text exposition, streamed line by
+        line: the JSON API returns every series of every group at once, which for a large
+        Pushgateway costs more memory than the whole exporter.
+        """
         s = self.settings
+        groups = []
         try:
             response = self.http_get(
-                f"{s.gateway}/api/v1/metrics", timeout=s.timeout_seconds, auth=self._auth()
+                f"{s.gateway}/metrics", timeout=s.timeout_seconds, auth=self._auth(), stream=True
             )
             response.raise_for_status()
-            data = response.json().get("data", [])
+            for line in response.iter_lines(decode_unicode=True):
+                if line and line.startswith("push_time_seconds{"):
+                    labels = _group_labels(line)
+                    if labels.pop("job", None) == s.job_name:
+                        groups.append(labels)
         except (requests.RequestException, ValueError) as exc:
             raise PushError(f"cannot list Pushgateway groups at {s.gateway}: {exc}") from None
-        groups = []
-        for group in data:
-            labels = dict(group.get("labels", {}))
-            if labels.pop("job", None) == s.job_name:
-                groups.append(labels)
         return groups
 
     def _call(self, fn: Callable[..., None], **kwargs: Any) -> None:
@@ -376,3 +382,12 @@ class Pushgateway:
             )
         except OSError as exc:  # urllib's URLError/HTTPError are OSErrors
             raise PushError(f"Pushgateway {s.gateway} failed: {exc}") from None
+
+
+def _group_labels(line: str) -> dict[str, str]:
+    """Grouping labels of one `push_time_seconds{...} value` exposition line."""
+    family = next(iter(text_string_to_metric_families(line + "\n")))
+    labels = dict(family.samples[0].labels)
+    if labels.get("instance") == "":  # added by the Pushgateway, not part of our keys
+        del labels["instance"]
+    return labels
