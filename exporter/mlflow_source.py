@@ -232,18 +232,20 @@ def search_runs(
     filter_string: str = "",
     view: str = "ACTIVE_ONLY",
     max_pages: int | None = None,
+    newest_first: bool = False,
 ) -> Iterator[Run]:
     """Runs of these experiments matching `filter_string`, page after page.
 
-    Ordered by ascending start time: `page_token` is an offset, and new runs then land at the
-    end instead of shifting pages under the reader.
+    Ordered by ascending start time unless `newest_first`: `page_token` is an offset, and new
+    runs then land at the end instead of shifting pages under the reader.
     """
+    order = "DESC" if newest_first else "ASC"
     for start in range(0, len(experiment_ids), EXPERIMENTS_PER_SEARCH):
         payload = {
             "experiment_ids": list(experiment_ids[start : start + EXPERIMENTS_PER_SEARCH]),
             "max_results": client.settings.page_size,
             "run_view_type": view,
-            "order_by": ["attributes.start_time ASC", "attributes.run_id ASC"],
+            "order_by": [f"attributes.start_time {order}", f"attributes.run_id {order}"],
             **({"filter": filter_string} if filter_string else {}),
         }
         items = client.pages("POST", "runs/search", payload, "runs", max_pages=max_pages)

@@ -30,8 +30,9 @@ from exporter.state import StateStore
 
 log = structlog.get_logger("exporter.sync")
 
-# The deleted-runs probe reads one page: the most recent deletions. Older ones (beyond a
-# page since the last cycle) are caught by the next full reconcile.
+# The deleted-runs probe reads one page of deleted runs, newest first (MLflow cannot order
+# by deletion time; recent runs are the ones usually deleted). Deletions beyond that page
+# are caught by the next full reconcile.
 DELETED_PROBE_PAGES = 1
 
 
@@ -93,7 +94,9 @@ def _apply_delta(
     ended = list(runs_by_id(client, ids, unfinished)) if unfinished else []
     deleted = {
         r.run_id
-        for r in search_runs(client, ids, view="DELETED_ONLY", max_pages=DELETED_PROBE_PAGES)
+        for r in search_runs(
+            client, ids, view="DELETED_ONLY", max_pages=DELETED_PROBE_PAGES, newest_first=True
+        )
     }
     vanished = set(unfinished) - {r.run_id for r in ended}  # deleted while running
     result.runs_changed += mirror.upsert_runs(
