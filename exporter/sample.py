@@ -30,6 +30,8 @@ EXPERIMENT_NAMES = [
     "price-elasticity",
     "anomaly-watch",
 ]
+RUN_SPACING_MS = 15 * 60_000
+STEP_MS = 10_000  # one logged step every 10 s: a 30-step run lasts 5 minutes
 # Final statuses in a realistic mix; RUNNING runs are left open on purpose.
 STATUS_CYCLE = [
     "FINISHED",
@@ -140,8 +142,11 @@ def _one_run(
     Param: Any,
     RunTag: Any,
 ) -> list[tuple[float, str, str]]:
-    status = STATUS_CYCLE[(e + r) % len(STATUS_CYCLE)]
-    start = now_ms - int(((spec.experiments - e) * spec.runs - r) * 3_600_000 * rng.uniform(0.5, 1))
+    # Runs start every 15 minutes up to now; counted from the newest run, the status cycle
+    # puts a FAILED run within the last hour, so a fresh stack shows the alert firing.
+    ago = (spec.experiments - e) * spec.runs - r  # 1 for the newest run
+    status = STATUS_CYCLE[(ago - 1) % len(STATUS_CYCLE)]
+    start = now_ms - ago * RUN_SPACING_MS
     lr, batch = rng.choice([1e-2, 3e-3, 1e-3, 3e-4]), rng.choice([32, 64, 128, 256])
     run = client.create_run(
         exp_id,
@@ -158,7 +163,7 @@ def _one_run(
     # A failed or killed run stops early, like a crash or a cancelled job.
     steps = spec.steps if status in ("FINISHED", "RUNNING") else max(1, spec.steps // 2)
     metrics = [
-        Metric(key, value, start + (step + 1) * 60_000, step)
+        Metric(key, value, start + (step + 1) * STEP_MS, step)
         for key, values in series.items()
         for step, value in enumerate(values[:steps])
     ]
@@ -177,7 +182,7 @@ def _one_run(
         )
     if status == "RUNNING":
         return []
-    client.set_terminated(run_id, status=status, end_time=start + (steps + 1) * 60_000)
+    client.set_terminated(run_id, status=status, end_time=start + (steps + 1) * STEP_MS)
     if status != "FINISHED":
         return []
     return [(series["accuracy"][steps - 1], run_id, run.info.artifact_uri)]
