@@ -21,7 +21,14 @@ fi
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
-  "$python" -m venv .venv
+  if ! "$python" -m venv .venv 2>/dev/null; then
+    # Debian's own python3 keeps venv in a separate package.
+    rm -rf .venv
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv >/dev/null
+    "$python" -m venv .venv
+  fi
 fi
 stamp=.venv/.requirements.sha
 want=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
