@@ -170,27 +170,19 @@ def test_every_problem_is_reported_at_once_naming_key_and_source() -> None:
         assert len(hits) == 1, f"expected one problem for {key!r} in:\n{text}"
         return hits[0]
 
-    wrong_type = line_for("prometheus.run_id_length")
-    assert "integer" in wrong_type
-    assert wrong_type.endswith(source)
+    expected = {  # dotted key -> what its line must say
+        "prometheus.run_id_length": "integer",
+        "export.intreval_seconds": "unknown key",
+        "prometheus.gateway": "URL",
+        "pramathus": "pramathus.endpoint is not set",
+        "export.include_experiments": "regular expression",
+    }
+    for key, says in expected.items():
+        line = line_for(key)
+        assert says in line
+        assert line.endswith(source)
 
-    unknown = line_for("export.intreval_seconds")
-    assert "unknown key" in unknown
-    assert unknown.endswith(source)
-
-    bad_url = line_for("prometheus.gateway")
-    assert "URL" in bad_url
-    assert bad_url.endswith(source)
-
-    no_endpoint = line_for("pramathus")
-    assert "pramathus.endpoint is not set" in no_endpoint
-    assert no_endpoint.endswith(source)
-
-    bad_regex = line_for("export.include_experiments")
-    assert "regular expression" in bad_regex
-    assert bad_regex.endswith(source)
-
-    assert len(problems) == 5
+    assert len(problems) == len(expected)
     assert str(ConfigError(problems)) == text
 
 
