@@ -56,6 +56,7 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     EXPORTER_STATE_DIR=/var/lib/exporter \
+    EXPORTER_HOST=0.0.0.0 \
     EXPORTER_PORT=9877 \
     LOG_FORMAT=json
 

@@ -47,6 +47,7 @@ ENV_KEYS: dict[str, str] = {
     "PROMETHEUS_GATEWAY_USERNAME": "prometheus.username",
     "PROMETHEUS_GATEWAY_PASSWORD": "prometheus.password",
     "PRAMATHUS_BATCH_SIZE": "pramathus.batch_size",
+    "EXPORTER_HOST": "server.host",
     "EXPORTER_PORT": "server.port",
     "EXPORTER_SHARD_INDEX": "export.shard_index",
     "EXPORTER_SHARD_COUNT": "export.shard_count",
@@ -169,7 +170,8 @@ class ExportSettings(_Section):
 
 class ServerSettings(_Section):
     enabled: bool = True
-    host: str = "0.0.0.0"  # noqa: S104 - the health port is meant to be scraped
+    # Loopback by default; containers set EXPORTER_HOST=0.0.0.0 so Prometheus can scrape them.
+    host: str = "127.0.0.1"
     port: int = Field(9877, ge=0, le=65535)
 
 

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for bin in prometheus:prometheus prometheus-pushgateway:prometheus-pushgateway \
-           prometheus-alertmanager:prometheus-alertmanager; do
+           prometheus-alertmanager:prometheus-alertmanager victoria-metrics:victoria-metrics; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_apt+=("${bin##*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
