@@ -110,6 +110,7 @@ class Health:
 
     ok: bool | None = None  # None: no cycle finished yet
     reason: str = "starting"
+    ready: bool = False  # a cycle has succeeded since the process started
     # Masked out of reasons: a backend's error text may repeat a credential.
     secrets: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -119,6 +120,7 @@ class Health:
             reason = reason.replace(secret, "**********")
         with self._lock:
             self.ok, self.reason = ok, reason
+            self.ready = self.ready or ok
 
     def view(self) -> tuple[bool | None, str]:
         with self._lock:
@@ -141,6 +143,10 @@ def serve(metrics: SelfMetrics, health: Health, host: str, port: int) -> Threadi
                     "reason": reason,
                 }
                 self._reply(status, json.dumps(body).encode(), "application/json")
+            elif path == "/readyz":
+                ready = health.ready
+                body = {"status": "ready" if ready else "not ready"}
+                self._reply(200 if ready else 503, json.dumps(body).encode(), "application/json")
             elif path == "/livez":
                 self._reply(200, b'{"status": "alive"}', "application/json")
             else:
