@@ -53,6 +53,11 @@ ENV_KEYS: dict[str, str] = {
     "EXPORTER_SHARD_COUNT": "export.shard_count",
     "LOG_LEVEL": "logging.level",
     "LOG_FORMAT": "logging.format",
+    "REMOTE_WRITE_ENABLED": "remote_write.enabled",
+    "REMOTE_WRITE_URL": "remote_write.url",
+    "REMOTE_WRITE_USERNAME": "remote_write.username",
+    "REMOTE_WRITE_PASSWORD": "remote_write.password",
+    "REMOTE_WRITE_BEARER_TOKEN": "remote_write.bearer_token",
 }
 
 
@@ -134,6 +139,53 @@ class PramathusSettings(_Section):
         return self
 
 
+def _duration_seconds(value: Any) -> Any:
+    """Seconds as a number, or a Prometheus-style duration such as `90s`, `15m`, `60d`, `1y`."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*", value)
+        if not match:
+            raise ValueError("not a duration like 3600, 90s, 15m, 12h, 60d, 2w or 1y")
+        unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+        return float(match.group(1)) * unit[match.group(2)]
+    return value
+
+
+class RemoteWriteSettings(_Section):
+    """Every metric point at its own timestamp to a Prometheus remote-write receiver."""
+
+    enabled: bool = False
+    url: str | None = None
+    username: SecretStr | None = None
+    password: SecretStr | None = None
+    bearer_token: SecretStr | None = None
+    # Extra request headers, e.g. X-Scope-OrgID for a Mimir or Cortex tenant.
+    headers: dict[str, str] = Field(default_factory=dict)
+    batch_size: int = Field(5000, ge=1, le=100_000)  # samples per request
+    timeout_seconds: float = Field(10.0, gt=0)
+    delivery_budget_seconds: float = Field(60.0, gt=0)
+    # Samples older than this (relative to now) are set aside unsent; 0 = no limit.
+    max_sample_age: float = Field(0.0, ge=0)
+    queue_max_samples: int = Field(5_000_000, ge=1)
+    queue_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    verify_tls: bool = True
+    ca_bundle: str | None = None
+
+    _age = field_validator("max_sample_age", mode="before")(_duration_seconds)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        return None if v in (None, "") else _http_url(v)
+
+    @model_validator(mode="after")
+    def _url_when_enabled(self) -> RemoteWriteSettings:
+        if self.enabled and not self.url:
+            raise ValueError("remote_write.enabled is true but remote_write.url is not set")
+        if self.bearer_token is not None and self.username is not None:
+            raise ValueError("set either remote_write.bearer_token or username/password, not both")
+        return self
+
+
 class ExportSettings(_Section):
     interval_seconds: float = Field(60.0, ge=1)
     reconcile_interval_seconds: float = Field(3600.0, ge=0)
@@ -191,6 +243,7 @@ class Settings(_Section):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)  # type: ignore[arg-type]
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)  # type: ignore[arg-type]
     pramathus: PramathusSettings = Field(default_factory=PramathusSettings)  # type: ignore[arg-type]
+    remote_write: RemoteWriteSettings = Field(default_factory=RemoteWriteSettings)  # type: ignore[arg-type]
     export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
     server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
