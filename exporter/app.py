@@ -3,31 +3,55 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import structlog
 
-from exporter.config import Settings
-from exporter.health import Health, SelfMetrics
-from exporter.mlflow_source import MlflowClient
+from exporter.config import Settings, plain_http_credentials
+from exporter.health import Health
+from exporter.mlflow_source import RestSource
 from exporter.runner import Runner
+from exporter.selfmetrics import SelfMetrics
+from exporter.sinks.delivery import DeliverySink
+from exporter.sinks.groups import GroupBuilder, MirrorCollector
 from exporter.sinks.pramathus import PramathusSink
-from exporter.sinks.prometheus import Pushgateway
+from exporter.sinks.pushgateway import Pushgateway
 from exporter.state import StateStore
+from exporter.state.records import LabelRecord
 
 log = structlog.get_logger("exporter.app")
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret value in the settings, for the log scrubber."""
+    """Every secret value in the settings, for the log scrubber and error masking."""
     candidates = (
         settings.mlflow.password,
         settings.mlflow.token,
         settings.pramathus.api_key,
         settings.prometheus.password,
+        settings.remote_write.password,
+        settings.remote_write.bearer_token,
     )
     return [c.get_secret_value() for c in candidates if c is not None]
+
+
+def history_sinks(settings: Settings, state: StateStore) -> list[DeliverySink]:
+    """The enabled sinks that receive every captured point."""
+    sinks: list[DeliverySink] = []
+    if settings.pramathus.enabled:
+        sinks.append(PramathusSink(settings.pramathus))
+    if settings.remote_write.enabled:
+        from exporter.sinks.history import RemoteWriteSink
+
+        minimum = settings.prometheus.run_id_length
+        sinks.append(
+            RemoteWriteSink(
+                settings.remote_write,
+                run_id_length=lambda: max(state.load(LabelRecord).run_id_length, minimum),
+            )
+        )
+    return sinks
 
 
 @contextmanager
@@ -41,29 +65,38 @@ def open_runner(
     metrics = metrics or SelfMetrics()
     state = StateStore(settings.state_path)
     if state.set_aside is not None:
-        # The points it held in the spool are read again from MLflow: nothing is lost, but
-        # some points may be delivered twice, and a human may want the file.
+        # The points it had queued are read again from MLflow: nothing is lost, but some
+        # may be delivered twice, and a human may want the file.
         log.warning("state.corrupt_set_aside", path=str(state.set_aside))
+    for warning in plain_http_credentials(settings):
+        log.warning("config.plain_http_credentials", detail=warning)
     try:
-        client = MlflowClient.from_settings(
+        source = RestSource.from_settings(
             settings.mlflow, on_request=lambda ep: metrics.mlflow_requests.labels(ep).inc()
         )
-        pramathus = None
-        if settings.pramathus.enabled:
-            pramathus = PramathusSink(
-                settings.pramathus,
-                state,
-                on_dropped=lambda n: metrics.dropped.labels("spool_overflow").inc(n),
-            )
+        prometheus = settings.prometheus
+        push = prometheus.enabled and prometheus.mode in ("push", "both")
         yield Runner(
             settings=settings,
-            client=client,
+            source=source,
             state=state,
             metrics=metrics,
             health=health or Health(),
-            pushgateway=Pushgateway(settings.prometheus) if settings.prometheus.enabled else None,
-            pramathus=pramathus,
+            pushgateway=Pushgateway(prometheus) if push else None,
+            sinks=history_sinks(settings, state),
             should_stop=(stop.is_set if stop is not None else lambda: False),
         )
     finally:
         state.close()
+
+
+def pull_collector(runner: Runner) -> Callable[[], MirrorCollector]:
+    """Pull mode: a collector building every group from the state on each scrape, over
+    its own read-only connection (the cycle thread keeps writing meanwhile)."""
+
+    def open_builder() -> tuple[GroupBuilder, Callable[[], None]]:
+        mirror = runner.state.reader()
+        return runner.builder(mirror), mirror.conn.close
+
+    with_registry = runner.settings.export.shard_index == 0
+    return lambda: MirrorCollector(open_builder, with_registry)

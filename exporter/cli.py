@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import requests
@@ -15,13 +15,53 @@ import yaml
 
 from exporter import __version__, logs
 from exporter.config import ConfigError, Settings, load_settings
-from exporter.state import StateError
 
 log = structlog.get_logger("exporter.cli")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Secret values of the loaded settings: `_fail` masks them, as the log scrubber does for logs,
 # in case a backend's error text repeats one.
 _secret_values: list[str] = []
+
+# Global flags: accepted before the command (`exporter --config c.yaml export-once`) and,
+# as users type them too, after it (`exporter export-once --config c.yaml`).
+GLOBAL_FLAGS: dict[str, str | None] = {
+    "mlflow_uri": "mlflow.tracking_uri",
+    "gateway": "prometheus.gateway",
+    "state_dir": "export.state_dir",
+    "log_level": "logging.level",
+    "log_format": "logging.format",
+    "shard_index": "export.shard_index",
+    "shard_count": "export.shard_count",
+    "config": None,
+}
+
+
+def global_options(fn: F) -> F:
+    """The global flags, for the group and for every command."""
+    options = [
+        click.option(
+            "--config",
+            "-c",
+            type=click.Path(dir_okay=False),
+            help="YAML config file (default: $EXPORTER_CONFIG, else built-in defaults).",
+        ),
+        click.option("--mlflow-uri", help="MLflow tracking server URL (MLFLOW_TRACKING_URI)."),
+        click.option("--gateway", help="Pushgateway address (PROMETHEUS_GATEWAY)."),
+        click.option(
+            "--state-dir", help="Directory for the exporter's state (EXPORTER_STATE_DIR)."
+        ),
+        click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)."),
+        click.option("--log-format", help="auto, json or console (LOG_FORMAT)."),
+        click.option(
+            "--shard-index", type=int, help="This replica's shard (EXPORTER_SHARD_INDEX)."
+        ),
+        click.option("--shard-count", type=int, help="Number of replicas (EXPORTER_SHARD_COUNT)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -31,47 +71,37 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _settings(ctx: click.Context, **overrides: Any) -> Settings:
-    """Load settings with this command's flags on top; exit 2 listing every problem."""
-    params = ctx.find_root().params
-    flags = {
-        "mlflow.tracking_uri": params.get("mlflow_uri"),
-        "prometheus.gateway": params.get("gateway"),
-        "export.state_dir": params.get("state_dir"),
-        "logging.level": params.get("log_level"),
-        "logging.format": params.get("log_format"),
-        "export.shard_index": params.get("shard_index"),
-        "export.shard_count": params.get("shard_count"),
-        **overrides,
-    }
+def _settings(ctx: click.Context, flags: dict[str, Any], **overrides: Any) -> Settings:
+    """Load settings with the global flags (given before or after the command) and this
+    command's own flags on top; exit 2 listing every problem."""
+    given = {**ctx.find_root().params, **{k: v for k, v in flags.items() if v is not None}}
+    dotted = {key: given.get(name) for name, key in GLOBAL_FLAGS.items() if key}
     try:
-        settings = load_settings(params.get("config"), overrides=flags)
+        settings = load_settings(given.get("config"), overrides={**dotted, **overrides})
     except ConfigError as exc:
         count = len(exc.problems)
         click.echo(f"error: invalid configuration ({count} problem{'s' * (count != 1)}):", err=True)
         for problem in exc.problems:
             click.echo(f"  - {problem}", err=True)
         sys.exit(2)
+    from exporter.app import secrets_of
+
     _secret_values[:] = sorted(
-        (v for v in _secrets(settings) if len(v) >= 4), key=len, reverse=True
+        (v for v in secrets_of(settings) if len(v) >= 4), key=len, reverse=True
     )
     logs.configure(settings.logging.level, settings.logging.format, _secret_values)
     return settings
 
 
-def _secrets(settings: Settings) -> list[str]:
-    from exporter.app import secrets_of
-
-    return secrets_of(settings)
-
-
 def _guarded(fn: Callable[..., None]) -> Callable[..., None]:
     """Turn expected failures into one line and an exit code, never a traceback."""
+    from exporter.state import StateError
+    from exporter.web import ListenError
 
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
-        except StateError as exc:
+        except (StateError, ListenError) as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
@@ -86,36 +116,39 @@ def _guarded(fn: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Points at the right place when a global flag is misplaced or misspelt."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0].startswith("-"):
+            ctx.fail(f"no such option: {args[0]} (run `exporter --help` for the global flags)")
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="exporter")
-@click.option(
-    "--config",
-    "-c",
-    type=click.Path(dir_okay=False),
-    help="YAML config file (default: $EXPORTER_CONFIG, else built-in defaults).",
-)
-@click.option("--mlflow-uri", help="MLflow tracking server URL (MLFLOW_TRACKING_URI).")
-@click.option("--gateway", help="Pushgateway address (PROMETHEUS_GATEWAY).")
-@click.option("--state-dir", help="Directory for the exporter's state (EXPORTER_STATE_DIR).")
-@click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL).")
-@click.option("--log-format", help="auto, json or console (LOG_FORMAT).")
-@click.option("--shard-index", type=int, help="This replica's shard (EXPORTER_SHARD_INDEX).")
-@click.option("--shard-count", type=int, help="Number of replicas (EXPORTER_SHARD_COUNT).")
+@global_options
 def main(**_: Any) -> None:
-    """Export MLflow experiments, runs and models to Prometheus and Pramathus."""
+    """Export MLflow experiments, runs and models to Prometheus, Pramathus and remote write.
+
+    Global flags may come before or after the command.
+    """
 
 
 @main.command("export-once")
+@global_options
 @click.pass_context
 @_guarded
-def export_once(ctx: click.Context) -> None:
+def export_once(ctx: click.Context, **flags: Any) -> None:
     """Run one export cycle; exit 0 on success, 1 with the reason on failure."""
     from exporter.app import open_runner
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, flags)
     with open_runner(settings) as runner:
         result = runner.run_cycle()
-        requests_made = runner.client.requests_made
+        requests_made = getattr(runner.source, "requests_made", 0)
     if not result.ok:
         _fail(result.reason())
     click.echo(
@@ -127,22 +160,29 @@ def export_once(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--interval", type=float, help="Seconds between cycles (EXPORT_INTERVAL).")
-@click.option("--port", type=int, help="Port of /metrics and /healthz (EXPORTER_PORT).")
+@click.option("--port", type=int, help="Port of /metrics and the probes (EXPORTER_PORT).")
+@global_options
 @click.pass_context
 @_guarded
-def continuous(ctx: click.Context, interval: float | None, port: int | None) -> None:
+def continuous(ctx: click.Context, interval: float | None, port: int | None, **flags: Any) -> None:
     """Run export cycles every interval until SIGTERM or Ctrl-C."""
-    from exporter.app import open_runner
-    from exporter.health import Health, SelfMetrics, serve
+    from exporter.app import open_runner, pull_collector
+    from exporter.health import Health
     from exporter.scheduler import run_forever
+    from exporter.selfmetrics import SelfMetrics
+    from exporter.web import Router, serve
 
-    settings = _settings(ctx, **{"export.interval_seconds": interval, "server.port": port})
+    settings = _settings(ctx, flags, **{"export.interval_seconds": interval, "server.port": port})
     metrics, health, stop = SelfMetrics(), Health(secrets=_secret_values), threading.Event()
-    if settings.server.enabled:
-        server = serve(metrics, health, settings.server.host, settings.server.port)
-        log.info("http.listening", host=settings.server.host, port=server.server_port)
     with open_runner(settings, stop, metrics, health) as runner:
-        finished = run_forever(runner, settings.export.interval_seconds, stop)
+        address = None
+        if settings.server.enabled:
+            pull = settings.prometheus.enabled and settings.prometheus.mode in ("pull", "both")
+            router = Router(metrics.registry, health, pull_collector(runner) if pull else None)
+            server = serve(router, settings.server.host, settings.server.port)
+            address = f"http://{settings.server.host}:{server.server_port}"
+            log.info("http.listening", host=settings.server.host, port=server.server_port)
+        finished = run_forever(runner, settings.export.interval_seconds, stop, address)
         if not finished:
             # The abandoned cycle's thread cannot be interrupted; its writes are atomic,
             # so leaving now loses nothing.
@@ -151,16 +191,20 @@ def continuous(ctx: click.Context, interval: float | None, port: int | None) -> 
 
 
 @main.command("check-config")
+@global_options
 @click.pass_context
 @_guarded
-def check_config(ctx: click.Context) -> None:
+def check_config(ctx: click.Context, **flags: Any) -> None:
     """Print the effective config (secrets masked) and whether each backend answers."""
-    settings = _settings(ctx)
+    from exporter.config import plain_http_credentials
+
+    settings = _settings(ctx, flags)
     click.echo(yaml.safe_dump(settings.masked(), sort_keys=False).rstrip())
-    checks = _probes(settings)
     failed = 0
     click.echo("")
-    for name, probe in checks:
+    for warning in plain_http_credentials(settings):
+        click.echo(f"warn {warning}")
+    for name, probe in _probes(settings):
         ok, detail = probe()
         failed += not ok
         click.echo(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
@@ -169,12 +213,12 @@ def check_config(ctx: click.Context) -> None:
 
 
 def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
-    from exporter.mlflow_source import MlflowClient, MlflowError
+    from exporter.mlflow_source import MlflowError, RestSource
 
     def mlflow() -> tuple[bool, str]:
-        client = MlflowClient.from_settings(settings.mlflow.model_copy(update={"max_retries": 0}))
+        source = RestSource.from_settings(settings.mlflow.model_copy(update={"max_retries": 0}))
         try:
-            client.call("POST", "experiments/search", {"max_results": 1})
+            source.call("POST", "experiments/search", {"max_results": 1})
         except MlflowError as exc:
             return False, str(exc)
         return True, f"{settings.mlflow.tracking_uri} answers"
@@ -183,30 +227,28 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
         try:
             response = requests.request(method, url, timeout=5, **kw)
         except requests.RequestException as exc:
-            return False, f"cannot reach {name}: {type(exc).__name__}"
+            return False, f"cannot reach {name} at {url} ({type(exc).__name__})"
         if response.status_code >= 500 or response.status_code in (401, 403):
-            return False, f"{name} answered HTTP {response.status_code}"
+            return False, f"{name} at {url} answered HTTP {response.status_code}"
         return True, f"{name} answers (HTTP {response.status_code})"
 
     probes: list[tuple[str, Callable[[], tuple[bool, str]]]] = [("mlflow", mlflow)]
-    if settings.prometheus.enabled:
-        gw = settings.prometheus.gateway
-        probes.append(("pushgateway", lambda: http("Pushgateway", f"{gw}/-/healthy")))
+    prom = settings.prometheus
+    if prom.enabled and prom.mode in ("push", "both"):
+        probes.append(("pushgateway", lambda: http("Pushgateway", f"{prom.gateway}/-/healthy")))
     if settings.pramathus.enabled:
         p = settings.pramathus
         headers = {"Authorization": f"Bearer {p.api_key.get_secret_value()}"} if p.api_key else {}
+        verify = p.ca_bundle or p.verify_tls
         probes.append(
             (
                 "pramathus",
-                lambda: http(
-                    "Pramathus",
-                    str(p.endpoint),
-                    "HEAD",
-                    headers=headers,
-                    verify=p.ca_bundle or p.verify_tls,
-                ),
+                lambda: http("Pramathus", str(p.endpoint), "HEAD", headers=headers, verify=verify),
             )
         )
+    if settings.remote_write.enabled:
+        rw = settings.remote_write
+        probes.append(("remote_write", lambda: http("remote write", str(rw.url), "HEAD")))
     return probes
 
 
@@ -221,15 +263,22 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
     show_default=True,
     help="Registered model to create versions of.",
 )
+@global_options
 @click.pass_context
 @_guarded
 def generate_sample(
-    ctx: click.Context, experiments: int, runs: int, steps: int, seed: int, model_name: str
+    ctx: click.Context,
+    experiments: int,
+    runs: int,
+    steps: int,
+    seed: int,
+    model_name: str,
+    **flags: Any,
 ) -> None:
     """Fill the MLflow server with realistic sample experiments, runs and models."""
     from exporter.sample import SampleSpec, generate
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, flags)
     spec = SampleSpec(
         experiments=experiments, runs=runs, steps=steps, seed=seed, model_name=model_name
     )
@@ -238,3 +287,57 @@ def generate_sample(
     except Exception as exc:  # MLflow's client raises many types; one line is what users need
         _fail(f"generate-sample failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     click.echo(summary)
+
+
+# ----------------------------------------------------------------------------- alert-rules
+# Kept as one block: it needs no backend, only the config and exporter.alert_rules.
+
+
+@main.command("alert-rules")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Rule file to write (default: stdout), e.g. prometheus/rules/model-alerts.yml.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Write nothing; exit 1 if --output differs from what would be rendered.",
+)
+@global_options
+@click.pass_context
+@_guarded
+def alert_rules(ctx: click.Context, output: str | None, check: bool, **flags: Any) -> None:
+    """Render the config's `alerts:` section as a Prometheus rule file."""
+    import shlex
+    from pathlib import Path
+
+    from exporter.alert_rules import render_yaml
+
+    if check and output is None:
+        _fail("--check needs --output FILE: the rule file to compare", 2)
+    settings = _settings(ctx, flags)
+    alerts = settings.alerts
+    text = render_yaml(alerts)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    target = Path(output)
+    if check:
+        config = flags.get("config") or ctx.find_root().params.get("config")
+        flag = f"--config {shlex.quote(config)} " if config else ""
+        again = f"exporter {flag}alert-rules -o {shlex.quote(output)}"
+        if not target.is_file():
+            _fail(f"{output} does not exist; render it with: {again}")
+        if target.read_text(encoding="utf-8") != text:
+            _fail(f"{output} is out of date with the alerts config; regenerate it with: {again}")
+        click.echo(f"{output} is up to date")
+        return
+    # Written beside the target and renamed over it, so Prometheus reloading its rules never
+    # reads half a file; the temporary name does not match the usual rules/*.yml glob.
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, target)
+    count = len(alerts.thresholds) + len(alerts.regressions)
+    click.echo(f"wrote {count} alert rule{'s' * (count != 1)} to {output}")

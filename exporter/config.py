@@ -7,6 +7,7 @@ Secrets are `SecretStr` and only ever leave this module masked.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -16,13 +17,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from exporter.alert_rules import AlertsSettings
+from exporter.sections import Section
 
 DEFAULT_CONFIG_ENV = "EXPORTER_CONFIG"
 
@@ -31,6 +34,7 @@ ENV_KEYS: dict[str, str] = {
     "MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
     "PROMETHEUS_GATEWAY": "prometheus.gateway",
     "PROMETHEUS_JOB_NAME": "prometheus.job_name",
+    "PROMETHEUS_MODE": "prometheus.mode",
     "PRAMATHUS_ENDPOINT": "pramathus.endpoint",
     "PRAMATHUS_API_KEY": "pramathus.api_key",
     "PRAMATHUS_ENABLED": "pramathus.enabled",
@@ -61,6 +65,18 @@ ENV_KEYS: dict[str, str] = {
 }
 
 
+# Secrets may instead be read from a file named by `<NAME>_FILE` (Docker and Kubernetes
+# secrets); the file's content, without a trailing newline, is the value.
+SECRET_ENV = (
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PROMETHEUS_GATEWAY_PASSWORD",
+    "PRAMATHUS_API_KEY",
+    "REMOTE_WRITE_PASSWORD",
+    "REMOTE_WRITE_BEARER_TOKEN",
+)
+
+
 class ConfigError(Exception):
     """Raised with every problem found in the configuration, not just the first."""
 
@@ -69,20 +85,34 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+_Section = Section
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one DNS label
+_HOST = rf"(?:\[[0-9A-Fa-f:.]+\]|{_LABEL}(?:\.{_LABEL})*)"  # [IPv6], IPv4 or a hostname
+_URL = re.compile(rf"^https?://{_HOST}(?::\d{{1,5}})?(?:/\S*)?$")
+# Without a scheme: host:port, or a dotted host name with an optional path.
+_BARE = re.compile(rf"^(?:{_HOST}:\d{{1,5}}|{_LABEL}(?:\.{_LABEL})+(?::\d{{1,5}})?)(?:/\S*)?$")
 
 
 def _http_url(value: str, *, default_scheme: str = "http") -> str:
-    """Accept `host:port` (the seed's PROMETHEUS_GATEWAY form) as well as full URLs."""
+    """An http(s) URL, or `host:port` (the seed's PROMETHEUS_GATEWAY form) made into one.
+
+    A bare word such as `not-a-url` is refused rather than guessed into `https://not-a-url`,
+    which would only fail later, once per cycle, after retries.
+    """
     value = value.strip().rstrip("/")
     if "://" not in value:
+        if not _BARE.match(value):
+            # The value is not echoed: it may be a secret pasted into the wrong variable.
+            raise ValueError(
+                "not a URL: give http(s)://host[:port][/path] or host:port (credentials go in "
+                "their own settings)"
+            )
         value = f"{default_scheme}://{value}"
-    if not re.match(r"^https?://[^/\s:@]+(:\d{1,5})?(/\S*)?$", value):
-        # The value is not echoed: it may be a secret pasted into the wrong variable.
+    if not _URL.match(value):
         raise ValueError(
-            "not an http(s) URL like http://host:port (credentials go in their own settings)"
+            "not an http(s) URL like http://host:port/path (credentials go in their own settings)"
         )
     return value
 
@@ -103,6 +133,8 @@ class MlflowSettings(_Section):
 
 class PrometheusSettings(_Section):
     enabled: bool = True
+    # push: to the Pushgateway; pull: served on the exporter's /mlflow/metrics; both.
+    mode: Literal["push", "pull", "both"] = "push"
     gateway: str = "http://localhost:9091"
     job_name: str = Field("mlflow_metrics", pattern=r"^[A-Za-z0-9_.:-]+$")
     timeout_seconds: float = Field(10.0, gt=0)
@@ -119,8 +151,10 @@ class PramathusSettings(_Section):
     api_key: SecretStr | None = None
     batch_size: int = Field(500, ge=1, le=50000)
     timeout_seconds: float = Field(10.0, gt=0)
-    delivery_budget_seconds: float = Field(60.0, gt=0)
-    max_attempts: int = Field(5, ge=1, le=100)
+    # Longest a cycle spends delivering (retries included); the rest waits in the queue.
+    delivery_budget_seconds: float = Field(30.0, gt=0)
+    # Tries per batch per cycle; 0 = as many as the delivery budget allows.
+    max_attempts: int = Field(0, ge=0, le=1000)
     max_tag_value_length: int = Field(256, ge=0)
     spool_max_points: int = Field(1_000_000, ge=1)
     spool_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
@@ -162,7 +196,8 @@ class RemoteWriteSettings(_Section):
     headers: dict[str, str] = Field(default_factory=dict)
     batch_size: int = Field(5000, ge=1, le=100_000)  # samples per request
     timeout_seconds: float = Field(10.0, gt=0)
-    delivery_budget_seconds: float = Field(60.0, gt=0)
+    # Longest a cycle spends delivering (retries included); the rest waits in the queue.
+    delivery_budget_seconds: float = Field(30.0, gt=0)
     # Samples older than this (relative to now) are set aside unsent; 0 = no limit.
     max_sample_age: float = Field(0.0, ge=0)
     queue_max_samples: int = Field(5_000_000, ge=1)
@@ -188,8 +223,13 @@ class RemoteWriteSettings(_Section):
 
 class ExportSettings(_Section):
     interval_seconds: float = Field(60.0, ge=1)
+    # The background sweep re-reads every run about once per this period (0: every cycle).
     reconcile_interval_seconds: float = Field(3600.0, ge=0)
-    max_experiments: int = Field(10, ge=0)
+    # A run is re-read every cycle for this long after each change seen (late points).
+    settle_seconds: float = Field(600.0, ge=0)
+    # Delivery marks of deleted runs are kept this long, so a restore resends nothing.
+    deleted_retention_seconds: float = Field(30 * 86400.0, ge=0)
+    max_experiments: int = Field(0, ge=0)
     include_experiments: list[str] = Field(default_factory=list)
     exclude_experiments: list[str] = Field(default_factory=list)
     max_runs_per_experiment: int = Field(1000, ge=0)
@@ -247,6 +287,7 @@ class Settings(_Section):
     export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
     server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     def masked(self) -> dict[str, Any]:
         """The effective config as plain data, every secret replaced by asterisks."""
@@ -255,6 +296,36 @@ class Settings(_Section):
     @property
     def state_path(self) -> Path:
         return Path(self.export.state_dir)
+
+
+def plain_http_credentials(settings: Settings) -> list[str]:
+    """Warnings for credentials that would cross the network unencrypted (http:// to a host
+    other than loopback): each names the setting and the URL's host."""
+    checks = [
+        (
+            "mlflow",
+            settings.mlflow.tracking_uri,
+            any((settings.mlflow.password, settings.mlflow.token)),
+        ),
+        ("prometheus", settings.prometheus.gateway, settings.prometheus.password is not None),
+        ("pramathus", settings.pramathus.endpoint, settings.pramathus.api_key is not None),
+        (
+            "remote_write",
+            settings.remote_write.url,
+            any((settings.remote_write.password, settings.remote_write.bearer_token)),
+        ),
+    ]
+    warnings = []
+    for section, url, has_secret in checks:
+        if not url or not has_secret or not url.startswith("http://"):
+            continue
+        host = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            warnings.append(
+                f"{section}: credentials go over plain http:// to {host}; use https:// "
+                "unless the network between is trusted"
+            )
+    return warnings
 
 
 def name_filter(include: list[str], exclude: list[str]) -> Callable[[str], bool]:
@@ -289,7 +360,10 @@ def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"{path}: cannot read config file ({exc.strerror or exc})")
         return {}
     except yaml.YAMLError as exc:
-        problems.append(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problems.append(f"{path}: not valid YAML{where}: {what}")
         return {}
     if loaded is None:
         return {}
@@ -321,6 +395,11 @@ def load_settings(
         if name in env and env[name] != "":
             _set_dotted(tree, dotted, env[name])
             sources[dotted] = f"env {name}"
+        elif name in SECRET_ENV and env.get(f"{name}_FILE"):
+            secret = _read_secret_file(env[f"{name}_FILE"], f"{name}_FILE", problems)
+            if secret is not None:
+                _set_dotted(tree, dotted, secret)
+                sources[dotted] = f"env {name}_FILE"
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, dotted, value)
@@ -336,6 +415,14 @@ def load_settings(
     return settings
 
 
+def _read_secret_file(path: str, variable: str, problems: list[str]) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        problems.append(f"{variable}: cannot read {path} ({exc.strerror or exc})")
+        return None
+
+
 def _leaf_sources(tree: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in tree.items():
@@ -347,13 +434,30 @@ def _leaf_sources(tree: Mapping[str, Any], source: str, prefix: str = "") -> dic
     return out
 
 
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """`; did you mean 'x'?` for a misspelt key, from the keys its section has."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _describe(err: Any, sources: Mapping[str, str]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    where = sources.get(loc) or next(
-        (src for key, src in sources.items() if key.startswith(f"{loc}.")), "default"
+        msg = "unknown key" + _did_you_mean(err["loc"])
+    parents = [".".join(str(p) for p in err["loc"][:n]) for n in range(len(err["loc"]), 0, -1)]
+    where = (
+        sources.get(loc)
+        or next((src for key, src in sources.items() if key.startswith(f"{loc}.")), None)
+        # Inside a list (alerts.thresholds.0.for) sources are known for the list's key.
+        or next((sources[p] for p in parents if p in sources), "default")
     )
     # Never echo the offending value: it could be a secret put under the wrong key.
     return f"{loc or '(top level)'}: {msg} [from {where}]"

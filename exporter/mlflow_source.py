@@ -1,8 +1,13 @@
-"""Reading MLflow: a thin REST client and pure collectors that return `model` dataclasses.
+"""Reading MLflow: the `MlflowSource` protocol and its REST implementation.
 
-The exporter talks to MLflow's REST API with `requests` rather than importing the `mlflow`
-package: that import alone costs ~2 s and ~170 MB per process (see shared FACTS), and the REST
-API is where the cheap bulk endpoints live.
+The cycle only ever talks to MLflow through `MlflowSource`, in plain `model` dataclasses, so
+unit tests swap in an in-memory fake (`tests/fake_mlflow.py`). The REST implementation uses
+`requests` rather than the `mlflow` package: that import alone costs ~2 s and ~170 MB per
+process (see shared FACTS), and the REST API is where the cheap bulk endpoints live.
+
+Every answer is checked for shape: JSON that is not an object, or an item without the fields
+the exporter relies on, is an `MlflowError` naming the endpoint, never an empty result (an
+error page read as "no experiments" would empty the mirror and delete every pushed group).
 """
 
 from __future__ import annotations
@@ -14,24 +19,113 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import requests
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from exporter.config import ExportSettings, MlflowSettings, name_filter
-from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Run
+from exporter.config import MlflowSettings
+from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Registry, Run
 
 API = "/api/2.0/mlflow"
+
+# `get-history-bulk-interval` returns at most this many points per run, sampled above it,
+# for at most this many runs per request (MLflow 3.17, `server/handlers.py`).
+BULK_MAX_POINTS = 2500
+BULK_MAX_RUNS = 100
+HISTORY_PAGE = 25_000  # `get-history` page size
+# MLflow takes many experiment ids per search; chunks keep each request and its SQL modest.
+EXPERIMENTS_PER_SEARCH = 500
+RUNS_PER_ID_FILTER = 100
 
 
 class MlflowError(Exception):
     """MLflow could not be read; the message is one line, safe to show a user."""
+
+
+View = Literal["active", "deleted", "all"]
+_VIEWS = {"active": "ACTIVE_ONLY", "deleted": "DELETED_ONLY", "all": "ALL"}
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    """Which runs a search returns; the source renders it into MLflow's filter language.
+
+    Conditions combine with AND (MLflow has no OR). Results are ordered by start time and run
+    id, oldest first unless `newest_first`.
+    """
+
+    started_since_ms: int | None = None
+    ended_since_ms: int | None = None
+    status: str | None = None
+    run_ids: tuple[str, ...] = ()
+    view: View = "active"
+    newest_first: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    runs: list[Run]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    """Points of (run, key) with step in [start_step, end_step]; None start: every step."""
+
+    run_id: str
+    key: str
+    start_step: int | None
+    end_step: int
+
+
+class MlflowSource(Protocol):
+    """What a cycle needs from MLflow. Every method raises `MlflowError` on failure."""
+
+    def experiments(self) -> list[Experiment]:
+        """Every experiment, active and deleted."""
+        ...
+
+    def runs_page(
+        self, experiment_ids: Sequence[str], where: RunFilter, page_token: str | None = None
+    ) -> RunPage:
+        """One page of the runs of these experiments matching `where`."""
+        ...
+
+    def registry(self) -> Registry:
+        """Registered models and all their versions, with aliases and stages."""
+        ...
+
+    def histories(self, wanted: Sequence[HistoryRequest]) -> list[MetricPoint]:
+        """Every point of the requested series within their step ranges (one key per call)."""
+        ...
+
+
+def all_runs(
+    source: MlflowSource, experiment_ids: Sequence[str], where: RunFilter
+) -> Iterator[Run]:
+    """Every run matching `where`, page after page, in chunks of experiments."""
+    for start in range(0, len(experiment_ids), EXPERIMENTS_PER_SEARCH):
+        chunk = experiment_ids[start : start + EXPERIMENTS_PER_SEARCH]
+        token: str | None = None
+        while True:
+            page = source.runs_page(chunk, where, token)
+            yield from page.runs
+            token = page.next_page_token
+            if not token:
+                break
+
+
+def runs_by_id(
+    source: MlflowSource, experiment_ids: Sequence[str], run_ids: Sequence[str], view: View
+) -> Iterator[Run]:
+    """The runs among `run_ids` in `view` (ids MLflow does not know are simply absent)."""
+    for start in range(0, len(run_ids), RUNS_PER_ID_FILTER):
+        chunk = tuple(run_ids[start : start + RUNS_PER_ID_FILTER])
+        yield from all_runs(source, experiment_ids, RunFilter(run_ids=chunk, view=view))
+
+
+# ------------------------------------------------------------------------------ REST
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -47,8 +141,8 @@ class _HttpStatusError(Exception):
 
 
 @dataclass
-class MlflowClient:
-    """Authenticated JSON calls to one MLflow server, with bounded retries.
+class RestSource:
+    """`MlflowSource` over MLflow's REST API, with bounded retries.
 
     `on_request(endpoint)` is called once per HTTP request (the self-metrics count them).
     """
@@ -62,7 +156,7 @@ class MlflowClient:
     @classmethod
     def from_settings(
         cls, settings: MlflowSettings, on_request: Callable[[str], None] | None = None
-    ) -> MlflowClient:
+    ) -> RestSource:
         session = requests.Session()
         if settings.token is not None:
             session.headers["Authorization"] = f"Bearer {settings.token.get_secret_value()}"
@@ -73,6 +167,123 @@ class MlflowClient:
             )
         session.verify = False if settings.insecure_tls else (settings.ca_bundle or True)
         return cls(settings, session, on_request or (lambda endpoint: None))
+
+    # -------------------------------------------------------------- the protocol
+
+    def experiments(self) -> list[Experiment]:
+        payload = {"max_results": 1000, "view_type": "ALL"}
+        items = self._pages("POST", "experiments/search", payload, "experiments")
+        return [_parse("experiments/search", parse_experiment, e) for e in items]
+
+    def runs_page(
+        self, experiment_ids: Sequence[str], where: RunFilter, page_token: str | None = None
+    ) -> RunPage:
+        order = "DESC" if where.newest_first else "ASC"
+        payload: dict[str, Any] = {
+            "experiment_ids": list(experiment_ids),
+            "max_results": self.settings.page_size,
+            "run_view_type": _VIEWS[where.view],
+            "order_by": [f"attributes.start_time {order}", f"attributes.run_id {order}"],
+        }
+        if text := filter_string(where):
+            payload["filter"] = text
+        if page_token:
+            payload["page_token"] = page_token
+        data = self.call("POST", "runs/search", payload)
+        runs = [_parse("runs/search", parse_run, r) for r in _items(data, "runs", "runs/search")]
+        token = data.get("next_page_token")
+        return RunPage(runs, str(token) if token else None)
+
+    def registry(self) -> Registry:
+        names: list[str] = []
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for model in self._pages(
+            "GET", "registered-models/search", {"max_results": 1000}, "registered_models"
+        ):
+            name = _parse("registered-models/search", lambda m: str(m["name"]), model)
+            names.append(name)
+            for a in model.get("aliases", []):
+                aliases.setdefault((name, str(a["version"])), []).append(str(a["alias"]))
+        versions = [
+            _parse("model-versions/search", parse_model_version, v, aliases)
+            for v in self._pages(
+                "GET", "model-versions/search", {"max_results": 1000}, "model_versions"
+            )
+        ]
+        return Registry(tuple(names), tuple(versions))
+
+    def histories(self, wanted: Sequence[HistoryRequest]) -> list[MetricPoint]:
+        """Up to 100 runs per `get-history-bulk-interval` call over the chunk's step range.
+
+        A run that comes back with the per-run maximum may have been sampled by MLflow: its
+        range is halved until nothing is sampled, and a single step holding more points than
+        one answer carries is read whole with `get-history`, so no point is ever skipped.
+        """
+        points: list[MetricPoint] = []
+        for start in range(0, len(wanted), BULK_MAX_RUNS):
+            chunk = wanted[start : start + BULK_MAX_RUNS]
+            points.extend(self._bulk(chunk))
+        return points
+
+    # -------------------------------------------------------------- histories
+
+    def _bulk(self, chunk: Sequence[HistoryRequest]) -> list[MetricPoint]:
+        key = chunk[0].key
+        low = [w.start_step for w in chunk]
+        payload: dict[str, Any] = {
+            "run_ids": [w.run_id for w in chunk],
+            "metric_key": key,
+            "max_results": BULK_MAX_POINTS,
+        }
+        if None not in low:
+            payload["start_step"] = min(s for s in low if s is not None)
+            payload["end_step"] = max(max(w.end_step for w in chunk), payload["start_step"])
+        got: dict[str, list[MetricPoint]] = {w.run_id: [] for w in chunk}
+        data = self.call("GET", "metrics/get-history-bulk-interval", payload)
+        for m in _items(data, "metrics", "metrics/get-history-bulk-interval"):
+            point = _parse("metrics/get-history-bulk-interval", parse_point, m, None, key)
+            if point.run_id in got:
+                got[point.run_id].append(point)
+        out: list[MetricPoint] = []
+        for w in chunk:
+            run_points = got[w.run_id]
+            if len(run_points) >= BULK_MAX_POINTS:  # possibly sampled: read it exactly
+                run_points = self._exact(w, payload.get("start_step"), payload.get("end_step"))
+            out.extend(p for p in run_points if _within(p, w))
+        return out
+
+    def _exact(self, w: HistoryRequest, low: int | None, high: int | None) -> list[MetricPoint]:
+        """Every point of one series in [low, high], splitting the range while sampled."""
+        if low is None or high is None:
+            return self._full_history(w.run_id, w.key)
+        if low >= high:  # one step holds more points than an answer carries
+            return [p for p in self._full_history(w.run_id, w.key) if p.step == low]
+        middle = low + (high - low) // 2
+        points: list[MetricPoint] = []
+        for a, b in ((low, middle), (middle + 1, high)):
+            payload = {
+                "run_ids": [w.run_id],
+                "metric_key": w.key,
+                "max_results": BULK_MAX_POINTS,
+                "start_step": a,
+                "end_step": b,
+            }
+            data = self.call("GET", "metrics/get-history-bulk-interval", payload)
+            part = [
+                _parse("metrics/get-history-bulk-interval", parse_point, m, None, w.key)
+                for m in _items(data, "metrics", "metrics/get-history-bulk-interval")
+            ]
+            points.extend(self._exact(w, a, b) if len(part) >= BULK_MAX_POINTS else part)
+        return points
+
+    def _full_history(self, run_id: str, key: str) -> list[MetricPoint]:
+        payload = {"run_id": run_id, "metric_key": key, "max_results": HISTORY_PAGE}
+        return [
+            _parse("metrics/get-history", parse_point, m, run_id, key)
+            for m in self._pages("GET", "metrics/get-history", payload, "metrics")
+        ]
+
+    # -------------------------------------------------------------- HTTP
 
     def call(self, method: str, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
         """One API call, retried on connection errors, timeouts, 429 and 5xx."""
@@ -87,11 +298,13 @@ class MlflowClient:
             return retrying(self._once, method, endpoint, payload)
         except requests.Timeout:
             raise MlflowError(
-                f"MLflow {endpoint} timed out after {self.settings.timeout_seconds:g}s"
+                f"MLflow {endpoint} timed out after {self.settings.timeout_seconds:g}s at "
+                f"{self.settings.tracking_uri}; raise mlflow.timeout_seconds if the server is slow"
             ) from None
         except requests.ConnectionError as exc:
             raise MlflowError(
-                f"cannot reach MLflow at {self.settings.tracking_uri}: {_root_cause(exc)}"
+                f"cannot reach MLflow at {self.settings.tracking_uri} ({_root_cause(exc)}): "
+                "is the server up, and is MLFLOW_TRACKING_URI right?"
             ) from None
         except _HttpStatusError as exc:
             raise MlflowError(f"MLflow {endpoint} answered {exc}") from None
@@ -109,27 +322,46 @@ class MlflowClient:
         try:
             data = response.json()  # MLflow writes NaN/Infinity literals; json accepts them
         except ValueError:
-            raise _HttpStatusError(response.status_code, "response is not JSON") from None
-        return data if isinstance(data, dict) else {}
+            raise MlflowError(
+                f"MLflow {endpoint} answered HTTP {response.status_code} with a body that is "
+                f"not JSON: is {self.settings.tracking_uri} MLflow's address (not a proxy page)?"
+            ) from None
+        if not isinstance(data, dict):
+            raise MlflowError(
+                f"MLflow {endpoint} answered a JSON {type(data).__name__}, not an object: "
+                f"is {self.settings.tracking_uri} MLflow's address?"
+            )
+        return data
 
-    def pages(
-        self,
-        method: str,
-        endpoint: str,
-        payload: dict[str, Any],
-        items: str,
-        max_pages: int | None = None,
+    def _pages(
+        self, method: str, endpoint: str, payload: dict[str, Any], items: str
     ) -> Iterator[dict[str, Any]]:
-        """Yield every item of a paged list endpoint (of its first `max_pages` pages)."""
         token: str | None = None
-        for _ in itertools.count() if max_pages is None else range(max_pages):
+        for _ in itertools.count():
             data = self.call(
                 method, endpoint, {**payload, **({"page_token": token} if token else {})}
             )
-            yield from data.get(items, [])
+            yield from _items(data, items, endpoint)
             token = data.get("next_page_token")
             if not token:
                 return
+
+
+def _items(data: dict[str, Any], name: str, endpoint: str) -> list[dict[str, Any]]:
+    # MLflow leaves empty lists out of its JSON, so a missing list is an empty one.
+    items = data.get(name, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise MlflowError(f"MLflow {endpoint} answered an unexpected shape: {name!r} is not a list")
+    return items
+
+
+def _parse(endpoint: str, parse: Callable[..., Any], item: Any, *args: Any) -> Any:
+    """Apply a parser, turning a missing or malformed field into a one-line `MlflowError`."""
+    try:
+        return parse(item, *args)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise MlflowError(f"MLflow {endpoint} answered an unexpected shape ({what})") from None
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -138,7 +370,32 @@ def _root_cause(exc: BaseException) -> str:
     return match.group(1).strip() if match else text.splitlines()[0][:160]
 
 
-# ---------------------------------------------------------------------------- collectors
+def _within(point: MetricPoint, w: HistoryRequest) -> bool:
+    return (w.start_step is None or point.step >= w.start_step) and point.step <= w.end_step
+
+
+def filter_string(where: RunFilter) -> str:
+    """`where` in MLflow's search syntax (conditions joined with AND)."""
+    parts = []
+    if where.started_since_ms is not None:
+        parts.append(f"attributes.start_time >= {int(where.started_since_ms)}")
+    if where.ended_since_ms is not None:
+        parts.append(f"attributes.end_time >= {int(where.ended_since_ms)}")
+    if where.status is not None:
+        parts.append(f"attributes.status = '{_quote(where.status)}'")
+    if where.run_ids:
+        ids = ", ".join(f"'{r}'" for r in where.run_ids if re.fullmatch(r"[0-9A-Za-z_-]+", r))
+        parts.append(f"attributes.run_id IN ({ids})")
+    return " AND ".join(parts)
+
+
+def _quote(text: str) -> str:
+    if not re.fullmatch(r"[A-Z_]+", text):
+        raise ValueError(f"not a run status: {text!r}")
+    return text
+
+
+# ------------------------------------------------------------------------------ parsing
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -153,29 +410,68 @@ def _float(value: Any) -> float:
         return math.nan
 
 
+def parse_experiment(raw: dict[str, Any]) -> Experiment:
+    """An `experiments/search` item."""
+    return Experiment(
+        experiment_id=str(raw["experiment_id"]),
+        name=str(raw.get("name", "")),
+        lifecycle_stage=str(raw.get("lifecycle_stage", "active")),
+        creation_time_ms=_int_or_none(raw.get("creation_time")),
+        last_update_time_ms=_int_or_none(raw.get("last_update_time")),
+    )
+
+
 def parse_run(raw: dict[str, Any]) -> Run:
-    """A `runs/search` item as a `Run`."""
-    info, data = raw.get("info", {}), raw.get("data", {})
+    """A `runs/search` item."""
+    info, data = raw["info"], raw.get("data", {})
     metrics = tuple(
         LatestMetric(
-            key=m["key"],
+            key=str(m["key"]),
             value=_float(m.get("value")),
             step=int(m.get("step") or 0),
             timestamp_ms=int(m.get("timestamp") or 0),
         )
         for m in data.get("metrics", [])
     )
-    tags = {t["key"]: str(t.get("value", "")) for t in data.get("tags", [])}
+    tags = {str(t["key"]): str(t.get("value", "")) for t in data.get("tags", [])}
     return Run(
-        run_id=info.get("run_id") or info["run_uuid"],
+        run_id=str(info.get("run_id") or info["run_uuid"]),
         experiment_id=str(info["experiment_id"]),
-        run_name=info.get("run_name") or tags.get("mlflow.runName", ""),
-        status=info.get("status", "RUNNING"),
-        user_id=info.get("user_id", ""),
+        run_name=str(info.get("run_name") or tags.get("mlflow.runName", "")),
+        status=str(info.get("status", "RUNNING")),
+        user_id=str(info.get("user_id", "")),
         start_time_ms=_int_or_none(info.get("start_time")),
         end_time_ms=_int_or_none(info.get("end_time")),
         metrics=metrics,
         tags=tags,
+        lifecycle_stage=str(info.get("lifecycle_stage", "active")),
+    )
+
+
+def parse_model_version(
+    raw: dict[str, Any], aliases: dict[tuple[str, str], list[str]]
+) -> ModelVersion:
+    """A `model-versions/search` item; aliases come from the registered models' answer."""
+    name, version = str(raw["name"]), str(raw["version"])
+    return ModelVersion(
+        model_name=name,
+        version=version,
+        run_id=str(raw["run_id"]) if raw.get("run_id") else None,
+        stage=str(raw.get("current_stage") or "None"),
+        status=str(raw.get("status", "READY")),
+        aliases=tuple(sorted(aliases.get((name, version), []))),
+        creation_time_ms=_int_or_none(raw.get("creation_timestamp")),
+    )
+
+
+def parse_point(m: dict[str, Any], run_id: str | None, key: str) -> MetricPoint:
+    """A history item (bulk answers carry their run id, `get-history` ones do not)."""
+    return MetricPoint(
+        run_id=str(run_id or m["run_id"]),
+        key=key,
+        value=_float(m.get("value")),
+        step=int(m.get("step") or 0),
+        timestamp_ms=int(m.get("timestamp") or 0),
     )
 
 
@@ -183,184 +479,3 @@ def shard_of(experiment_id: str, shard_count: int) -> int:
     """The shard owning an experiment: a stable hash, the same in every process and release."""
     digest = hashlib.sha256(experiment_id.encode()).digest()
     return int.from_bytes(digest[:8], "big") % shard_count
-
-
-def select_experiments(
-    experiments: list[Experiment], export: ExportSettings
-) -> tuple[list[Experiment], int]:
-    """Apply include/exclude patterns and MAX_EXPERIMENTS; return (kept, number cut).
-
-    Patterns match the whole experiment name; the most recently updated experiments are kept.
-    """
-    if export.shard_count > 1:  # other shards' experiments are theirs, not "cut"
-        experiments = [
-            e
-            for e in experiments
-            if shard_of(e.experiment_id, export.shard_count) == export.shard_index
-        ]
-    allowed = name_filter(export.include_experiments, export.exclude_experiments)
-    kept = [e for e in experiments if allowed(e.name)]
-    kept.sort(key=lambda e: (e.last_update_time_ms or 0, e.experiment_id), reverse=True)
-    if export.max_experiments:
-        kept = kept[: export.max_experiments]
-    return kept, len(experiments) - len(kept)
-
-
-def list_experiments(client: MlflowClient) -> list[Experiment]:
-    """Every active experiment."""
-    payload = {"max_results": 1000, "view_type": "ACTIVE_ONLY"}
-    return [
-        Experiment(
-            experiment_id=str(e["experiment_id"]),
-            name=e.get("name", ""),
-            lifecycle_stage=e.get("lifecycle_stage", "active"),
-            creation_time_ms=_int_or_none(e.get("creation_time")),
-            last_update_time_ms=_int_or_none(e.get("last_update_time")),
-        )
-        for e in client.pages("POST", "experiments/search", payload, "experiments")
-    ]
-
-
-# MLflow takes many experiment ids per search; chunks keep each request and its SQL modest.
-EXPERIMENTS_PER_SEARCH = 100
-RUNS_PER_ID_FILTER = 100
-
-
-def search_runs(
-    client: MlflowClient,
-    experiment_ids: Sequence[str],
-    filter_string: str = "",
-    view: str = "ACTIVE_ONLY",
-    max_pages: int | None = None,
-    newest_first: bool = False,
-) -> Iterator[Run]:
-    """Runs of these experiments matching `filter_string`, page after page.
-
-    Ordered by ascending start time unless `newest_first`: `page_token` is an offset, and new
-    runs then land at the end instead of shifting pages under the reader.
-    """
-    order = "DESC" if newest_first else "ASC"
-    for start in range(0, len(experiment_ids), EXPERIMENTS_PER_SEARCH):
-        payload = {
-            "experiment_ids": list(experiment_ids[start : start + EXPERIMENTS_PER_SEARCH]),
-            "max_results": client.settings.page_size,
-            "run_view_type": view,
-            "order_by": [f"attributes.start_time {order}", f"attributes.run_id {order}"],
-            **({"filter": filter_string} if filter_string else {}),
-        }
-        items = client.pages("POST", "runs/search", payload, "runs", max_pages=max_pages)
-        yield from (parse_run(r) for r in items)
-
-
-def runs_by_id(
-    client: MlflowClient, experiment_ids: Sequence[str], run_ids: Sequence[str]
-) -> Iterator[Run]:
-    """The active runs among `run_ids` (deleted ones are simply absent)."""
-    for start in range(0, len(run_ids), RUNS_PER_ID_FILTER):
-        quoted = ", ".join(
-            f"'{r}'"
-            for r in run_ids[start : start + RUNS_PER_ID_FILTER]
-            if re.fullmatch(r"[0-9a-zA-Z_-]+", r)
-        )
-        yield from search_runs(client, experiment_ids, f"attributes.run_id IN ({quoted})")
-
-
-def read_registry(client: MlflowClient) -> tuple[list[str], list[ModelVersion]]:
-    """Registered model names and all their versions, with aliases and (deprecated) stages."""
-    names: list[str] = []
-    aliases: dict[tuple[str, str], list[str]] = {}
-    for model in client.pages(
-        "GET", "registered-models/search", {"max_results": 1000}, "registered_models"
-    ):
-        names.append(model["name"])
-        for a in model.get("aliases", []):
-            aliases.setdefault((model["name"], str(a["version"])), []).append(a["alias"])
-    versions = [
-        ModelVersion(
-            model_name=v["name"],
-            version=str(v["version"]),
-            run_id=v.get("run_id") or None,
-            stage=v.get("current_stage") or "None",
-            status=v.get("status", "READY"),
-            aliases=tuple(sorted(aliases.get((v["name"], str(v["version"])), []))),
-        )
-        for v in client.pages(
-            "GET", "model-versions/search", {"max_results": 1000}, "model_versions"
-        )
-    ]
-    return names, versions
-
-
-def read_history(
-    client: MlflowClient, run_id: str, key: str, after: tuple[int, int] | None
-) -> list[MetricPoint]:
-    """Every logged point of (run, key) strictly after the `(step, timestamp_ms)` mark."""
-    payload = {"run_id": run_id, "metric_key": key, "max_results": 25000}
-    points = [
-        _point(run_id, key, m)
-        for m in client.pages("GET", "metrics/get-history", payload, "metrics")
-    ]
-    if after is not None:
-        points = [p for p in points if (p.step, p.timestamp_ms) > after]
-    points.sort(key=lambda p: (p.step, p.timestamp_ms))
-    return points
-
-
-# `get-history-bulk-interval` returns at most this many points per run, sampled above it.
-BULK_MAX_POINTS = 2500
-BULK_MAX_RUNS = 100
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryRequest:
-    """Points of (run, key) after `after` (None: all), up to the latest step MLflow reported."""
-
-    run_id: str
-    key: str
-    after: tuple[int, int] | None
-    last_step: int
-
-
-def read_histories(client: MlflowClient, wanted: Sequence[HistoryRequest]) -> list[MetricPoint]:
-    """New points of many (run, key) series of ONE key, in as few requests as MLflow allows.
-
-    Up to 100 runs go in one `get-history-bulk-interval` call over the steps still missing. A
-    run that comes back with the per-run maximum may have been sampled: it is re-read in full
-    with `get-history`, so no point is ever skipped.
-    """
-    points: list[MetricPoint] = []
-    for start in range(0, len(wanted), BULK_MAX_RUNS):
-        chunk = wanted[start : start + BULK_MAX_RUNS]
-        key = chunk[0].key
-        payload = {
-            "run_ids": [w.run_id for w in chunk],
-            "metric_key": key,
-            "max_results": BULK_MAX_POINTS,
-            "start_step": min((w.after[0] if w.after else 0) for w in chunk),
-            "end_step": max(max(w.last_step for w in chunk), 0),
-        }
-        got: dict[str, list[MetricPoint]] = {w.run_id: [] for w in chunk}
-        for m in client.call("GET", "metrics/get-history-bulk-interval", payload).get(
-            "metrics", []
-        ):
-            if m.get("run_id") in got:
-                got[m["run_id"]].append(_point(m["run_id"], key, m))
-        for w in chunk:
-            run_points = got[w.run_id]
-            if len(run_points) >= BULK_MAX_POINTS:
-                run_points = read_history(client, w.run_id, key, None)
-            points.extend(
-                p for p in run_points if w.after is None or (p.step, p.timestamp_ms) > w.after
-            )
-    points.sort(key=lambda p: (p.run_id, p.step, p.timestamp_ms))
-    return points
-
-
-def _point(run_id: str, key: str, m: dict[str, Any]) -> MetricPoint:
-    return MetricPoint(
-        run_id=run_id,
-        key=key,
-        value=_float(m.get("value")),
-        step=int(m.get("step") or 0),
-        timestamp_ms=int(m.get("timestamp") or 0),
-    )

@@ -1,52 +1,40 @@
-"""One export cycle: read MLflow, push to the Pushgateway, spool and deliver to Pramathus.
+"""One export cycle: capture from MLflow, push to the Pushgateway, deliver each sink's queue.
 
-Each stage fails on its own: a Pushgateway outage does not stop Pramathus delivery, and an
-MLflow outage still lets the spool drain. The cycle reports every stage's error at once.
+Each stage fails on its own: a Pushgateway outage does not stop deliveries, and an MLflow
+outage still lets queues drain and the Pushgateway be refilled from the mirror. Whatever
+happens, an exception included, the outcome is recorded in health, counters and one log
+line (`try`/`finally`), and `/healthz` tells a crash (a bug) from a failure (a backend).
 """
 
 from __future__ import annotations
 
-import itertools
+import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import structlog
-from prometheus_client.registry import Collector
 
-from exporter.config import Settings, name_filter
-from exporter.health import Health, SelfMetrics
-from exporter.mlflow_source import (
-    BULK_MAX_RUNS,
-    HistoryRequest,
-    MlflowClient,
-    MlflowError,
-    read_histories,
-    shard_of,
-)
-from exporter.model import Experiment, MetricPoint, Snapshot
+from exporter.config import Settings
+from exporter.health import Health, Status
+from exporter.mlflow_source import MlflowError, MlflowSource
 from exporter.naming import short_id_length
-from exporter.sinks.pramathus import PramathusSink, RunContext, public_tags
-from exporter.sinks.prometheus import (
-    REGISTRY_GROUP,
-    ExperimentGroup,
-    GroupKey,
-    PushError,
-    Pushgateway,
-    PushResult,
-    RegistryGroup,
-)
-from exporter.state import StateStore
-from exporter.sync import SyncResult, registry_from_state, sync
+from exporter.planners import push as push_plan
+from exporter.planners.scope import metric_filter, owns_group, with_run_series
+from exporter.planners.series import REGISTRY_KEY, ServerCounts, experiment_key
+from exporter.selfmetrics import SelfMetrics
+from exporter.sinks.delivery import DeliverySink, Drainer
+from exporter.sinks.groups import GroupBuilder
+from exporter.sinks.pushgateway import PushError, Pushgateway
+from exporter.state import StateError, StateStore, records
+from exporter.state.mirror import Mirror
+from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
+from exporter.sync import Sync, SyncResult
 
 log = structlog.get_logger("exporter.runner")
 
-REGISTRY_KEY: GroupKey = tuple(REGISTRY_GROUP.items())
-
-# Points are spooled in chunks of this many batches, so a first read of a large server
-# never holds all history in memory at once.
-SPOOL_CHUNK_BATCHES = 20
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,19 +42,23 @@ class CycleResult:
     """What one cycle did; `errors` maps a stage to a one-line reason."""
 
     errors: dict[str, str] = field(default_factory=dict)
+    crashed: str | None = None  # an unexpected exception (a bug), one line
     experiments: int = 0
     runs: int = 0
     pushed_series: int = 0
-    points_spooled: int = 0
+    points_spooled: int = 0  # new points captured and queued for the history sinks
     points_sent: int = 0
     duration_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.errors
+        return not self.errors and self.crashed is None
 
     def reason(self) -> str:
-        return "; ".join(f"{stage}: {msg}" for stage, msg in self.errors.items())
+        parts = [f"{stage}: {msg}" for stage, msg in self.errors.items()]
+        if self.crashed:
+            parts.append(f"internal error: {self.crashed}")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -74,240 +66,243 @@ class Runner:
     """Runs cycles with injected collaborators (fakes replace any of them in tests)."""
 
     settings: Settings
-    client: MlflowClient
+    source: MlflowSource
     state: StateStore
     metrics: SelfMetrics
     health: Health
     pushgateway: Pushgateway | None
-    pramathus: PramathusSink | None
+    sinks: Sequence[DeliverySink] = ()
     clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
     should_stop: Callable[[], bool] = lambda: False
 
     def run_cycle(self) -> CycleResult:
-        """Run one full cycle and record its outcome in the self-metrics and health."""
+        """Run one cycle and record its outcome, whatever happens."""
         started = self.clock()
         result = CycleResult()
-        synced = self._sync(result)
-        # Pushed from the mirror even when MLflow is unreachable: the Pushgateway stays
-        # complete (e.g. after a Pushgateway restart) with the last known data.
-        if self.pushgateway is not None and self.state.get_meta("last_full_sync") is not None:
-            self._push(result, full_read=synced is not None and synced.full_read > 0)
-        if self.pramathus is not None:
-            if synced is not None:
-                self._spool_new_points(result)
-            self._deliver(result)
-        result.duration_seconds = self.clock() - started
-        self._record(result)
+        try:
+            synced = self._stage(result, "mlflow", self._sync, result)
+            if self.settings.prometheus.enabled:
+                new_runs = synced.new_run_ids if synced is not None else []
+                self._stage(result, "state", self._prepare_series, new_runs)
+            if self.pushgateway is not None:
+                self._stage(result, "pushgateway", self._push, result, synced)
+            for sink in self.sinks:
+                self._stage(result, sink.name, self._deliver, result, sink)
+        finally:
+            result.duration_seconds = self.clock() - started
+            self._record(result)
         return result
 
-    def _sync(self, result: CycleResult) -> SyncResult | None:
+    def _stage(self, result: CycleResult, stage: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """Run one stage; a failure is recorded against it and the next stages still run."""
         try:
-            synced = sync(self.client, self.state, self.settings.export, self.clock)
-        except MlflowError as exc:
-            result.errors["mlflow"] = str(exc)
+            return fn(*args)
+        except (MlflowError, PushError) as exc:
+            result.errors[stage] = str(exc)
+        except (sqlite3.Error, StateError) as exc:
+            # Busy, locked, disk full: the state is kept as it is; the next cycle retries.
+            result.errors["state"] = f"state database ({stage} stage): {exc}"
+        except Exception as exc:
+            result.crashed = f"{stage} stage: {type(exc).__name__}: {exc}"
+            log.error("cycle.crashed", stage=stage, exc_info=True)
+        if stage == "mlflow":
             self.metrics.up.set(0)
-            return None
-        self.metrics.up.set(1)
-        self.metrics.excluded.labels("experiments").set(synced.experiments_cut)
-        result.experiments = synced.experiments
-        result.runs = self.state.mirror.run_count()
-        log.debug(
-            "mlflow.synced",
-            full_read=synced.full_read,
-            runs_changed=synced.runs_changed,
-            runs_removed=synced.runs_removed,
+        return None
+
+    # ------------------------------------------------------------------ capture
+
+    def _sync(self, result: CycleResult) -> SyncResult:
+        sync = Sync(
+            self.source, self.state, self.settings, self.sinks, self.clock, self.should_stop
         )
+        synced = sync.run()
+        m = self.metrics
+        m.up.set(1)
+        m.excluded.labels("experiments").set(synced.excluded_experiments)
+        m.points_captured.inc(synced.points_captured)
+        m.settling.set(synced.settling)
+        m.pending.set(synced.pending)
+        for kind, n in synced.reconcile_found.items():
+            m.reconcile_found.labels(kind).inc(n)
+        if synced.sweep_completed:
+            m.sweep_passes.inc()
+            m.last_sweep.set(self.clock())
+        for sink, n in synced.dropped.items():
+            m.sinks[sink].dropped.labels("queue_overflow").inc(n)
+        for sink, n in synced.backfill_remaining.items():
+            m.sinks[sink].backfill.set(n)
+        result.experiments, result.runs = synced.experiments, synced.runs
+        result.points_spooled = synced.points_captured
+        log.debug("mlflow.synced", **{k: v for k, v in vars(synced).items() if v})
         return synced
 
-    def _metric_allowed(self) -> Callable[[str], bool]:
-        export = self.settings.export
-        return name_filter(export.include_metrics, export.exclude_metrics)
+    # ------------------------------------------------------------------ push
 
-    def _push(self, result: CycleResult, full_read: bool) -> None:
-        """Push the groups that changed; all of them after a full read or when the
-        Pushgateway restarted (it may have lost what it held)."""
+    def _push(self, result: CycleResult, synced: SyncResult | None) -> None:
+        """Push the groups that changed; every group when the Pushgateway may have lost
+        them. Runs from the mirror, so it also refills a restarted Pushgateway while
+        MLflow is down."""
         assert self.pushgateway is not None
-        state, mirror, export = self.state, self.state.mirror, self.settings.export
-        try:
-            started = self.pushgateway.start_time()
-        except PushError as exc:
-            result.errors["pushgateway"] = str(exc)
-            return
-        everything = (
-            full_read
-            or started != state.get_meta("pushgateway_start")
-            or state.get_meta("pushed_groups") is None
+        if self.state.load(CaptureRecord).last_capture_ms is None:
+            return  # nothing mirrored yet: pushing would only delete what others left
+        gateway, mirror, export = self.pushgateway, self.state.mirror, self.settings.export
+        start = gateway.start_time()
+        record = self.state.load(PushRecord)
+        ids = [e.experiment_id for e in mirror.experiments()]
+        plan = push_plan.plan_push(
+            ids,
+            mirror.dirty_experiments(),
+            record,
+            start,
+            owns_registry=export.shard_index == 0,
+            verify=synced is not None and synced.sweep_completed,
         )
-        dirty = mirror.dirty_experiments()
-        experiments = mirror.experiments()
-        keep: set[GroupKey] = {(("experiment_id", e.experiment_id),) for e in experiments}
-        owns_registry = export.shard_index == 0
-        if owns_registry:
-            keep.add(REGISTRY_KEY)
-        chosen = [e for e in experiments if everything or e.experiment_id in dirty]
-        with_registry = owns_registry and (everything or state.get_meta("registry_dirty", True))
-        # The Pushgateway is asked which groups exist after a full read; in between, the
-        # groups the last push left are known from state.
-        known = None if full_read else state.get_meta("pushed_groups")
         try:
-            pushed = self.pushgateway.push(
-                self._groups(chosen, with_registry), owns=self._owns, known=known, keep=keep
+            pushed = self._push_groups(plan)
+        except PushError:
+            with self.state.transaction():
+                self.state.save(replace(record, groups=None))  # unsure what is there now
+            raise
+        with self.state.transaction():
+            mirror.mark_clean(plan.experiments)
+            self.state.save(
+                PushRecord(
+                    gateway_start=start,
+                    groups=tuple(sorted(plan.keep)),
+                    registry_dirty=False,
+                    last_success_ms=int(self.clock() * 1000),
+                    selected=record.selected,
+                )
             )
-        except PushError as exc:
-            result.errors["pushgateway"] = str(exc)
-            state.set_meta("pushed_groups", None)  # unsure what is there: push all next time
-            return
-        mirror.mark_clean(e.experiment_id for e in chosen)
-        state.set_meta(
-            "registry_dirty", state.get_meta("registry_dirty", True) and not with_registry
-        )
-        state.set_meta("pushgateway_start", started)
-        state.set_meta("pushed_groups", pushed.pushed)
-        self._record_push(result, pushed)
-
-    def _groups(
-        self, experiments: list[Experiment], with_registry: bool
-    ) -> Iterator[tuple[GroupKey, Collector]]:
-        """Collectors for the given experiments' groups (built one at a time) and registry."""
-        mirror, export = self.state.mirror, self.settings.export
-        names, versions = registry_from_state(self.state)
-        ids = itertools.chain(mirror.run_ids(), (v.run_id for v in versions if v.run_id))
-        # The label length only ever grows, so a series keeps its run_id across cycles.
-        length = max(
-            short_id_length(ids, self.settings.prometheus.run_id_length),
-            self.state.get_meta("run_id_length", 0),
-        )
-        if length != self.state.get_meta("run_id_length", 0):
-            self.state.set_meta("run_id_length", length)
-            mirror.mark_dirty()  # every run_id label changes: later cycles push all groups
-        registry = Snapshot([], {}, names, versions)
-        stages, allowed = registry.stage_by_run(), self._metric_allowed()
-        for e in experiments:
-            yield (
-                (("experiment_id", e.experiment_id),),
-                ExperimentGroup(
-                    e,
-                    mirror.runs_for_push(e.experiment_id, export.max_runs_per_experiment),
-                    stages,
-                    length,
-                    status_counts=mirror.status_counts(e.experiment_id),
-                    last_run_start_ms=mirror.max_start_time([e.experiment_id]),
-                    metric_allowed=allowed,
-                ),
-            )
-        if with_registry:
-            yield REGISTRY_KEY, RegistryGroup(registry, length)
-
-    def _record_push(self, result: CycleResult, pushed: PushResult) -> None:
-        mirror, allowed = self.state.mirror, self._metric_allowed()
-        self.metrics.excluded.labels("runs").set(
-            mirror.runs_beyond(self.settings.export.max_runs_per_experiment)
-        )
-        self.metrics.excluded.labels("metrics").set(
-            sum(not allowed(k) for k in mirror.metric_keys())
-        )
-        result.pushed_series = pushed.series
-        self.metrics.pushed_groups.set(pushed.groups)
-        self.metrics.pushed_series.set(pushed.series)
-        self.metrics.nonfinite.set(pushed.nonfinite)
-        log.info(
-            "pushgateway.pushed",
-            groups=pushed.groups,
-            series=pushed.series,
-            deleted_groups=pushed.deleted,
-        )
-
-    def _owns(self, labels: dict[str, str]) -> bool:
-        """Groups this shard manages on its job: its experiments', and (shard 0) the registry."""
-        export = self.settings.export
-        if set(labels) == {"experiment_id"}:
-            return shard_of(labels["experiment_id"], export.shard_count) == export.shard_index
-        return labels == REGISTRY_GROUP and export.shard_index == 0
-
-    def _spool_new_points(self, result: CycleResult) -> None:
-        assert self.pramathus is not None
-        mirror, allowed = self.state.mirror, self._metric_allowed()
-        max_tag = self.settings.pramathus.max_tag_value_length
-        chunk = self.settings.pramathus.batch_size * SPOOL_CHUNK_BATCHES
-        points: list[MetricPoint] = []
-        marks: list[tuple[str, str, int, int]] = []
-        contexts: dict[str, RunContext] = {}
-        try:
-            for key in mirror.pending_keys():
-                if not allowed(key):
-                    continue
-                wanted = [
-                    HistoryRequest(
-                        run_id, key, None if m_step is None else (m_step, m_ts or 0), step
-                    )
-                    for run_id, step, m_step, m_ts in mirror.pending_for_key(key)
-                ]
-                for start in range(0, len(wanted), BULK_MAX_RUNS):
-                    if self.should_stop():
-                        raise _Stopped
-                    got = read_histories(self.client, wanted[start : start + BULK_MAX_RUNS])
-                    for p in got:
-                        if p.run_id not in contexts:
-                            name, tags = mirror.run_context(p.run_id)
-                            contexts[p.run_id] = RunContext(name, public_tags(tags, max_tag))
-                    points.extend(got)
-                    marks.extend(_top_marks(got))
-                    if len(points) >= chunk:
-                        result.points_spooled += self._flush(points, contexts, marks)
-        except MlflowError as exc:
-            result.errors["mlflow"] = str(exc)
-            self.metrics.up.set(0)
-        except _Stopped:
-            pass
-        # What was read completely is spooled even when a later read failed.
-        result.points_spooled += self._flush(points, contexts, marks)
-
-    def _flush(
-        self,
-        points: list[MetricPoint],
-        contexts: dict[str, RunContext],
-        marks: list[tuple[str, str, int, int]],
-    ) -> int:
-        assert self.pramathus is not None
-        count = len(points)
-        if count or marks:
-            self.pramathus.spool(points, contexts, marks)
-        points.clear()
-        marks.clear()
-        return count
-
-    def _deliver(self, result: CycleResult) -> None:
-        assert self.pramathus is not None
-        drained = self.pramathus.drain(self.should_stop)
-        result.points_sent = drained.points
-        self.metrics.points_sent.inc(drained.points)
-        self.metrics.batches_sent.inc(drained.batches)
-        if drained.error and drained.error != "stopped":
-            result.errors["pramathus"] = drained.error
-        if drained.batches or drained.error:
+        m = self.metrics
+        m.pushed_groups.set(pushed[0])
+        m.pushed_series.set(pushed[1])
+        m.nonfinite.set(pushed[2])
+        m.last_push_success.set(self.clock())
+        m.excluded.labels("runs").set(mirror.cut_runs())
+        allowed = metric_filter(export)
+        m.excluded.labels("metrics").set(sum(not allowed(k) for k in mirror.metric_keys()))
+        result.pushed_series = pushed[1]
+        if pushed[0] or pushed[3]:
             log.info(
-                "pramathus.drained",
+                "pushgateway.pushed", groups=pushed[0], series=pushed[1], deleted_groups=pushed[3]
+            )
+
+    def _prepare_series(self, new_runs: Sequence[str]) -> None:
+        """Mark dirty what changes every series of a group: a longer run_id label, or an
+        experiment entering or leaving the per-run selection (`MAX_EXPERIMENTS`)."""
+        mirror = self.state.mirror
+        experiment_ids = [e.experiment_id for e in mirror.experiments()]
+        selected = with_run_series(mirror.activity(), self.settings.export.max_experiments)
+        record = self.state.load(PushRecord)
+        length = self._run_id_length(new_runs)
+        with self.state.transaction():
+            moved = selected.symmetric_difference(record.selected or ())
+            if record.selected is None:
+                moved = set(experiment_ids)
+            mirror.mark_dirty(moved & set(experiment_ids))
+            if moved:
+                self.state.save(replace(record, selected=tuple(sorted(selected))))
+            old = self.state.load(LabelRecord).run_id_length
+            if length != old:
+                self.state.save(LabelRecord(length))
+                mirror.mark_dirty()
+                self.state.save(replace(self.state.load(PushRecord), registry_dirty=True))
+
+    def _run_id_length(self, new_runs: Sequence[str]) -> int:
+        """The run_id label length: grows only when two exported runs would collide, so a
+        series keeps its identity. A full recount happens only when it must grow."""
+        mirror = self.state.mirror
+        current = self.state.load(LabelRecord).run_id_length
+        minimum = self.settings.prometheus.run_id_length
+        registry_ids = mirror.registry().run_ids()
+        checked = [*new_runs, *registry_ids]
+        if current >= minimum and not any(mirror.has_prefix_clash(r, current) for r in checked):
+            return current
+        ids = [*mirror.run_ids(), *registry_ids]
+        return max(short_id_length(ids, minimum), current)
+
+    def builder(self, mirror: Mirror | None = None) -> GroupBuilder:
+        """Group families as of the mirror now (`mirror`: another connection's view, for
+        another thread; its records are read over that connection too)."""
+        mirror = mirror or self.state.mirror
+        capture = records.load(mirror.conn, CaptureRecord)
+        return GroupBuilder(
+            mirror,
+            self.settings.export,
+            records.load(mirror.conn, LabelRecord).run_id_length,
+            set(records.load(mirror.conn, PushRecord).selected or ()),
+            ServerCounts(
+                {"active": capture.active_experiments, "deleted": capture.deleted_experiments}
+            ),
+        )
+
+    def _push_groups(self, plan: push_plan.PushPlan) -> tuple[int, int, int, int]:
+        """(groups, series, non-finite values, groups deleted)."""
+        assert self.pushgateway is not None
+        mirror, export = self.state.mirror, self.settings.export
+        builder = self.builder()
+        cuts: dict[str, int] = {}
+        groups = series = nonfinite = 0
+        for exp_id in plan.experiments:
+            families = builder.experiment(exp_id, on_cut=cuts.__setitem__)
+            pushed = self.pushgateway.push(experiment_key(exp_id), families)
+            groups, series, nonfinite = (
+                groups + 1,
+                series + pushed.series,
+                nonfinite + pushed.nonfinite,
+            )
+        if plan.registry:
+            pushed = self.pushgateway.push(REGISTRY_KEY, builder.registry_group())
+            groups, series = groups + 1, series + pushed.series
+        with self.state.transaction():
+            for exp_id, cut in cuts.items():
+                mirror.set_cut_runs(exp_id, cut)
+        present = self.pushgateway.existing_groups() if plan.known is None else plan.known
+        stale = push_plan.stale_groups(present, plan.keep, lambda k: owns_group(k, export))
+        for key in stale:
+            self.pushgateway.delete(key)
+        return groups, series, nonfinite, len(stale)
+
+    # ------------------------------------------------------------------ deliver
+
+    def _deliver(self, result: CycleResult, sink: DeliverySink) -> None:
+        drainer = Drainer(sink, self.state.outbox(sink.name), self.clock, self.sleep)
+        drained = drainer.drain(self.should_stop)
+        m = self.metrics.sinks[sink.name]
+        m.points_sent.inc(drained.points)
+        m.batches_sent.inc(drained.batches)
+        result.points_sent += drained.points
+        if drained.error:
+            result.errors[sink.name] = drained.error
+        if drained.batches or drained.error or drained.set_aside:
+            log.info(
+                "delivery.drained",
+                sink=sink.name,
                 batches=drained.batches,
                 points=drained.points,
-                dead_lettered=drained.dead_lettered,
+                set_aside=drained.set_aside,
                 error=drained.error,
             )
+
+    # ------------------------------------------------------------------ record
 
     def _record(self, result: CycleResult) -> None:
         m = self.metrics
         for stage in result.errors:
             m.errors.labels(stage).inc()
-        m.cycles.labels("success" if result.ok else "failure").inc()
+        if result.crashed:
+            m.errors.labels("internal").inc()
+        status: Status = "ok" if result.ok else ("crashed" if result.crashed else "failing")
+        m.cycles.labels({"ok": "success", "failing": "failure"}.get(status, "crash")).inc()
         m.cycle_duration.observe(result.duration_seconds)
         now = self.clock()
         m.last_cycle.set(now)
         if result.ok:
             m.last_success.set(now)
-        batches, points = self.state.spool_totals()
-        m.spool_batches.set(batches)
-        m.spool_points.set(points)
-        m.dead_letters.set(self.state.dead_letter_count())
-        self.health.set(result.ok, "ok" if result.ok else result.reason())
+        queued = self._queue_gauges()
+        self.health.set(status, "ok" if result.ok else result.reason())
         fields: dict[str, Any] = {
             "duration_seconds": round(result.duration_seconds, 3),
             "experiments": result.experiments,
@@ -315,23 +310,29 @@ class Runner:
             "series": result.pushed_series,
             "points_spooled": result.points_spooled,
             "points_sent": result.points_sent,
-            "spool_points": points,
+            "spool_points": queued,
         }
         if result.ok:
             log.info("cycle.succeeded", **fields)
+        elif result.crashed:
+            log.error("cycle.crashed_summary", errors=result.errors, crash=result.crashed, **fields)
         else:
             log.warning("cycle.failed", errors=result.errors, **fields)
 
-
-class _Stopped(Exception):
-    """Raised inside a cycle when a stop was requested; what was read is still spooled."""
-
-
-def _top_marks(points: list[MetricPoint]) -> list[tuple[str, str, int, int]]:
-    """The highest (step, timestamp) read per (run, key): the new delivery watermarks."""
-    top: dict[tuple[str, str], tuple[int, int]] = {}
-    for p in points:
-        mark = (p.step, p.timestamp_ms)
-        if mark > top.get((p.run_id, p.key), (-(2**63), 0)):
-            top[(p.run_id, p.key)] = mark
-    return [(run_id, key, *mark) for (run_id, key), mark in top.items()]
+    def _queue_gauges(self) -> int | None:
+        """Refresh the queue gauges; the state may be what failed, so never raise."""
+        try:
+            total = 0
+            for sink, sm in self.metrics.sinks.items():
+                outbox = self.state.outbox(sink)
+                queued = outbox.totals()
+                sm.spool_batches.set(queued.batches)
+                sm.spool_points.set(queued.points)
+                aside = outbox.set_aside_counts()
+                sm.dead_letters.set(sum(t.batches for t in aside.values()))
+                for reason, totals in aside.items():
+                    sm.set_aside.labels(reason).set(totals.points)
+                total += queued.points
+            return total
+        except sqlite3.Error:
+            return None

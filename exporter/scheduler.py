@@ -24,20 +24,32 @@ log = structlog.get_logger("exporter.scheduler")
 STOP_GRACE_SECONDS = 8.0
 
 
-def run_forever(runner: Runner, interval_seconds: float, stop: threading.Event) -> bool:
+def run_forever(
+    runner: Runner, interval_seconds: float, stop: threading.Event, address: str | None = None
+) -> bool:
     """Run cycles until `stop` is set (the signal handlers set it).
 
-    Returns True when the last running cycle finished, False when it had to be abandoned.
+    Logs `exporter.ready` with where to look after the first successful cycle. Returns True
+    when the last running cycle finished, False when it had to be abandoned.
     """
     idle = threading.Event()
     idle.set()
+    ready = threading.Event()
 
     def cycle() -> None:
         idle.clear()
         try:
-            runner.run_cycle()
-        except Exception:  # a bug must not kill the schedule: log it, try next tick
-            log.exception("cycle.crashed")
+            # The runner records every outcome itself; this guard only keeps a bug in the
+            # recording from killing the schedule.
+            if runner.run_cycle().ok and not ready.is_set():
+                ready.set()
+                log.info(
+                    "exporter.ready",
+                    metrics=address and f"{address}/metrics",
+                    readyz=address and f"{address}/readyz",
+                )
+        except Exception:
+            log.exception("cycle.unrecorded_crash")
         finally:
             idle.set()
 

@@ -1,125 +1,440 @@
-"""Keep the state's mirror of MLflow current, reading only what changed.
+"""One capture step: read what changed in MLflow into the mirror, and new points into queues.
 
-A cycle lists experiments (one request), then for experiments already mirrored asks MLflow
-only for: runs started since the newest one known, runs now RUNNING, runs that were unfinished
-last cycle (by id: they may have ended), and recently deleted runs; plus the registry. An idle
-cycle is therefore a handful of requests whatever the number of runs. Experiments seen for the
-first time, and every experiment once per `reconcile_interval_seconds`, are read in full, which
-catches what deltas cannot see (metrics logged to a finished run, a backdated or restored run).
+This module executes; `planners/capture.py`, `planners/sweep.py` and `planners/scope.py`
+decide. Each cycle it asks MLflow for:
+
+- the experiment list and the registry (three requests);
+- experiments seen for the first time: all their runs;
+- the others: runs started or ended since the last capture (less a settle window of
+  slack), running runs, one page of deleted runs, and, by id, runs still settling or
+  unfinished that those searches did not return;
+- a few pages of the background reconcile sweep;
+- the histories of runs that changed or are settling, from each series' read window on.
+
+New points go to every registered sink's queue in the same transaction that records them
+as captured. Reads of MLflow happen outside transactions; each batch of writes commits on
+its own, so a failure part-way keeps what was done and the rest is redone next cycle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 import structlog
 
-from exporter.config import ExportSettings
+from exporter.config import Settings
 from exporter.mlflow_source import (
-    MlflowClient,
-    list_experiments,
-    read_registry,
+    BULK_MAX_RUNS,
+    EXPERIMENTS_PER_SEARCH,
+    HistoryRequest,
+    MlflowSource,
+    RunFilter,
+    all_runs,
     runs_by_id,
-    search_runs,
-    select_experiments,
 )
-from exporter.model import ModelVersion
+from exporter.model import MetricPoint, Run
+from exporter.planners import capture, sweep
+from exporter.planners.scope import in_scope, metric_filter
+from exporter.sinks.delivery import DeliverySink
 from exporter.state import StateStore
+from exporter.state.ledger import Series
+from exporter.state.records import CaptureRecord, PushRecord, SweepRecord
 
 log = structlog.get_logger("exporter.sync")
 
-# The deleted-runs probe reads one page of deleted runs, newest first (MLflow cannot order
-# by deletion time; recent runs are the ones usually deleted). Deletions beyond that page
-# are caught by the next full reconcile.
-DELETED_PROBE_PAGES = 1
+# Series a new sink's backfill reads per cycle (its first cycles: the whole history).
+BACKFILL_SERIES_PER_CYCLE = 2000
 
 
 @dataclass
 class SyncResult:
     experiments: int = 0
-    experiments_cut: int = 0
-    full_read: int = 0  # experiments read in full this cycle
-    runs_changed: int = 0
-    runs_removed: int = 0
+    excluded_experiments: int = 0
+    runs: int = 0
+    changes: dict[str, int] = field(default_factory=dict)  # Change.value -> runs
+    reconcile_found: dict[str, int] = field(default_factory=dict)  # what only the sweep saw
+    points_captured: int = 0
+    settling: int = 0
+    pending: int = 0
+    sweep_completed: bool = False
+    backfill_remaining: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # sink -> points dropped by bounds
+    new_run_ids: list[str] = field(default_factory=list)  # runs the mirror did not know
+    stopped: bool = False
 
 
-def sync(
-    client: MlflowClient, state: StateStore, export: ExportSettings, now: Callable[[], float]
-) -> SyncResult:
-    """Bring the mirror up to date; raises `MlflowError` (the mirror is left as it was)."""
-    result = SyncResult()
-    selected, result.experiments_cut = select_experiments(list_experiments(client), export)
-    ids = [e.experiment_id for e in selected]
-    result.experiments = len(ids)
-    names, versions = read_registry(client)
-    last_full = state.get_meta("last_full_sync", 0.0)
-    full_due = now() - last_full >= export.reconcile_interval_seconds
-    with state.transaction():
-        mirror = state.mirror
-        mirror.set_experiments(selected)
-        known = mirror.synced_experiments()
-        fresh = ids if full_due else [i for i in ids if i not in known]
-        for exp_id in fresh:
-            mirror.drop_runs_of(exp_id)
-        result.runs_changed += mirror.upsert_runs(search_runs(client, fresh)) if fresh else 0
-        mirror.mark_synced(fresh)
-        result.full_read = len(fresh)
-        delta = [i for i in ids if i not in fresh]
-        if delta:
-            _apply_delta(client, state, delta, result)
-        if full_due:
-            mirror.prune_watermarks()
-            state.set_meta("last_full_sync", now())
-        registry = _registry_data(names, versions)
-        if registry != state.get_meta("registry"):
-            # Stages label every run's series: all groups change with the registry.
-            mirror.mark_dirty()
-            state.set_meta("registry", registry)
-            state.set_meta("registry_dirty", True)
-    return result
+class _Stopped(Exception):
+    """A stop was requested: what was written stays, the rest waits for the next cycle."""
 
 
-def _apply_delta(
-    client: MlflowClient, state: StateStore, ids: Sequence[str], result: SyncResult
-) -> None:
-    mirror = state.mirror
-    newest = mirror.max_start_time(ids)
-    # >= rather than >: runs sharing the newest known start millisecond are read again.
-    started = list(search_runs(client, ids, f"attributes.start_time >= {newest or 0}"))
-    running = list(search_runs(client, ids, "attributes.status = 'RUNNING'"))
-    seen = {r.run_id for r in started} | {r.run_id for r in running}
-    unfinished = sorted(mirror.unfinished_run_ids(ids) - seen)
-    ended = list(runs_by_id(client, ids, unfinished)) if unfinished else []
-    deleted = {
-        r.run_id
-        for r in search_runs(
-            client, ids, view="DELETED_ONLY", max_pages=DELETED_PROBE_PAGES, newest_first=True
+@dataclass
+class Sync:
+    """Capture for one cycle. Collaborators are injected; fakes replace any of them."""
+
+    source: MlflowSource
+    state: StateStore
+    settings: Settings
+    sinks: Sequence[DeliverySink]
+    clock: Callable[[], float] = time.time
+    should_stop: Callable[[], bool] = lambda: False
+
+    @property
+    def _settle_ms(self) -> int:
+        return int(self.settings.export.settle_seconds * 1000)
+
+    def run(self) -> SyncResult:
+        """Bring the mirror and the queues up to date; raises `MlflowError` (what was
+        written so far stays, and is consistent)."""
+        now_ms = int(self.clock() * 1000)
+        result = SyncResult()
+        try:
+            self._register_sinks(now_ms)
+            fresh = self._experiments(now_ms, result)
+            self._registry()
+            for exp_id in fresh:
+                self._full_read(exp_id, now_ms, result)
+            self._deltas(now_ms, fresh, result)
+            result.sweep_completed = self._sweep(now_ms, result)
+            self._retention(now_ms)
+            with self.state.transaction():
+                record = self.state.load(CaptureRecord)
+                self.state.save(
+                    CaptureRecord(now_ms, record.deleted_experiments, record.active_experiments)
+                )
+            self._capture(now_ms, result)
+            self._backfill(result)
+        except _Stopped:
+            result.stopped = True
+        mirror = self.state.mirror
+        result.runs = mirror.run_count()
+        result.pending = mirror.pending_count()
+        result.settling = sum(1 for r in mirror.settling(now_ms) if r.deleted_ms is None)
+        return result
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
+            raise _Stopped
+
+    # ------------------------------------------------------------------ sinks
+
+    def _register_sinks(self, now_ms: int) -> None:
+        ledger = self.state.ledger
+        registered = ledger.sinks()
+        enabled = {s.name for s in self.sinks}
+        with self.state.transaction():
+            for name in sorted(enabled - registered.keys()):
+                covered = ledger.register_sink(name, now_ms)
+                log.info("sink.registered", sink=name, backfill_series=covered)
+            for name in sorted(registered.keys() - enabled):
+                ledger.unregister_sink(name)
+                dropped = self.state.outbox(name).clear()
+                log.warning(
+                    "sink.unregistered",
+                    sink=name,
+                    dropped_batches=dropped.batches,
+                    dropped_points=dropped.points,
+                )
+
+    # ------------------------------------------------------------------ runs
+
+    def _experiments(self, now_ms: int, result: SyncResult) -> list[str]:
+        scope = in_scope(self.source.experiments(), self.settings.export)
+        result.experiments = len(scope.active)
+        result.excluded_experiments = scope.excluded
+        mirror = self.state.mirror
+        with self.state.transaction():
+            gone = mirror.set_experiments(scope.active, now_ms)
+            record = self.state.load(CaptureRecord)
+            self.state.save(
+                CaptureRecord(
+                    record.last_capture_ms, scope.counts["deleted"], scope.counts["active"]
+                )
+            )
+            counts = (scope.counts["deleted"], scope.counts["active"])
+            if gone or (record.deleted_experiments, record.active_experiments) != counts:
+                push = self.state.load(PushRecord)
+                self.state.save(replace(push, registry_dirty=True))
+        return mirror.unsynced_experiments()
+
+    def _registry(self) -> None:
+        registry = self.source.registry()
+        mirror = self.state.mirror
+        with self.state.transaction():
+            change = mirror.set_registry(registry)
+            if change.changed:
+                known = mirror.known(change.runs)
+                mirror.mark_dirty(k.experiment_id for k in known.values())
+                self.state.save(replace(self.state.load(PushRecord), registry_dirty=True))
+
+    def _full_read(self, experiment_id: str, now_ms: int, result: SyncResult) -> None:
+        """All active runs of an experiment seen for the first time, page by page."""
+        where = RunFilter()
+        for page in _pages(self.source, [experiment_id], where):
+            self._apply(page, now_ms, result)
+            self._check_stop()
+        with self.state.transaction():
+            self.state.mirror.mark_synced([experiment_id])
+
+    def _deltas(self, now_ms: int, fresh: Sequence[str], result: SyncResult) -> None:
+        mirror = self.state.mirror
+        skip = set(fresh)
+        ids = [e.experiment_id for e in mirror.experiments() if e.experiment_id not in skip]
+        if not ids:
+            return
+        last = self.state.load(CaptureRecord).last_capture_ms
+        seen: dict[str, Run] = {}
+        for where in capture.delta_filters(now_ms, last, self._settle_ms):
+            seen.update((r.run_id, r) for r in all_runs(self.source, ids, where))
+        deleted = [
+            r for page in _pages(self.source, ids, capture.DELETED_PROBE, max_pages=1) for r in page
+        ]
+        again = capture.recheck_by_id(mirror.settling(now_ms), mirror.unfinished(), seen)
+        by_experiment: dict[str, list[str]] = {}
+        for k in again:
+            by_experiment.setdefault(k.experiment_id, []).append(k.run_id)
+        rechecked: list[Run] = []
+        for exp_id, run_ids in sorted(by_experiment.items()):
+            rechecked.extend(runs_by_id(self.source, [exp_id], run_ids, view="all"))
+        # A settling or unfinished run that MLflow does not return at all was purged.
+        vanished = {k.run_id for k in again} - {r.run_id for r in rechecked}
+        self._apply([*seen.values(), *rechecked], now_ms, result)
+        self._remove([r.run_id for r in deleted], now_ms, result)
+        self._remove(sorted(vanished), now_ms, result)
+
+    def _apply(self, runs: Sequence[Run], now_ms: int, result: SyncResult) -> dict[str, int]:
+        """Decide and store what these runs read from MLflow mean; returns the changes."""
+        mirror = self.state.mirror
+        counts: dict[str, int] = {}
+        with self.state.transaction():
+            known = mirror.known(r.run_id for r in runs)
+            removed = []
+            for run in runs:
+                decision = capture.decide(run, known.get(run.run_id), now_ms, self._settle_ms)
+                if decision.change is capture.Change.REMOVED:
+                    removed.append(run.run_id)
+                    continue
+                if decision.write:
+                    mirror.write_run(run, decision.settle_until_ms, capture=decision.capture)
+                    kind = decision.change.value
+                    counts[kind] = counts.get(kind, 0) + 1
+                if decision.change is capture.Change.NEW:
+                    result.new_run_ids.append(run.run_id)
+            gone = mirror.tombstone(removed, now_ms, now_ms + self._settle_ms)
+            if gone:
+                counts["removed"] = len(gone)
+        for kind, n in counts.items():
+            result.changes[kind] = result.changes.get(kind, 0) + n
+        return counts
+
+    def _remove(self, run_ids: Sequence[str], now_ms: int, result: SyncResult) -> int:
+        if not run_ids:
+            return 0
+        with self.state.transaction():
+            gone = self.state.mirror.tombstone(run_ids, now_ms, now_ms + self._settle_ms)
+        if gone:
+            result.changes["removed"] = result.changes.get("removed", 0) + len(gone)
+        return len(gone)
+
+    def _sweep(self, now_ms: int, result: SyncResult) -> bool:
+        """A few pages of the background reconcile; True when a pass completed."""
+        mirror = self.state.mirror
+        ids = [e.experiment_id for e in mirror.experiments()]
+        if not ids:
+            return False
+        export = self.settings.export
+        pages = sweep.pages_per_cycle(
+            mirror.run_count(),
+            self.settings.mlflow.page_size,
+            export.interval_seconds,
+            export.reconcile_interval_seconds,
         )
-    }
-    vanished = set(unfinished) - {r.run_id for r in ended}  # deleted while running
-    result.runs_changed += mirror.upsert_runs(
-        r for r in (*started, *running, *ended) if r.run_id not in deleted
-    )
-    result.runs_removed += mirror.remove_runs(sorted(deleted | vanished))
+        experiment_chunks = sweep.chunks(ids, EXPERIMENTS_PER_SEARCH)
+        completed = False
+        for _ in range(pages):
+            self._check_stop()
+            record = self.state.load(SweepRecord)
+            step = sweep.next_step(record, experiment_chunks)
+            page = self.source.runs_page(step.chunk, step.where, step.page_token)
+            keys = [sweep.key_of(r.start_time_ms, r.run_id) for r in page.runs]
+            fresh_runs = [page.runs[i] for i in sweep.unseen(keys, record)]
+            advance = sweep.advance(record, len(experiment_chunks), page, keys, now_ms)
+            counts = self._apply(fresh_runs, now_ms, result)
+            returned = {r.run_id for r in page.runs}
+            missing = [
+                r
+                for r in mirror.active_keys_between(
+                    step.chunk, advance.covered_after, advance.covered_upto
+                )
+                if r not in returned
+            ]
+            removed = self._remove(missing, now_ms, result)
+            found = dict(counts)
+            if removed:
+                found["removed"] = found.get("removed", 0) + removed
+            for kind, n in found.items():
+                result.reconcile_found[kind] = result.reconcile_found.get(kind, 0) + n
+            with self.state.transaction():
+                self.state.save(advance.record)
+            if advance.pass_completed:
+                completed = True
+                break
+        return completed
+
+    def _retention(self, now_ms: int) -> None:
+        before = now_ms - int(self.settings.export.deleted_retention_seconds * 1000)
+        with self.state.transaction():
+            purged = self.state.mirror.purge_tombstones(before)
+            if purged:
+                self.state.ledger.forget_runs(purged)
+
+    # ------------------------------------------------------------------ points
+
+    def _capture(self, now_ms: int, result: SyncResult) -> None:
+        """Read the histories of runs that changed or are settling; queue the new points."""
+        if not self.sinks:
+            return  # nothing to deliver to: runs stay pending until a sink is enabled
+        mirror, ledger = self.state.mirror, self.state.ledger
+        due = mirror.capture_due(now_ms)
+        allowed = metric_filter(self.settings.export)
+        for start in range(0, len(due), BULK_MAX_RUNS * 10):
+            run_ids = due[start : start + BULK_MAX_RUNS * 10]
+            latest = mirror.latest(run_ids)
+            with self.state.transaction():
+                series = ledger.series((r, m.key) for r, ms in latest.items() for m in ms)
+            wanted = capture.history_requests(latest, series, allowed)
+            remaining: dict[str, int] = dict.fromkeys(run_ids, 0)
+            for w in wanted:
+                remaining[w.run_id] += 1
+            with self.state.transaction():
+                mirror.captured([r for r, n in remaining.items() if n == 0])
+            settle = mirror.settle_until(run_ids)
+            for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
+                self._check_stop()
+                read = self.source.histories(chunk)
+                result.points_captured += self._record(
+                    chunk, read, series, settle, remaining, now_ms, result
+                )
+
+    def _record(
+        self,
+        chunk: Sequence[HistoryRequest],
+        read: Sequence[MetricPoint],
+        series: dict[tuple[str, str], Series],
+        settle: dict[str, int],
+        remaining: dict[str, int],
+        now_ms: int,
+        result: SyncResult,
+    ) -> int:
+        """Queue the new points of one read for every sink, record them, move windows."""
+        ledger, mirror = self.state.ledger, self.state.mirror
+        by_series: dict[tuple[str, str], list[MetricPoint]] = {}
+        for p in read:
+            by_series.setdefault((p.run_id, p.key), []).append(p)
+        horizon = now_ms - self._settle_ms
+        new: list[MetricPoint] = []
+        done_runs = []
+        with self.state.transaction():
+            for w in chunk:
+                s = series[(w.run_id, w.key)]
+                known = ledger.identities(s.series_id, s.window_start)
+                fresh = capture.new_points(
+                    by_series.get((w.run_id, w.key), []), s.window_start, known
+                )
+                ledger.record(s.series_id, (p.identity for p in fresh), now_ms)
+                stats = ledger.window_stats(s.series_id, horizon)
+                settled = settle.get(w.run_id, 0) <= now_ms
+                ledger.set_window(s.series_id, capture.next_window(s.window_start, stats, settled))
+                new.extend(fresh)
+                remaining[w.run_id] -= 1
+                if remaining[w.run_id] == 0:
+                    done_runs.append(w.run_id)
+            self._enqueue(self.sinks, new, now_ms, result)
+            mirror.captured(done_runs)
+        return len(new)
+
+    def _enqueue(
+        self,
+        sinks: Iterable[DeliverySink],
+        points: Sequence[MetricPoint],
+        now_ms: int,
+        result: SyncResult,
+    ) -> None:
+        if not points:
+            return
+        contexts = self.state.mirror.contexts(sorted({p.run_id for p in points}))
+        ordered = sorted(points, key=lambda p: (p.run_id, p.key, p.step, p.timestamp_ms))
+        for sink in sinks:
+            outbox = self.state.outbox(sink.name)
+            encoded = sink.encode(ordered, contexts, now_ms)
+            outbox.add(encoded.batches, now_ms)
+            for reason, bodies in encoded.refused.items():
+                for body in bodies:
+                    outbox.set_aside_new(body, now_ms, reason, f"{sink.name} cannot take these")
+            dropped = outbox.trim(sink.queue_max_points, sink.drop_oldest)
+            if dropped:
+                log.warning("queue.overflow", sink=sink.name, dropped_points=dropped)
+                result.dropped[sink.name] = result.dropped.get(sink.name, 0) + dropped
+
+    def _backfill(self, result: SyncResult) -> None:
+        """Send a later-registered sink what was captured before it registered."""
+        ledger, mirror = self.state.ledger, self.state.mirror
+        for sink in self.sinks:
+            items = {
+                (i.series.run_id, i.series.key): i
+                for i in ledger.backfill_pending(sink.name, BACKFILL_SERIES_PER_CYCLE)
+            }
+            if not items:
+                continue
+            latest = mirror.latest(sorted({run_id for run_id, _ in items}))
+            tops = {(r, m.key): m.step for r, ms in latest.items() for m in ms}
+            # Series of runs no longer in MLflow's active view have nothing left to read.
+            with self.state.transaction():
+                ledger.backfill_done(
+                    sink.name, [i.series.series_id for k, i in items.items() if k not in tops]
+                )
+            wanted = sorted(
+                (HistoryRequest(r, k, None, tops[(r, k)]) for r, k in items if (r, k) in tops),
+                key=lambda w: (w.key, w.run_id),
+            )
+            for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
+                self._check_stop()
+                by_series: dict[tuple[str, str], list[MetricPoint]] = {}
+                for p in self.source.histories(chunk):
+                    by_series.setdefault((p.run_id, p.key), []).append(p)
+                needed = [
+                    p
+                    for w in chunk
+                    for p in capture.needed_by_backfill(
+                        by_series.get((w.run_id, w.key), []),
+                        items[(w.run_id, w.key)].window_start,
+                        items[(w.run_id, w.key)].identities,
+                    )
+                ]
+                with self.state.transaction():
+                    self._enqueue([sink], needed, int(self.clock() * 1000), result)
+                    ledger.backfill_done(
+                        sink.name, [items[(w.run_id, w.key)].series.series_id for w in chunk]
+                    )
+            result.backfill_remaining[sink.name] = ledger.backfill_remaining(sink.name)
 
 
-def _registry_data(names: list[str], versions: list[ModelVersion]) -> dict[str, Any]:
-    return {
-        "names": names,
-        "versions": [
-            [v.model_name, v.version, v.run_id, v.stage, v.status, list(v.aliases)]
-            for v in versions
-        ],
-    }
-
-
-def registry_from_state(state: StateStore) -> tuple[list[str], list[ModelVersion]]:
-    """The registry as last read from MLflow."""
-    raw = state.get_meta("registry", {"names": [], "versions": []})
-    versions = [
-        ModelVersion(name, version, run_id, stage, status, tuple(aliases))
-        for name, version, run_id, stage, status, aliases in raw["versions"]
-    ]
-    return raw["names"], versions
+def _pages(
+    source: MlflowSource,
+    experiment_ids: Sequence[str],
+    where: RunFilter,
+    max_pages: int | None = None,
+) -> Iterable[list[Run]]:
+    """Pages of runs, experiments in chunks, up to `max_pages` pages per chunk."""
+    for start in range(0, len(experiment_ids), EXPERIMENTS_PER_SEARCH):
+        chunk = experiment_ids[start : start + EXPERIMENTS_PER_SEARCH]
+        token: str | None = None
+        pages = 0
+        while True:
+            page = source.runs_page(chunk, where, token)
+            yield page.runs
+            pages += 1
+            token = page.next_page_token
+            if not token or (max_pages is not None and pages >= max_pages):
+                break

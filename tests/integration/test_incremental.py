@@ -12,7 +12,7 @@ import requests
 
 from exporter.app import open_runner
 from exporter.config import load_settings
-from exporter.health import SelfMetrics
+from exporter.selfmetrics import SelfMetrics
 from exporter.mlflow_source import shard_of
 from exporter.runner import Runner
 from tests.integration.conftest import ExporterEnv

@@ -1,0 +1,185 @@
+"""Change capture, decided: what to ask MLflow for, what changed, which points are new.
+
+Pure functions over plain data; `sync.py` executes what they decide. The model behind them
+(see the README, "How a cycle reads MLflow"):
+
+- A run *settles* for `settle_ms` after every change the exporter sees (it appeared, its
+  metrics, tags, name or status moved, it was deleted or restored). MLflow's own clients
+  write late: asynchronous logging lands batches out of order, system metrics and
+  autologged scores arrive after the run is marked finished. While a run settles it is
+  re-read every cycle and its metric histories are compared point by point with what was
+  captured, so late points are caught in whatever order they land.
+- A series' read window starts at the highest step that was captured before the settle
+  horizon (or the lowest step captured after it, if lower: a lagging writer); before
+  anything has settled, every step is read. Below the window nothing is read again.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from exporter.mlflow_source import HistoryRequest, RunFilter
+from exporter.model import LatestMetric, MetricPoint, Run
+from exporter.state.ledger import Identity, Series, WindowStats
+from exporter.state.mirror import KnownRun
+
+# The deleted-runs probe reads one page of deleted runs, newest first (MLflow cannot order
+# by deletion time, and recent runs are the ones usually deleted). Deletions beyond that
+# page are found by the background sweep.
+DELETED_PROBE = RunFilter(view="deleted", newest_first=True)
+
+
+class Change(enum.Enum):
+    NEW = "new"  # never seen (or seen before an upgrade that forgot its fingerprint)
+    CHANGED = "changed"
+    RESTORED = "restored"  # back in MLflow's active view after it was gone
+    UNCHANGED = "unchanged"
+    REMOVED = "removed"  # deleted in MLflow (seen through the ALL or DELETED view)
+
+
+@dataclass(frozen=True, slots=True)
+class RunDecision:
+    run: Run
+    change: Change
+    settle_until_ms: int
+    write: bool  # store it in the mirror
+    capture: bool  # read its histories this cycle
+
+
+def delta_filters(now_ms: int, last_capture_ms: int | None, settle_ms: int) -> list[RunFilter]:
+    """The searches of a delta cycle: runs started or ended since the last capture (minus
+    a settle window of slack for clock skew and downtime), and every running run.
+
+    "Ended since" is what finds runs created with a start time in the past, such as the
+    child runs GridSearchCV's autologging creates with its parent's start time.
+    """
+    since = min(now_ms, last_capture_ms if last_capture_ms is not None else now_ms) - settle_ms
+    return [
+        RunFilter(started_since_ms=since),
+        RunFilter(status="RUNNING"),
+        RunFilter(ended_since_ms=since),
+    ]
+
+
+def recheck_by_id(
+    settling: Iterable[KnownRun], unfinished: Iterable[KnownRun], seen: Iterable[str]
+) -> list[KnownRun]:
+    """Runs to read by id (all views): settling or unfinished ones the searches missed, e.g.
+    ended long ago but changed since, deleted, restored, or stopped without an end time."""
+    done = set(seen)
+    out: dict[str, KnownRun] = {}
+    for run in (*settling, *unfinished):
+        if run.run_id not in done:
+            out[run.run_id] = run
+    return sorted(out.values(), key=lambda r: r.run_id)
+
+
+def decide(run: Run, known: KnownRun | None, now_ms: int, settle_ms: int) -> RunDecision:
+    """What a run read from MLflow means for the mirror and the capture."""
+    if run.lifecycle_stage == "deleted":
+        return RunDecision(run, Change.REMOVED, now_ms + settle_ms, write=False, capture=False)
+    if known is None or not known.fingerprint:
+        settle = first_settle(run, now_ms, settle_ms)
+        return RunDecision(run, Change.NEW, settle, write=True, capture=True)
+    if known.deleted_ms is not None:
+        return RunDecision(run, Change.RESTORED, now_ms + settle_ms, write=True, capture=True)
+    if known.fingerprint != run.fingerprint():
+        return RunDecision(run, Change.CHANGED, now_ms + settle_ms, write=True, capture=True)
+    settling = known.settle_until_ms > now_ms
+    return RunDecision(run, Change.UNCHANGED, known.settle_until_ms, write=False, capture=settling)
+
+
+def first_settle(run: Run, now_ms: int, settle_ms: int) -> int:
+    """Settle deadline of a run seen for the first time: unfinished runs settle from now,
+    finished ones from their end (a run that ended long ago is settled already)."""
+    if not run.finished:
+        return now_ms + settle_ms
+    ended = run.end_time_ms or run.start_time_ms or 0
+    return min(now_ms, ended) + settle_ms
+
+
+def history_requests(
+    latest: Mapping[str, Sequence[LatestMetric]],
+    series: Mapping[tuple[str, str], Series],
+    allowed: Callable[[str], bool],
+) -> list[HistoryRequest]:
+    """The reads that capture new points of these runs (run id -> latest metrics), sorted
+    by key then window so that bulk reads of one key and step range can share requests.
+
+    A series whose latest step is below its window holds nothing unread (the latest step is
+    the highest step MLflow has), so it costs no request.
+    """
+    wanted = []
+    for run_id, metrics in latest.items():
+        for m in metrics:
+            s = series.get((run_id, m.key))
+            if s is None or not allowed(m.key):
+                continue
+            if s.window_start is not None and m.step < s.window_start:
+                continue
+            wanted.append(HistoryRequest(run_id, m.key, s.window_start, m.step))
+    low = -(2**63)
+    return sorted(
+        wanted,
+        key=lambda w: (w.key, low if w.start_step is None else w.start_step, w.run_id),
+    )
+
+
+def group_by_key(wanted: Sequence[HistoryRequest], per_request: int) -> list[list[HistoryRequest]]:
+    """Cut the (sorted) reads into chunks of one key and at most `per_request` runs."""
+    chunks: list[list[HistoryRequest]] = []
+    for w in wanted:
+        if chunks and chunks[-1][0].key == w.key and len(chunks[-1]) < per_request:
+            chunks[-1].append(w)
+        else:
+            chunks.append([w])
+    return chunks
+
+
+def new_points(
+    read: Iterable[MetricPoint], window_start: int | None, captured: set[Identity]
+) -> list[MetricPoint]:
+    """Points of one series read from MLflow that were not captured before."""
+    out = []
+    seen = set(captured)
+    for p in read:
+        if window_start is not None and p.step < window_start:
+            continue
+        if p.identity in seen:
+            continue
+        seen.add(p.identity)
+        out.append(p)
+    return out
+
+
+def next_window(current: int | None, stats: WindowStats, settled: bool) -> int | None:
+    """Where a series' read window starts from now on; it never moves back.
+
+    A settled run (its settle window passed) keeps only its top step. A settling one keeps
+    everything captured after the settle horizon and the top step captured before it: a
+    point still in flight was logged after the horizon, so (steps rising as each writer
+    logs) it lands at or above that step, or near a lagging writer's recent low.
+    """
+    if settled:
+        candidate = stats.top
+    else:
+        candidate = stats.settled_top
+        if candidate is not None and stats.recent_low is not None:
+            candidate = min(candidate, stats.recent_low)
+    if candidate is None:
+        return current
+    return candidate if current is None else max(current, candidate)
+
+
+def needed_by_backfill(
+    read: Iterable[MetricPoint], window_start: int | None, identities: frozenset[Identity]
+) -> list[MetricPoint]:
+    """Points of a series that a sink registered later must still get: those captured
+    before it registered (below the frozen window, or among the frozen identities)."""
+    return [
+        p
+        for p in read
+        if (window_start is not None and p.step < window_start) or p.identity in identities
+    ]

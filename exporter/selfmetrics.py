@@ -1,0 +1,158 @@
+"""The exporter's own metrics, in a private `CollectorRegistry` (never the global one).
+
+Every label value a family can take is created at start, so `rate()` and absence-based
+alerts see zeros instead of nothing.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from exporter import __version__
+
+P = "mlflow_exporter_"
+STAGES = ("mlflow", "pushgateway", "pramathus", "remote_write", "state", "internal")
+CYCLE_RESULTS = ("success", "failure", "crash")
+EXCLUDED_KINDS = ("experiments", "runs", "metrics")
+RECONCILE_KINDS = ("new", "changed", "restored", "removed")
+SINKS = ("pramathus", "remote_write")
+
+
+class SinkMetrics:
+    """The delivery metrics of one history sink, named after it (`..._pramathus_...`)."""
+
+    def __init__(self, sink: str, registry: CollectorRegistry) -> None:
+        p, r, what = f"{P}{sink}_", registry, sink.replace("_", " ")
+        unit = "samples" if sink == "remote_write" else "points"
+        self.points_sent = Counter(
+            f"{p}points_sent", f"Metric points {what} acknowledged.", registry=r
+        )
+        self.batches_sent = Counter(f"{p}batches_sent", f"Batches {what} acknowledged.", registry=r)
+        self.spool_points = Gauge(
+            f"{p}spool_points", f"Metric points waiting in the {what} queue ({unit}).", registry=r
+        )
+        self.spool_batches = Gauge(
+            f"{p}spool_batches", f"Batches waiting in the {what} queue.", registry=r
+        )
+        self.dead_letters = Gauge(
+            f"{p}dead_letter_batches",
+            f"Batches set aside for good ({what} refused them), kept on disk.",
+            registry=r,
+        )
+        self.set_aside = Gauge(
+            f"{p}set_aside_points",
+            f"Points set aside for good, by reason ({what} refused them or they were too old).",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            f"{p}dropped_points",
+            f"Points dropped by the {what} queue's overflow policy.",
+            ["reason"],
+            registry=r,
+        )
+        self.backfill = Gauge(
+            f"{p}backfill_series",
+            f"Series still to backfill into {what} (it was enabled after points were captured).",
+            registry=r,
+        )
+        self.dropped.labels("queue_overflow")
+        for reason in ("rejected", "too_old", "out_of_order"):
+            self.set_aside.labels(reason)
+
+
+class SelfMetrics:
+    """Every self-metric, registered in its own `CollectorRegistry`."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.up = Gauge(f"{P}up", "1 when the last cycle could read MLflow.", registry=r)
+        self.cycles = Counter(
+            f"{P}cycles",
+            "Export cycles run, by result (success, failure, crash).",
+            ["result"],
+            registry=r,
+        )
+        self.cycle_duration = Histogram(
+            f"{P}cycle_duration_seconds",
+            "Wall time of export cycles.",
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
+        self.last_success = Gauge(
+            f"{P}last_success_timestamp_seconds",
+            "When the last fully successful cycle ended.",
+            registry=r,
+        )
+        self.last_cycle = Gauge(
+            f"{P}last_cycle_timestamp_seconds",
+            "When the last cycle ended, whatever its result.",
+            registry=r,
+        )
+        self.errors = Counter(
+            f"{P}errors", "Cycle errors, by pipeline stage.", ["stage"], registry=r
+        )
+        self.mlflow_requests = Counter(
+            f"{P}mlflow_requests", "HTTP requests made to MLflow.", ["endpoint"], registry=r
+        )
+        self.pushed_groups = Gauge(
+            f"{P}pushed_groups",
+            "Pushgateway groups pushed by the last cycle (unchanged ones are not re-pushed).",
+            registry=r,
+        )
+        self.pushed_series = Gauge(
+            f"{P}pushed_series", "Series pushed by the last cycle.", registry=r
+        )
+        self.last_push_success = Gauge(
+            f"{P}last_push_success_timestamp_seconds",
+            "When a cycle last brought the Pushgateway fully up to date with the mirror.",
+            registry=r,
+        )
+        self.nonfinite = Gauge(
+            f"{P}nonfinite_values",
+            "Latest metric values in the last push that were NaN or inf.",
+            registry=r,
+        )
+        self.excluded = Gauge(
+            f"{P}excluded", "What the last cycle left out by config bounds.", ["kind"], registry=r
+        )
+        self.points_captured = Counter(
+            f"{P}points_captured", "New metric points read from MLflow and queued.", registry=r
+        )
+        self.settling = Gauge(
+            f"{P}settling_runs",
+            "Runs re-read every cycle because they changed within the settle window.",
+            registry=r,
+        )
+        self.pending = Gauge(
+            f"{P}pending_runs", "Runs whose new points are not read yet.", registry=r
+        )
+        self.reconcile_found = Counter(
+            f"{P}reconcile_found",
+            "Changes only the background sweep saw (deltas could not), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.sweep_passes = Counter(
+            f"{P}sweep_passes", "Completed passes of the background reconcile sweep.", registry=r
+        )
+        self.last_sweep = Gauge(
+            f"{P}last_sweep_completed_timestamp_seconds",
+            "When the background sweep last completed a pass over every run.",
+            registry=r,
+        )
+        info = Gauge(
+            f"{P}build_info", "Exporter build (always 1).", ["version", "python"], registry=r
+        )
+        info.labels(__version__, platform.python_version()).set(1)
+        self.sinks = {sink: SinkMetrics(sink, r) for sink in SINKS}
+        for stage in STAGES:
+            self.errors.labels(stage)
+        for result in CYCLE_RESULTS:
+            self.cycles.labels(result)
+        for kind in EXCLUDED_KINDS:
+            self.excluded.labels(kind)
+        for kind in RECONCILE_KINDS:
+            self.reconcile_found.labels(kind)

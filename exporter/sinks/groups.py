@@ -1,0 +1,111 @@
+"""The mirror's Prometheus groups, read from the state and built by `planners/series.py`.
+
+Shared by the Pushgateway push (one group at a time) and the pull endpoint (all groups
+merged into one exposition, built fresh on each scrape over a read-only connection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from exporter.config import ExportSettings
+from exporter.model import Registry
+from exporter.planners.scope import metric_filter
+from exporter.planners.series import (
+    REGISTRY_KEY,
+    ExperimentView,
+    GroupKey,
+    ServerCounts,
+    experiment_families,
+    experiment_key,
+    registry_families,
+)
+from exporter.state.mirror import Mirror
+
+
+@dataclass
+class GroupBuilder:
+    """Families of each group, as of the mirror now."""
+
+    mirror: Mirror
+    export: ExportSettings
+    run_id_length: int
+    selected: set[str]  # experiments with per-run series
+    counts: ServerCounts
+
+    def __post_init__(self) -> None:
+        self.registry: Registry = self.mirror.registry()
+        self._stages = self.registry.stage_by_run()
+        self._allowed = metric_filter(self.export)
+        self._version_runs = self.mirror.known(self.registry.run_ids())
+        self._experiments = {e.experiment_id: e for e in self.mirror.experiments()}
+
+    def experiment(
+        self, experiment_id: str, on_cut: Callable[[str, int], None] | None = None
+    ) -> list[Metric]:
+        """The families of one experiment's group; `on_cut(id, runs)` hears how many runs
+        `max_runs_per_experiment` left out of its per-run series."""
+        mirror = self.mirror
+        selected = experiment_id in self.selected
+        runs, cut = mirror.runs_for_push(experiment_id, self.export.max_runs_per_experiment)
+        if on_cut is not None:
+            on_cut(experiment_id, cut if selected else 0)
+        mine = sorted(
+            r
+            for r, k in self._version_runs.items()
+            if k.experiment_id == experiment_id and k.deleted_ms is None
+        )
+        view = ExperimentView(
+            experiment=self._experiments[experiment_id],
+            runs=runs if selected else [],
+            status_counts=mirror.status_counts(experiment_id),
+            last_run_start_ms=mirror.last_run_start(experiment_id),
+            versions=[v for v in self.registry.versions if v.run_id in set(mine)],
+            version_metrics=mirror.latest(mine),
+        )
+        return experiment_families(view, self._stages, self.run_id_length, self._allowed)
+
+    def registry_group(self) -> list[Metric]:
+        return registry_families(self.registry, self.counts, self.run_id_length)
+
+    def groups(self, with_registry: bool) -> Iterator[tuple[GroupKey, list[Metric]]]:
+        """Every group, one at a time."""
+        for experiment_id in sorted(self._experiments):
+            yield experiment_key(experiment_id), self.experiment(experiment_id)
+        if with_registry:
+            yield REGISTRY_KEY, self.registry_group()
+
+
+def merge(groups: Iterator[tuple[GroupKey, list[Metric]]]) -> list[Metric]:
+    """One exposition of many groups: families of one name merged (a scrape may name a
+    family once)."""
+    merged: dict[str, Metric] = {}
+    for _key, families in groups:
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                merged[family.name] = family
+            else:
+                into.samples.extend(family.samples)
+    return list(merged.values())
+
+
+@dataclass
+class MirrorCollector(Collector):
+    """Pull mode: every group built fresh from the state on each scrape."""
+
+    open_builder: Callable[[], tuple[GroupBuilder, Callable[[], None]]]
+    with_registry: bool
+
+    def collect(self) -> Iterator[Any]:
+        builder, close = self.open_builder()
+        try:
+            families = merge(builder.groups(self.with_registry))
+        finally:
+            close()
+        yield from families

@@ -1,0 +1,174 @@
+"""Remote write as a history sink: every captured point at its own timestamp.
+
+Each MLflow point becomes two samples at the point's timestamp: the value, in the series
+`mlflow_<key>` named as for the Pushgateway, and its step, in `mlflow_metric_step` with the
+same labels. The step is a series, never a label: a label per step would make a new series
+for every step (unbounded cardinality).
+
+Labels: `experiment_id`, `experiment_name`, `run_id` (shortened like the Pushgateway's),
+`run_name`, `metric_key` (the original key). Receivers keep one value per series and
+timestamp: of points sharing one, the highest step is sent and the others are set aside
+(`duplicate_timestamp`). Samples older than `max_sample_age` are set aside (`too_old`)
+without a request; receivers that refuse samples for their age or order get them split
+out and set aside by the delivery loop.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from exporter.config import RemoteWriteSettings
+from exporter.model import MetricPoint, RunContext
+from exporter.naming import label_value, metric_family_name
+from exporter.sinks import remote_write as wire
+from exporter.sinks.delivery import Encoded, Outcome, Reply
+from exporter.state.outbox import EncodedBatch, QueuedBatch
+
+STEP_FAMILY = "mlflow_metric_step"
+SAMPLES_PER_POINT = 2
+
+_REFUSALS = {
+    wire.Verdict.TOO_OLD: "too_old",
+    wire.Verdict.OUT_OF_ORDER: "out_of_order",
+    wire.Verdict.REJECTED: "rejected",
+}
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class RemoteWriteSink:
+    """The remote write `DeliverySink`; queue sizes and counts are in samples."""
+
+    settings: RemoteWriteSettings
+    run_id_length: Callable[[], int] = lambda: 12
+    client: wire.RemoteWriteClient | None = None
+    name: str = "remote_write"
+
+    def __post_init__(self) -> None:
+        if self.client is None:
+            self.client = wire.RemoteWriteClient(self.settings)
+
+    @property
+    def budget_seconds(self) -> float:
+        return self.settings.delivery_budget_seconds
+
+    @property
+    def max_attempts(self) -> int:
+        return 0
+
+    @property
+    def queue_max_points(self) -> int:
+        return self.settings.queue_max_samples
+
+    @property
+    def drop_oldest(self) -> bool:
+        return self.settings.queue_overflow == "drop_oldest"
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(
+        self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
+    ) -> Encoded:
+        """Batches of at most `batch_size` samples; too old and same-timestamp points aside."""
+        length = self.run_id_length()
+        oldest = (
+            now_ms - int(self.settings.max_sample_age * 1000)
+            if self.settings.max_sample_age
+            else None
+        )
+        keep, duplicates, too_old = _sort_out(points, oldest)
+        refused: dict[str, list[EncodedBatch]] = {}
+        for reason, group in (("too_old", too_old), ("duplicate_timestamp", duplicates)):
+            if group:
+                refused[reason] = self._batches(group, contexts, length)
+        return Encoded(self._batches(keep, contexts, length), refused)
+
+    def _batches(
+        self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], length: int
+    ) -> list[EncodedBatch]:
+        per_batch = max(1, self.settings.batch_size // SAMPLES_PER_POINT)
+        out = []
+        for start in range(0, len(points), per_batch):
+            chunk = points[start : start + per_batch]
+            series = _series(chunk, contexts, length)
+            body = wire.encode(series)
+            out.append(EncodedBatch(str(uuid.uuid4()), len(chunk) * SAMPLES_PER_POINT, body))
+        return out
+
+    def split(self, body: bytes) -> list[EncodedBatch]:
+        older, newer = wire.split(body)
+        return [
+            EncodedBatch(str(uuid.uuid4()), wire.sample_count(part), part)
+            for part in (older, newer)
+        ]
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, batch: QueuedBatch) -> Reply:
+        assert self.client is not None
+        sent = self.client.send(batch.body)
+        if sent.verdict is wire.Verdict.ACCEPTED:
+            return Reply(Outcome.ACCEPTED, status=sent.status)
+        if sent.verdict is wire.Verdict.RETRY:
+            return Reply(Outcome.RETRY, sent.message, sent.status, sent.retry_after)
+        reason = _REFUSALS[sent.verdict]
+        return Reply(
+            Outcome.REFUSED,
+            sent.message,
+            sent.status,
+            reason=reason,
+            splittable=sent.verdict is not wire.Verdict.REJECTED,
+        )
+
+
+def _sort_out(
+    points: Iterable[MetricPoint], oldest_ms: int | None
+) -> tuple[list[MetricPoint], list[MetricPoint], list[MetricPoint]]:
+    """(points to send, same-timestamp losers, too old): per (run, key, timestamp) the point
+    with the highest step (then value) is the one a receiver gets."""
+    best: dict[tuple[str, str, int], MetricPoint] = {}
+    losers, too_old = [], []
+    for p in points:
+        if oldest_ms is not None and p.timestamp_ms < oldest_ms:
+            too_old.append(p)
+            continue
+        slot = (p.run_id, p.key, p.timestamp_ms)
+        held = best.get(slot)
+        if held is None:
+            best[slot] = p
+        elif (p.step, p.identity[2]) > (held.step, held.identity[2]):
+            losers.append(held)
+            best[slot] = p
+        else:
+            losers.append(p)
+    keep = sorted(best.values(), key=lambda p: (p.run_id, p.key, p.timestamp_ms))
+    return keep, losers, too_old
+
+
+def _series(
+    points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], length: int
+) -> list[wire.TimeSeries]:
+    """The value and step series of these points (one timestamp per series at most)."""
+    values: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for p in points:
+        values.setdefault((p.run_id, p.key), []).append((p.timestamp_ms, p.value))
+    steps = {(p.run_id, p.key, p.timestamp_ms): float(p.step) for p in points}
+    out = []
+    for (run_id, key), samples in values.items():
+        ctx = contexts.get(run_id) or RunContext("", "", "", {})
+        labels = {
+            "experiment_id": ctx.experiment_id,
+            "experiment_name": label_value(ctx.experiment_name),
+            "run_id": run_id[:length],
+            "run_name": label_value(ctx.run_name),
+            "metric_key": key,
+        }
+        stamps = sorted({t for t, _ in samples})
+        out.append(wire.TimeSeries.of(metric_family_name(key), labels, samples))
+        out.append(
+            wire.TimeSeries.of(STEP_FAMILY, labels, [(t, steps[(run_id, key, t)]) for t in stamps])
+        )
+    return out

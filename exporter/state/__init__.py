@@ -1,0 +1,65 @@
+"""Durable exporter state, one SQLite file in the state directory, split by concern.
+
+- `db.py`: opening, locking, corruption versus passing trouble, transactions;
+- `mirror.py`: what MLflow holds (experiments, runs, latest values, registry);
+- `ledger.py`: what was captured (series windows, point identities, sinks, backfills);
+- `outbox.py`: per-sink delivery queues and set-aside batches;
+- `records.py`: small typed facts (push state, label length, sweep cursor, ...).
+
+Everything is handed out as dataclasses; no other module sees a connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from exporter.state import records
+from exporter.state.db import Database, StateError, is_corruption
+from exporter.state.ledger import Ledger
+from exporter.state.mirror import Mirror
+from exporter.state.outbox import Outbox
+
+__all__ = ["Ledger", "Mirror", "Outbox", "StateError", "StateStore", "is_corruption"]
+
+R = TypeVar("R")
+
+
+class StateStore:
+    """The exporter's state. One process at a time holds the directory's lock."""
+
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.time) -> None:
+        self.db = Database(directory, clock)
+        self.directory = directory
+        self.mirror = Mirror(self.db.conn)
+        self.ledger = Ledger(self.db.conn)
+
+    @property
+    def set_aside(self) -> Path | None:
+        """Where a corrupt state file was moved when this store opened, if anywhere."""
+        return self.db.set_aside
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All state writes inside commit together or not at all."""
+        with self.db.transaction():
+            yield
+
+    def outbox(self, sink: str) -> Outbox:
+        return Outbox(self.db.conn, sink)
+
+    def load(self, kind: type[R]) -> R:
+        return records.load(self.db.conn, kind)
+
+    def save(self, record: Any) -> None:
+        records.save(self.db.conn, record)
+
+    def reader(self) -> Mirror:
+        """A mirror over a separate read-only connection, for another thread (pull scrapes)."""
+        return Mirror(self.db.reader())
+
+    def close(self) -> None:
+        self.db.close()

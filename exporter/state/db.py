@@ -1,0 +1,164 @@
+"""The state database: one SQLite file in the state directory, held by one process.
+
+SQLite gives atomic commits, so a `kill -9` at any moment leaves either the old or the new
+state, never half of one. Opening it tells real corruption apart from a passing problem:
+
+- a file that is not a database, or fails `PRAGMA quick_check`, is moved aside
+  (`state.db.corrupt-<unix ms>`, never overwriting an earlier copy) and a fresh one is made;
+- anything else (locked or busy beyond the busy timeout, disk full, permissions, I/O errors)
+  is a `StateError`: the file is kept as it is and the command or cycle fails, so a state
+  that is merely busy is never thrown away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from exporter.state.schema import SCHEMA_VERSION, create, migrate
+
+FILE = "state.db"
+# Wait this long for a lock held by another connection (a pull scrape, a backup tool)
+# before failing; a cycle that fails this way is retried next interval with state intact.
+BUSY_TIMEOUT_SECONDS = 10.0
+CORRUPTION = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+
+
+class StateError(Exception):
+    """The state directory cannot be used right now; message safe to show."""
+
+
+def is_corruption(exc: sqlite3.Error) -> bool:
+    """True only for errors that mean the file's content is damaged or not a database."""
+    return getattr(exc, "sqlite_errorname", "") in CORRUPTION
+
+
+class Database:
+    """The open state database and the directory lock that makes it this process's own."""
+
+    def __init__(self, directory: Path, clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self.path = directory / FILE
+        self.clock = clock
+        self.set_aside: Path | None = None  # where a corrupt database was moved, if anywhere
+        self._lock = _lock_directory(directory)
+        try:
+            self.conn = self._open()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return _connect_checked(self.path)
+        except sqlite3.DatabaseError as exc:
+            if not is_corruption(exc):
+                raise StateError(
+                    f"state database {self.path} cannot be used now ({exc}); it is kept as it "
+                    "is: free disk space or fix permissions, then start again"
+                ) from None
+        self.set_aside = self._move_aside()
+        try:
+            return _connect_checked(self.path)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot create a fresh state database {self.path}: {exc}") from None
+
+    def _move_aside(self) -> Path:
+        stamp = int(self.clock() * 1000)
+        aside = self.path.with_name(f"{FILE}.corrupt-{stamp}")
+        while aside.exists():
+            stamp += 1
+            aside = self.path.with_name(f"{FILE}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                os.replace(src, Path(f"{aside}{suffix}"))
+        return aside
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All writes inside commit together or not at all."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def reader(self) -> sqlite3.Connection:
+        """A separate read-only connection (WAL lets it read while a cycle writes)."""
+        conn = sqlite3.connect(
+            f"file:{self.path}?mode=ro",
+            uri=True,
+            timeout=BUSY_TIMEOUT_SECONDS,
+            check_same_thread=False,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        return conn
+
+    def close(self) -> None:
+        self.conn.close()
+        self._lock.close()
+
+
+def _lock_directory(directory: Path) -> IO[str]:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = open(directory / "exporter.lock", "a+")  # noqa: SIM115 - held for life
+    except OSError as exc:
+        raise StateError(
+            f"state directory {directory} is not usable ({exc.strerror or exc}); set "
+            "EXPORTER_STATE_DIR to a writable directory"
+        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise StateError(
+            f"state directory {directory} is in use by another exporter process; give each "
+            "process its own EXPORTER_STATE_DIR (one per shard)"
+        ) from None
+    return lock
+
+
+def _connect_checked(path: Path) -> sqlite3.Connection:
+    """Connect, prove the file is a sound database, bring its schema up to date."""
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            error = sqlite3.DatabaseError(f"integrity check failed: {verdict}")
+            error.sqlite_errorname = "SQLITE_CORRUPT"
+            raise error
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and _has_table(conn, "watermark"):
+            migrate(conn, from_version=1)
+        elif version < SCHEMA_VERSION:
+            create(conn)
+        elif version > SCHEMA_VERSION:
+            raise sqlite3.OperationalError(
+                f"schema version {version} is newer than this exporter's {SCHEMA_VERSION}"
+            )
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return row is not None

@@ -1,0 +1,123 @@
+"""The state database's tables, by concern, and the migration from the first layout.
+
+- mirror: `experiment`, `run`, `latest`, `registered_model`, `model_version`, `metric_key`;
+- capture ledger: `series` (one per run and metric key, with its read window) and `point`
+  (identities of points delivered within that window), `sink` and the `backfill*` tables;
+- delivery queues: `spool` (batches per sink, oldest first) and `dead_letter` (set aside);
+- typed records: `record` (one JSON row per record dataclass, see `records.py`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 2
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS record (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experiment (
+    experiment_id TEXT PRIMARY KEY, name TEXT NOT NULL, lifecycle_stage TEXT NOT NULL,
+    creation_time_ms INTEGER, last_update_time_ms INTEGER,
+    synced INTEGER NOT NULL DEFAULT 0, dirty INTEGER NOT NULL DEFAULT 1,
+    cut_runs INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS run (
+    run_id TEXT PRIMARY KEY, experiment_id TEXT NOT NULL, run_name TEXT NOT NULL,
+    status TEXT NOT NULL, user_id TEXT NOT NULL, start_time_ms INTEGER, end_time_ms INTEGER,
+    tags TEXT NOT NULL, fingerprint TEXT NOT NULL DEFAULT '',
+    settle_until_ms INTEGER NOT NULL DEFAULT 0, deleted_ms INTEGER,
+    pending INTEGER NOT NULL DEFAULT 1);
+CREATE INDEX IF NOT EXISTS run_by_experiment ON run (experiment_id, start_time_ms, run_id);
+CREATE INDEX IF NOT EXISTS run_by_settle ON run (settle_until_ms);
+CREATE INDEX IF NOT EXISTS run_unfinished ON run (status)
+    WHERE status IN ('RUNNING', 'SCHEDULED');
+CREATE INDEX IF NOT EXISTS run_deleted ON run (deleted_ms) WHERE deleted_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS run_pending ON run (run_id) WHERE pending = 1;
+CREATE TABLE IF NOT EXISTS latest (
+    run_id TEXT NOT NULL, metric_key TEXT NOT NULL, value REAL, step INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL, PRIMARY KEY (run_id, metric_key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS metric_key (key TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS registered_model (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS model_version (
+    model_name TEXT NOT NULL, version TEXT NOT NULL, run_id TEXT, stage TEXT NOT NULL,
+    status TEXT NOT NULL, aliases TEXT NOT NULL, creation_time_ms INTEGER,
+    PRIMARY KEY (model_name, version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS series (
+    series_id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, metric_key TEXT NOT NULL,
+    window_start INTEGER, UNIQUE (run_id, metric_key));
+CREATE TABLE IF NOT EXISTS point (
+    series_id INTEGER NOT NULL, step INTEGER NOT NULL, timestamp_ms INTEGER NOT NULL,
+    value_bits INTEGER NOT NULL, captured_ms INTEGER NOT NULL,
+    PRIMARY KEY (series_id, step, timestamp_ms, value_bits)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink (name TEXT PRIMARY KEY, registered_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS backfill (
+    sink TEXT NOT NULL, series_id INTEGER NOT NULL, window_start INTEGER,
+    PRIMARY KEY (sink, series_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS backfill_point (
+    sink TEXT NOT NULL, series_id INTEGER NOT NULL, step INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL, value_bits INTEGER NOT NULL,
+    PRIMARY KEY (sink, series_id, step, timestamp_ms, value_bits)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spool (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL DEFAULT 'pramathus',
+    idempotency_key TEXT NOT NULL, created_ms INTEGER NOT NULL, points INTEGER NOT NULL,
+    body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT);
+CREATE INDEX IF NOT EXISTS spool_by_sink ON spool (sink, id);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    id INTEGER PRIMARY KEY, sink TEXT NOT NULL DEFAULT 'pramathus',
+    idempotency_key TEXT NOT NULL, created_ms INTEGER NOT NULL, failed_ms INTEGER NOT NULL,
+    points INTEGER NOT NULL, body BLOB NOT NULL, status INTEGER, error TEXT,
+    reason TEXT NOT NULL DEFAULT 'rejected');
+"""
+
+
+def create(conn: sqlite3.Connection) -> None:
+    """Create every table that is missing and stamp the schema version."""
+    conn.executescript(TABLES)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def migrate(conn: sqlite3.Connection, from_version: int) -> None:
+    """Bring a state database of an older layout up to date in one transaction.
+
+    Version 1 kept one `(step, timestamp)` watermark per run and key for Pramathus, its
+    spool and dead letters without a sink, and small facts in a `meta` table. Its marks
+    become read windows: points at or below a mark count as delivered and are never read
+    again, so upgrading resends nothing.
+    """
+    if from_version != 1:
+        raise sqlite3.OperationalError(f"no migration from schema version {from_version}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column in (
+            ("spool", "sink TEXT NOT NULL DEFAULT 'pramathus'"),
+            ("dead_letter", "sink TEXT NOT NULL DEFAULT 'pramathus'"),
+            ("dead_letter", "reason TEXT NOT NULL DEFAULT 'rejected'"),
+            ("run", "settle_until_ms INTEGER NOT NULL DEFAULT 0"),
+            ("run", "deleted_ms INTEGER"),
+            ("run", "pending INTEGER NOT NULL DEFAULT 1"),
+            ("experiment", "cut_runs INTEGER NOT NULL DEFAULT 0"),
+        ):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        for statement in TABLES.split(";"):  # executescript would commit the transaction
+            if statement.strip():
+                conn.execute(statement)
+        # Fingerprints were computed differently: an empty one makes the next read of each
+        # run adopt it as if first seen (its windows still keep delivered points out).
+        conn.execute("UPDATE run SET fingerprint = ''")
+        conn.execute(
+            "INSERT OR IGNORE INTO series (run_id, metric_key, window_start) "
+            "SELECT run_id, metric_key, step + 1 FROM watermark"
+        )
+        delivered = conn.execute(
+            "SELECT (SELECT count(*) FROM watermark) + (SELECT count(*) FROM spool)"
+        ).fetchone()[0]
+        if delivered:
+            conn.execute("INSERT OR IGNORE INTO sink (name, registered_ms) VALUES ('pramathus', 0)")
+        # Everything else in `meta` is re-learnt in a cycle: push every group once more.
+        conn.execute("UPDATE experiment SET dirty = 1")
+        conn.execute("DROP TABLE watermark")
+        conn.execute("DROP TABLE IF EXISTS meta")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
