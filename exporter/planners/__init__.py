@@ -1,0 +1,1 @@
+"""Pure decisions of a cycle: plain data in, plain data out."""
