@@ -87,8 +87,18 @@ def curves(rng: random.Random, steps: int, quality: float) -> dict[str, list[flo
     return out
 
 
+def run_name(e: int, r: int, seed: int) -> str:
+    """The sample run's name: the key that makes generate-sample idempotent for a seed."""
+    return f"run-{e}-{r}-seed{seed}"
+
+
 def generate(settings: Settings, spec: SampleSpec, progress: bool = False) -> str:
-    """Create the sample data; returns a one-line summary."""
+    """Create the sample data, or what of it is missing; returns a one-line summary.
+
+    Idempotent for a given seed: runs are found by their deterministic names (one search per
+    experiment), a model version is created only for a run no version points at yet, and
+    stages and aliases are set only where they differ.
+    """
     # Fail fast on an unreachable server instead of MLflow's default two minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -101,6 +111,7 @@ def generate(settings: Settings, spec: SampleSpec, progress: bool = False) -> st
     now_ms = int(time.time() * 1000)
     finished: list[tuple[float, str, str]] = []  # (accuracy, run_id, artifact_uri)
     total = spec.experiments * spec.runs
+    created = 0
     bar_file = sys.stdout if progress else open(os.devnull, "w")  # noqa: SIM115
     # MLflow prints a "View run" line per run on stdout; keep stdout for our summary only.
     with (
@@ -110,24 +121,48 @@ def generate(settings: Settings, spec: SampleSpec, progress: bool = False) -> st
         for e in range(spec.experiments):
             base = EXPERIMENT_NAMES[e % len(EXPERIMENT_NAMES)]
             name = base if e < len(EXPERIMENT_NAMES) else f"{base}-{e}"
+            # Drawn whether or not the experiment exists: every later draw (and so every run's
+            # data, and which runs are best) must not depend on what the server already holds.
+            team = rng.choice(["growth", "risk", "platform"])
             existing = client.get_experiment_by_name(name)
             exp_id = (
                 existing.experiment_id
                 if existing
-                else client.create_experiment(
-                    name, tags={"team": rng.choice(["growth", "risk", "platform"])}
-                )
+                else client.create_experiment(name, tags={"team": team})
             )
+            present = _sample_runs(client, exp_id, e, spec.seed)
             for r in range(spec.runs):
-                finished.extend(
-                    _one_run(client, rng, spec, exp_id, e, r, now_ms, Metric, Param, RunTag)
+                best, new = _one_run(
+                    client, rng, spec, exp_id, e, r, now_ms, present, Metric, Param, RunTag
                 )
+                finished.extend(best)
+                created += new
                 bar.update(1)
-    versions = _register(client, spec.model_name, sorted(finished, reverse=True)[:3])
+    made, kept = _register(client, spec.model_name, sorted(finished, reverse=True)[:3])
     return (
-        f"created {total} runs in {spec.experiments} experiments and {versions} versions "
+        f"created {created} runs ({total - created} already present) in {spec.experiments} "
+        f"experiments and {made} versions ({kept} already present) "
         f"of model {spec.model_name!r} at {settings.mlflow.tracking_uri}"
     )
+
+
+def _sample_runs(client: Any, exp_id: str, e: int, seed: int) -> dict[str, Any]:
+    """This experiment's sample runs for `seed`, by name: one search (paged), not one per run."""
+    found: dict[str, Any] = {}
+    token = None
+    while True:
+        page = client.search_runs(
+            [exp_id],
+            # Narrowed server side so an experiment full of other runs costs little.
+            filter_string=f"attributes.run_name LIKE 'run-{e}-%-seed{seed}'",
+            max_results=1000,
+            page_token=token,
+        )
+        for run in page:
+            found.setdefault(run.info.run_name, run)
+        token = page.token
+        if not token:
+            return found
 
 
 def _one_run(
@@ -138,30 +173,39 @@ def _one_run(
     e: int,
     r: int,
     now_ms: int,
+    present: dict[str, Any],
     Metric: Any,
     Param: Any,
     RunTag: Any,
-) -> list[tuple[float, str, str]]:
+) -> tuple[list[tuple[float, str, str]], int]:
+    """Create run r of experiment e unless it exists; returns ([(accuracy, id, uri)] when it
+    is a FINISHED candidate for the registry, 1 if created else 0)."""
     # Runs start every 15 minutes up to now; counted from the newest run, the status cycle
-    # puts a FAILED run within the last hour, so a fresh stack shows the alert firing.
+    # puts a FAILED run within the last hour of the first generation.
     ago = (spec.experiments - e) * spec.runs - r  # 1 for the newest run
     status = STATUS_CYCLE[(ago - 1) % len(STATUS_CYCLE)]
     start = now_ms - ago * RUN_SPACING_MS
+    # Every random draw happens before the existence check, so the stream stays the same
+    # whichever runs already exist.
     lr, batch = rng.choice([1e-2, 3e-3, 1e-3, 3e-4]), rng.choice([32, 64, 128, 256])
-    run = client.create_run(
-        exp_id,
-        start_time=start,
-        run_name=f"run-{e}-{r}-lr{lr:g}",
-        tags={
-            "model_type": rng.choice(["xgboost", "mlp", "logreg"]),
-            "dataset": f"v{rng.randint(1, 4)}",
-            "owner": "sample",
-        },
-    )
-    run_id = run.info.run_id
+    tags = {
+        "model_type": rng.choice(["xgboost", "mlp", "logreg"]),
+        "dataset": f"v{rng.randint(1, 4)}",
+        "owner": "sample",
+    }
     series = curves(rng, spec.steps, quality=rng.uniform(0.2, 1.0))
+    optimizer = rng.choice(["adam", "sgd", "adamw"])
     # A failed or killed run stops early, like a crash or a cancelled job.
     steps = spec.steps if status in ("FINISHED", "RUNNING") else max(1, spec.steps // 2)
+    best = series["accuracy"][steps - 1]
+
+    name = run_name(e, r, spec.seed)
+    if name in present:
+        info = present[name].info
+        return ([(best, info.run_id, info.artifact_uri)] if status == "FINISHED" else []), 0
+
+    run = client.create_run(exp_id, start_time=start, run_name=name, tags=tags)
+    run_id = run.info.run_id
     metrics = [
         Metric(key, value, start + (step + 1) * STEP_MS, step)
         for key, values in series.items()
@@ -170,7 +214,7 @@ def _one_run(
     params = [
         Param("learning_rate", str(lr)),
         Param("batch_size", str(batch)),
-        Param("optimizer", rng.choice(["adam", "sgd", "adamw"])),
+        Param("optimizer", optimizer),
         Param("epochs", str(spec.steps)),
     ]
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
@@ -181,30 +225,61 @@ def _one_run(
             tags=[RunTag("mlflow.note.content", "generated by exporter")] if i == 0 else [],
         )
     if status == "RUNNING":
-        return []
+        return [], 1
     client.set_terminated(run_id, status=status, end_time=start + (steps + 1) * STEP_MS)
     if status != "FINISHED":
-        return []
-    return [(series["accuracy"][steps - 1], run_id, run.info.artifact_uri)]
+        return [], 1
+    return [(best, run_id, run.info.artifact_uri)], 1
 
 
-def _register(client: Any, name: str, best: list[tuple[float, str, str]]) -> int:
+def _register(client: Any, name: str, best: list[tuple[float, str, str]]) -> tuple[int, int]:
     """Register the best runs as versions; newest gets Staging + challenger, best Production
-    + champion (stages are deprecated in MLflow but still used by many registries)."""
+    + champion (stages are deprecated in MLflow but still used by many registries).
+
+    A version is created only for a run that no version of the model points at yet; stages
+    and aliases are changed only where they differ. Returns (created, already present).
+    """
     if not best:
-        return 0
+        return 0, 0
     if not _exists(client, name):
         client.create_registered_model(name, description="Sample model made by generate-sample")
-    created = []
+    existing: dict[str, Any] = {}  # run_id -> its oldest version
+    for mv in _versions(client, name):
+        if mv.run_id and (
+            mv.run_id not in existing or int(mv.version) < int(existing[mv.run_id].version)
+        ):
+            existing[mv.run_id] = mv
+    versions = []
+    made = 0
     for _acc, run_id, artifact_uri in best:
-        mv = client.create_model_version(name, source=f"{artifact_uri}/model", run_id=run_id)
-        created.append(mv.version)
-    _stage(client, name, created[0], "Production")
-    client.set_registered_model_alias(name, "champion", created[0])
-    if len(created) > 1:
-        _stage(client, name, created[1], "Staging")
-        client.set_registered_model_alias(name, "challenger", created[1])
-    return len(created)
+        mv = existing.get(run_id)
+        if mv is None:
+            mv = client.create_model_version(name, source=f"{artifact_uri}/model", run_id=run_id)
+            made += 1
+        versions.append(mv)
+    aliases = dict(client.get_registered_model(name).aliases or {})
+    roles = [("Production", "champion"), ("Staging", "challenger")]
+    for mv, (stage, alias) in zip(versions, roles, strict=False):
+        if mv.current_stage != stage:
+            _stage(client, name, mv.version, stage)
+        if str(aliases.get(alias)) != str(mv.version):
+            client.set_registered_model_alias(name, alias, mv.version)
+    return made, len(versions) - made
+
+
+def _versions(client: Any, name: str) -> list[Any]:
+    """Every version of model `name` (paged)."""
+    quote = "'" if "'" not in name else '"'
+    out: list[Any] = []
+    token = None
+    while True:
+        page = client.search_model_versions(
+            f"name = {quote}{name}{quote}", max_results=1000, page_token=token
+        )
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
 
 
 def _exists(client: Any, name: str) -> bool:

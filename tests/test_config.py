@@ -207,7 +207,9 @@ def test_problem_from_command_line_names_the_command_line() -> None:
 
 def test_unknown_top_level_section_is_reported_with_its_file(tmp_path: Path) -> None:
     path = write(tmp_path, "promethues:\n  gateway: http://x:9091\n")
-    assert problems_of(config_path=path) == [f"promethues: unknown key; did you mean 'prometheus'? [from file {path}]"]
+    assert problems_of(config_path=path) == [
+        f"promethues: unknown key; did you mean 'prometheus'? [from file {path}]"
+    ]
 
 
 def test_invalid_yaml_is_reported_with_the_file_name() -> None:
@@ -275,7 +277,9 @@ def test_secret_under_unknown_key_never_appears_in_config_error(tmp_path: Path) 
     path = write(tmp_path, f"pramathus:\n  apikey: {SECRET}\n")
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
-    assert info.value.problems == [f"pramathus.apikey: unknown key; did you mean 'api_key'? [from file {path}]"]
+    assert info.value.problems == [
+        f"pramathus.apikey: unknown key; did you mean 'api_key'? [from file {path}]"
+    ]
     assert SECRET not in str(info.value)
 
 

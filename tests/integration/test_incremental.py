@@ -12,9 +12,9 @@ import requests
 
 from exporter.app import open_runner
 from exporter.config import load_settings
-from exporter.selfmetrics import SelfMetrics
 from exporter.mlflow_source import shard_of
 from exporter.runner import Runner
+from exporter.selfmetrics import SelfMetrics
 from tests.integration.conftest import ExporterEnv
 from tests.support import servers
 from tests.support.receiver import Receiver

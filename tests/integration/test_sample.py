@@ -1,0 +1,91 @@
+"""`exporter generate-sample` against a real MLflow: the same seed twice creates nothing twice.
+
+run-local.sh calls it on every start, so a second call must find the runs and model versions
+of the first instead of adding copies.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.support import servers
+
+pytestmark = pytest.mark.integration
+
+MODEL = "sample-idempotency-model"
+ARGS = ("--experiments", "2", "--runs", "8", "--steps", "5", "--model-name", MODEL)
+
+
+@pytest.fixture(scope="module")
+def own_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
+    # A server of its own: generate-sample writes fixed experiment names, which other modules'
+    # session server also holds.
+    server = servers.start_mlflow(tmp_path_factory.mktemp("sample-mlflow"))
+    yield server
+    server.stop()
+
+
+def _generate(url: str, *extra: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRAMATHUS_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "generate-sample", *ARGS, *extra],
+        env={**env, "MLFLOW_TRACKING_URI": url, "LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip()
+
+
+def _snapshot(
+    client: MlflowClient,
+) -> tuple[Counter[str], list[tuple[str, str, str]], dict[str, str]]:
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, max_results=5000)
+    names = Counter(f"{r.info.experiment_id}/{r.info.run_name}" for r in runs)
+    versions = sorted(
+        (v.version, v.run_id, v.current_stage)
+        for v in client.search_model_versions(f"name = '{MODEL}'")
+    )
+    return names, versions, dict(client.get_registered_model(MODEL).aliases)
+
+
+def test_generate_sample_twice_with_one_seed_creates_nothing_the_second_time(
+    own_mlflow: servers.Server, tmp_path: Path
+) -> None:
+    client = MlflowClient(tracking_uri=own_mlflow.url)
+
+    first = _generate(own_mlflow.url)
+    names, versions, aliases = _snapshot(client)
+    assert sum(names.values()) == 16
+    assert max(names.values()) == 1, f"duplicate run names: {names}"
+    assert len(versions) == 3
+    assert sorted(stage for _, _, stage in versions) == ["None", "Production", "Staging"]
+    assert set(aliases) == {"champion", "challenger"}
+
+    second = _generate(own_mlflow.url)
+    # Nothing new and nothing moved: same runs, same versions on the same runs, same stages
+    # and aliases.
+    assert _snapshot(client) == (names, versions, aliases)
+    # ... and the summary says so.
+    assert first.startswith("created 16 runs (0 already present)"), first
+    assert "and 3 versions (0 already present)" in first, first
+    assert second.startswith("created 0 runs (16 already present)"), second
+    assert "and 0 versions (3 already present)" in second, second
+
+    # Another seed is other data: its own runs, and model versions only for its own best runs.
+    third = _generate(own_mlflow.url, "--seed", "7")
+    assert third.startswith("created 16 runs (0 already present)"), third
+    names7, _, _ = _snapshot(client)
+    assert sum(names7.values()) == 32
+    assert max(names7.values()) == 1
