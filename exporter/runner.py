@@ -26,7 +26,7 @@ from exporter.planners.series import REGISTRY_KEY, ServerCounts, experiment_key
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
-from exporter.sinks.pushgateway import PushError, Pushgateway
+from exporter.sinks.pushgateway import PushError, PushTarget
 from exporter.state import StateError, StateStore, records
 from exporter.state.mirror import Mirror
 from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
@@ -70,7 +70,7 @@ class Runner:
     state: StateStore
     metrics: SelfMetrics
     health: Health
-    pushgateway: Pushgateway | None
+    pushgateway: PushTarget | None
     sinks: Sequence[DeliverySink] = ()
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep

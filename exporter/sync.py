@@ -40,6 +40,7 @@ from exporter.planners.scope import in_scope, metric_filter
 from exporter.sinks.delivery import DeliverySink
 from exporter.state import StateStore
 from exporter.state.ledger import Series
+from exporter.state.mirror import PENDING_FULL, PENDING_NONE, PENDING_WINDOW
 from exporter.state.records import CaptureRecord, PushRecord, SweepRecord
 
 log = structlog.get_logger("exporter.sync")
@@ -216,7 +217,10 @@ class Sync:
                     removed.append(run.run_id)
                     continue
                 if decision.write:
-                    mirror.write_run(run, decision.settle_until_ms, capture=decision.capture)
+                    pending = PENDING_FULL if decision.whole else PENDING_WINDOW
+                    mirror.write_run(
+                        run, decision.settle_until_ms, pending if decision.capture else PENDING_NONE
+                    )
                     kind = decision.change.value
                     counts[kind] = counts.get(kind, 0) + 1
                 if decision.change is capture.Change.NEW:
@@ -298,23 +302,24 @@ class Sync:
         mirror, ledger = self.state.mirror, self.state.ledger
         due = mirror.capture_due(now_ms)
         allowed = metric_filter(self.settings.export)
-        for start in range(0, len(due), BULK_MAX_RUNS * 10):
-            run_ids = due[start : start + BULK_MAX_RUNS * 10]
+        ordered = list(due)
+        for start in range(0, len(ordered), BULK_MAX_RUNS * 10):
+            run_ids = ordered[start : start + BULK_MAX_RUNS * 10]
             latest = mirror.latest(run_ids)
             with self.state.transaction():
                 series = ledger.series((r, m.key) for r, ms in latest.items() for m in ms)
-            wanted = capture.history_requests(latest, series, allowed)
+            whole = [r for r in run_ids if due[r]]
+            wanted = capture.history_requests(latest, series, allowed, whole)
             remaining: dict[str, int] = dict.fromkeys(run_ids, 0)
             for w in wanted:
                 remaining[w.run_id] += 1
             with self.state.transaction():
                 mirror.captured([r for r, n in remaining.items() if n == 0])
-            settle = mirror.settle_until(run_ids)
             for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
                 self._check_stop()
                 read = self.source.histories(chunk)
                 result.points_captured += self._record(
-                    chunk, read, series, settle, remaining, now_ms, result
+                    chunk, read, series, remaining, now_ms, result
                 )
 
     def _record(
@@ -322,7 +327,6 @@ class Sync:
         chunk: Sequence[HistoryRequest],
         read: Sequence[MetricPoint],
         series: dict[tuple[str, str], Series],
-        settle: dict[str, int],
         remaining: dict[str, int],
         now_ms: int,
         result: SyncResult,
@@ -338,14 +342,12 @@ class Sync:
         with self.state.transaction():
             for w in chunk:
                 s = series[(w.run_id, w.key)]
-                known = ledger.identities(s.series_id, s.window_start)
-                fresh = capture.new_points(
-                    by_series.get((w.run_id, w.key), []), s.window_start, known
-                )
+                known = ledger.identities(s.series_id, w.start_step)
+                points = by_series.get((w.run_id, w.key), [])
+                fresh = capture.new_points(points, w.start_step, known)
                 ledger.record(s.series_id, (p.identity for p in fresh), now_ms)
                 stats = ledger.window_stats(s.series_id, horizon)
-                settled = settle.get(w.run_id, 0) <= now_ms
-                ledger.set_window(s.series_id, capture.next_window(s.window_start, stats, settled))
+                ledger.set_window(s.series_id, capture.next_window(s.window_start, stats))
                 new.extend(fresh)
                 remaining[w.run_id] -= 1
                 if remaining[w.run_id] == 0:

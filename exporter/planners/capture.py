@@ -11,7 +11,10 @@ Pure functions over plain data; `sync.py` executes what they decide. The model b
   captured, so late points are caught in whatever order they land.
 - A series' read window starts at the highest step that was captured before the settle
   horizon (or the lowest step captured after it, if lower: a lagging writer); before
-  anything has settled, every step is read. Below the window nothing is read again.
+  anything has settled, every step is read. A run that changes again after it settled (a
+  score logged days later, a resumed run re-logging from a checkpoint, a restore) is read
+  whole once: points landing below its window are caught then.
+- Identities of captured points are kept, so any read range delivers only what is new.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class RunDecision:
     change: Change
     settle_until_ms: int
     write: bool  # store it in the mirror
-    capture: bool  # read its histories this cycle
+    capture: bool  # mark its histories due (a settling run is due anyway, until it settles)
+    whole: bool = False  # read its histories whole, not from their windows
 
 
 def delta_filters(now_ms: int, last_capture_ms: int | None, settle_ms: int) -> list[RunFilter]:
@@ -83,12 +87,16 @@ def decide(run: Run, known: KnownRun | None, now_ms: int, settle_ms: int) -> Run
     if known is None or not known.fingerprint:
         settle = first_settle(run, now_ms, settle_ms)
         return RunDecision(run, Change.NEW, settle, write=True, capture=True)
+    rewarmed = known.settle_until_ms <= now_ms  # it had settled: read it whole this once
     if known.deleted_ms is not None:
-        return RunDecision(run, Change.RESTORED, now_ms + settle_ms, write=True, capture=True)
+        return RunDecision(
+            run, Change.RESTORED, now_ms + settle_ms, write=True, capture=True, whole=rewarmed
+        )
     if known.fingerprint != run.fingerprint():
-        return RunDecision(run, Change.CHANGED, now_ms + settle_ms, write=True, capture=True)
-    settling = known.settle_until_ms > now_ms
-    return RunDecision(run, Change.UNCHANGED, known.settle_until_ms, write=False, capture=settling)
+        return RunDecision(
+            run, Change.CHANGED, now_ms + settle_ms, write=True, capture=True, whole=rewarmed
+        )
+    return RunDecision(run, Change.UNCHANGED, known.settle_until_ms, write=False, capture=False)
 
 
 def first_settle(run: Run, now_ms: int, settle_ms: int) -> int:
@@ -104,22 +112,26 @@ def history_requests(
     latest: Mapping[str, Sequence[LatestMetric]],
     series: Mapping[tuple[str, str], Series],
     allowed: Callable[[str], bool],
+    whole: Iterable[str] = (),
 ) -> list[HistoryRequest]:
-    """The reads that capture new points of these runs (run id -> latest metrics), sorted
-    by key then window so that bulk reads of one key and step range can share requests.
+    """The reads that capture new points of these runs (run id -> latest metrics; runs in
+    `whole` are read from their floors), sorted by key then start step so that bulk reads
+    of one key and step range can share requests.
 
-    A series whose latest step is below its window holds nothing unread (the latest step is
-    the highest step MLflow has), so it costs no request.
+    A series whose latest step is below the read's start holds nothing unread (the latest
+    step is the highest step MLflow has), so it costs no request.
     """
+    whole_runs = set(whole)
     wanted = []
     for run_id, metrics in latest.items():
         for m in metrics:
             s = series.get((run_id, m.key))
             if s is None or not allowed(m.key):
                 continue
-            if s.window_start is not None and m.step < s.window_start:
+            start = s.read_from(run_id in whole_runs)
+            if start is not None and m.step < start:
                 continue
-            wanted.append(HistoryRequest(run_id, m.key, s.window_start, m.step))
+            wanted.append(HistoryRequest(run_id, m.key, start, m.step))
     low = -(2**63)
     return sorted(
         wanted,
@@ -154,23 +166,19 @@ def new_points(
     return out
 
 
-def next_window(current: int | None, stats: WindowStats, settled: bool) -> int | None:
-    """Where a series' read window starts from now on; it never moves back.
+def next_window(current: int | None, stats: WindowStats) -> int | None:
+    """Where a settling series' read window starts from now on.
 
-    A settled run (its settle window passed) keeps only its top step. A settling one keeps
-    everything captured after the settle horizon and the top step captured before it: a
-    point still in flight was logged after the horizon, so (steps rising as each writer
-    logs) it lands at or above that step, or near a lagging writer's recent low.
+    Everything captured after the settle horizon stays inside it, and so does the top step
+    captured before it: a point still in flight was logged after the horizon, so (steps
+    rising as each writer logs) it lands at or above that step, or near a lagging writer's
+    recent low. It may move back when a lagging writer shows up; identities keep such a
+    wider read from sending anything twice.
     """
-    if settled:
-        candidate = stats.top
-    else:
-        candidate = stats.settled_top
-        if candidate is not None and stats.recent_low is not None:
-            candidate = min(candidate, stats.recent_low)
-    if candidate is None:
-        return current
-    return candidate if current is None else max(current, candidate)
+    candidate = stats.settled_top
+    if candidate is not None and stats.recent_low is not None:
+        candidate = min(candidate, stats.recent_low)
+    return current if candidate is None else candidate
 
 
 def needed_by_backfill(

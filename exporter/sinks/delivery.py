@@ -150,7 +150,7 @@ class Drainer:
         def wait(state: RetryCallState) -> float:
             reply = state.outcome.result() if state.outcome else None
             hinted = reply.retry_after if isinstance(reply, Reply) else None
-            backoff = wait_exponential_jitter(initial=0.5, max=30)(state)
+            backoff = wait_exponential_jitter(multiplier=0.5, max=30)(state)
             delay = hinted if hinted is not None else backoff
             return max(0.0, min(delay, deadline - self.clock()))
 

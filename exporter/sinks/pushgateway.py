@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from prometheus_client import CollectorRegistry
@@ -32,6 +32,18 @@ USER_VALUE_FAMILIES = ("mlflow_",)
 
 class PushError(Exception):
     """The Pushgateway refused or could not be reached; message safe to show."""
+
+
+class PushTarget(Protocol):
+    """What a cycle needs of a Pushgateway (tests swap in an in-memory one)."""
+
+    def start_time(self) -> str: ...
+
+    def push(self, key: GroupKey, families: Sequence[Metric]) -> PushedGroup: ...
+
+    def delete(self, key: GroupKey) -> None: ...
+
+    def existing_groups(self) -> list[GroupKey]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,10 @@
 """The capture ledger: which points have been captured (and fanned out to every sink).
 
-One `series` row per (run, metric key) with its read window: the lowest step a later read
-starts from. Below it everything counts as captured and is never read again; at or above it
-the identity (step, timestamp, value bits) of every captured point is kept in `point`, so a
-point that arrives late, in any order, is recognised as new and an old one is never sent
-twice. How the window moves is decided in `capture.py`; this module only stores.
+One `series` row per (run, metric key) with its read window: the lowest step a read of a
+settling run starts from. The identity (step, timestamp, value bits) of every captured point
+is kept in `point` until the run is forgotten, so a point that arrives late, in any order,
+is recognised as new and an old one is never sent twice, whatever range is read. How the
+window moves is decided in `planners/capture.py`; this module only stores.
 
 Sinks registered here receive every newly captured point. A sink registered after points
 were captured gets a backfill: a frozen copy of the ledger at registration (`backfill`,
@@ -28,6 +28,13 @@ class Series:
     run_id: str
     key: str
     window_start: int | None  # None: nothing is settled yet, read every step
+    floor: int | None = None  # steps below were delivered before this ledger existed
+
+    def read_from(self, whole: bool) -> int | None:
+        """First step a read starts at: the floor for a whole read, else the window."""
+        if whole or self.window_start is None:
+            return self.floor
+        return self.window_start if self.floor is None else max(self.window_start, self.floor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +77,7 @@ class Ledger:
         for start in range(0, len(runs), CHUNK):
             chunk = runs[start : start + CHUNK]
             rows = self.conn.execute(
-                "SELECT series_id, run_id, metric_key, window_start FROM series "  # noqa: S608
+                "SELECT series_id, run_id, metric_key, window_start, floor FROM series "  # noqa: S608
                 f"WHERE run_id IN ({_marks(chunk)})",
                 chunk,
             )
@@ -106,14 +113,10 @@ class Ledger:
         return WindowStats(*row)
 
     def set_window(self, series_id: int, window_start: int | None) -> None:
-        """Move a series' window; identities below it are no longer needed."""
+        """Move a series' read window (its identities stay: a whole read still needs them)."""
         self.conn.execute(
             "UPDATE series SET window_start = ? WHERE series_id = ?", (window_start, series_id)
         )
-        if window_start is not None:
-            self.conn.execute(
-                "DELETE FROM point WHERE series_id = ? AND step < ?", (series_id, window_start)
-            )
 
     def forget_runs(self, run_ids: Sequence[str]) -> None:
         """Drop everything captured for these runs (after their retention ran out)."""
@@ -160,13 +163,13 @@ class Ledger:
     def backfill_pending(self, sink: str, limit: int) -> list[BackfillItem]:
         """Up to `limit` series the sink still needs a backfill of."""
         rows = self.conn.execute(
-            "SELECT s.series_id, s.run_id, s.metric_key, s.window_start, b.window_start "
+            "SELECT s.series_id, s.run_id, s.metric_key, s.window_start, s.floor, b.window_start "
             "FROM backfill b JOIN series s USING (series_id) WHERE b.sink = ? "
             "ORDER BY s.metric_key, s.run_id LIMIT ?",
             (sink, limit),
         ).fetchall()
         items = []
-        for series_id, run_id, key, window, frozen_window in rows:
+        for series_id, run_id, key, window, floor, frozen_window in rows:
             ids = self.conn.execute(
                 "SELECT step, timestamp_ms, value_bits FROM backfill_point "
                 "WHERE sink = ? AND series_id = ?",
@@ -174,7 +177,7 @@ class Ledger:
             )
             items.append(
                 BackfillItem(
-                    Series(series_id, run_id, key, window),
+                    Series(series_id, run_id, key, window, floor),
                     frozen_window,
                     frozenset((int(s), int(t), int(v)) for s, t, v in ids),
                 )

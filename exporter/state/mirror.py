@@ -26,6 +26,8 @@ from exporter.model import (
 
 # SQLite binds at most 32766 parameters; IN lists are cut well below that.
 CHUNK = 500
+# A run's `pending`: its histories are captured / due from their windows / due whole.
+PENDING_NONE, PENDING_WINDOW, PENDING_FULL = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +194,9 @@ class Mirror:
                 out[row[0]] = KnownRun(*row)
         return out
 
-    def write_run(self, run: Run, settle_until_ms: int, capture: bool) -> None:
-        """Store a run as read from MLflow (restoring it if it was a tombstone); `capture`
-        marks its histories as due for a read."""
+    def write_run(self, run: Run, settle_until_ms: int, pending: int) -> None:
+        """Store a run as read from MLflow (restoring it if it was a tombstone); `pending`
+        says its histories are due: PENDING_WINDOW from their windows, PENDING_FULL whole."""
         self.conn.execute(
             "INSERT OR REPLACE INTO run (run_id, experiment_id, run_name, status, user_id, "
             "start_time_ms, end_time_ms, tags, fingerprint, settle_until_ms, deleted_ms, pending) "
@@ -210,7 +212,7 @@ class Mirror:
                 json.dumps(dict(run.tags), sort_keys=True),
                 run.fingerprint(),
                 settle_until_ms,
-                int(capture),
+                pending,
             ),
         )
         self.conn.execute("DELETE FROM latest WHERE run_id = ?", (run.run_id,))
@@ -231,25 +233,25 @@ class Mirror:
             [(settle_until_ms, r) for r in run_ids],
         )
 
-    def capture_due(self, now_ms: int) -> list[str]:
-        """Active runs whose histories must be read: changed and not yet captured, or
-        still settling."""
+    def capture_due(self, now_ms: int) -> dict[str, bool]:
+        """Active runs whose histories must be read (changed and not yet captured, or still
+        settling), each with whether it must be read whole."""
         rows = self.conn.execute(
-            "SELECT run_id FROM run WHERE deleted_ms IS NULL AND pending = 1 UNION "
-            "SELECT run_id FROM run WHERE deleted_ms IS NULL AND settle_until_ms > ? ORDER BY 1",
+            "SELECT run_id, pending FROM run WHERE deleted_ms IS NULL "
+            "AND (pending != 0 OR settle_until_ms > ?) ORDER BY run_id",
             (now_ms,),
         )
-        return [r for (r,) in rows]
+        return {r: p == PENDING_FULL for r, p in rows}
 
     def captured(self, run_ids: Iterable[str]) -> None:
         """Every series of these runs was read and its new points queued."""
         self.conn.executemany(
-            "UPDATE run SET pending = 0 WHERE run_id = ?", [(r,) for r in run_ids]
+            "UPDATE run SET pending = ? WHERE run_id = ?", [(PENDING_NONE, r) for r in run_ids]
         )
 
     def pending_count(self) -> int:
         row = self.conn.execute(
-            "SELECT count(*) FROM run WHERE pending = 1 AND deleted_ms IS NULL"
+            "SELECT count(*) FROM run WHERE pending != 0 AND deleted_ms IS NULL"
         ).fetchone()
         return int(row[0])
 

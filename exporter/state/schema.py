@@ -31,7 +31,7 @@ CREATE INDEX IF NOT EXISTS run_by_settle ON run (settle_until_ms);
 CREATE INDEX IF NOT EXISTS run_unfinished ON run (status)
     WHERE status IN ('RUNNING', 'SCHEDULED');
 CREATE INDEX IF NOT EXISTS run_deleted ON run (deleted_ms) WHERE deleted_ms IS NOT NULL;
-CREATE INDEX IF NOT EXISTS run_pending ON run (run_id) WHERE pending = 1;
+CREATE INDEX IF NOT EXISTS run_pending ON run (run_id) WHERE pending != 0;
 CREATE TABLE IF NOT EXISTS latest (
     run_id TEXT NOT NULL, metric_key TEXT NOT NULL, value REAL, step INTEGER NOT NULL,
     timestamp_ms INTEGER NOT NULL, PRIMARY KEY (run_id, metric_key)) WITHOUT ROWID;
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS model_version (
     PRIMARY KEY (model_name, version)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS series (
     series_id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, metric_key TEXT NOT NULL,
-    window_start INTEGER, UNIQUE (run_id, metric_key));
+    window_start INTEGER, floor INTEGER, UNIQUE (run_id, metric_key));
 CREATE TABLE IF NOT EXISTS point (
     series_id INTEGER NOT NULL, step INTEGER NOT NULL, timestamp_ms INTEGER NOT NULL,
     value_bits INTEGER NOT NULL, captured_ms INTEGER NOT NULL,
@@ -80,8 +80,8 @@ def migrate(conn: sqlite3.Connection, from_version: int) -> None:
 
     Version 1 kept one `(step, timestamp)` watermark per run and key for Pramathus, its
     spool and dead letters without a sink, and small facts in a `meta` table. Its marks
-    become read windows: points at or below a mark count as delivered and are never read
-    again, so upgrading resends nothing.
+    become floors: points at or below a mark count as delivered and are never read again,
+    so upgrading resends nothing.
     """
     if from_version != 1:
         raise sqlite3.OperationalError(f"no migration from schema version {from_version}")
@@ -104,8 +104,8 @@ def migrate(conn: sqlite3.Connection, from_version: int) -> None:
         # run adopt it as if first seen (its windows still keep delivered points out).
         conn.execute("UPDATE run SET fingerprint = ''")
         conn.execute(
-            "INSERT OR IGNORE INTO series (run_id, metric_key, window_start) "
-            "SELECT run_id, metric_key, step + 1 FROM watermark"
+            "INSERT OR IGNORE INTO series (run_id, metric_key, window_start, floor) "
+            "SELECT run_id, metric_key, step + 1, step + 1 FROM watermark"
         )
         delivered = conn.execute(
             "SELECT (SELECT count(*) FROM watermark) + (SELECT count(*) FROM spool)"

@@ -1,0 +1,132 @@
+"""Stand-ins for the cycle's outputs, recording what the runner did with them.
+
+- `RecordingSink`: a `DeliverySink` (what Pramathus or remote write are to the runner) whose
+  bodies are JSON lists of point identities; `send` answers from a script (default accept)
+  and records every accepted point, so a test compares deliveries with what MLflow holds.
+- `FakeGateway`: the Pushgateway as the runner uses it (`push`, `delete`, `start_time`,
+  `existing_groups`), keeping groups in a dict; `restart()` empties it and changes its start
+  time like a Pushgateway without persistence; `down` makes every call fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client.core import Metric
+
+from exporter.model import MetricPoint, RunContext
+from exporter.planners.series import GroupKey
+from exporter.sinks.delivery import Encoded, Outcome, Reply
+from exporter.sinks.pushgateway import PushedGroup, PushError
+from exporter.state.outbox import EncodedBatch, QueuedBatch
+
+PointKey = tuple[str, str, int, int, int]  # run, key, step, timestamp, value bits
+
+
+@dataclass
+class RecordingSink:
+    """A history sink that records accepted points; `script` holds replies to give first."""
+
+    name: str = "pramathus"
+    batch_size: int = 100
+    budget_seconds: float = 5.0
+    max_attempts: int = 0
+    queue_max_points: int = 1_000_000
+    drop_oldest: bool = True
+    script: list[Reply] = field(default_factory=list)
+    accepted: list[PointKey] = field(default_factory=list)
+    contexts: dict[str, RunContext] = field(default_factory=dict)
+
+    def encode(
+        self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
+    ) -> Encoded:
+        self.contexts.update(contexts)
+        batches = []
+        for start in range(0, len(points), self.batch_size):
+            chunk = points[start : start + self.batch_size]
+            body = json.dumps(
+                [[p.run_id, p.key, p.step, p.timestamp_ms, p.identity[2]] for p in chunk]
+            )
+            batches.append(EncodedBatch(str(uuid.uuid4()), len(chunk), body.encode()))
+        return Encoded(batches)
+
+    def send(self, batch: QueuedBatch) -> Reply:
+        reply = self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
+        if reply.outcome is Outcome.ACCEPTED:
+            self.accepted.extend(tuple(p) for p in json.loads(batch.body))  # type: ignore[misc]
+        return reply
+
+    def split(self, body: bytes) -> list[EncodedBatch]:
+        points = json.loads(body)
+        half = len(points) // 2
+        return [
+            EncodedBatch(str(uuid.uuid4()), len(part), json.dumps(part).encode())
+            for part in (points[:half], points[half:])
+        ]
+
+    def counts(self) -> Counter[PointKey]:
+        return Counter(self.accepted)
+
+    def delivered(self) -> set[tuple[str, str, int, int, float]]:
+        """Accepted points in `FakeMlflow.all_points()` form."""
+        return {(r, k, s, t, v) for r, k, s, t, v in self.accepted}
+
+
+@dataclass
+class FakeGateway:
+    """The Pushgateway as seen by the runner, holding groups in memory."""
+
+    groups: dict[GroupKey, list[Metric]] = field(default_factory=dict)
+    pushes: list[GroupKey] = field(default_factory=list)
+    deletes: list[GroupKey] = field(default_factory=list)
+    started: str = "2026-01-01T00:00:00Z"
+    down: bool = False
+    listings: int = 0
+
+    def _check(self) -> None:
+        if self.down:
+            raise PushError(
+                "Pushgateway at http://fake:9091 cannot be reached (connection refused)"
+            )
+
+    def start_time(self) -> str:
+        self._check()
+        return self.started
+
+    def push(self, key: GroupKey, families: Sequence[Metric]) -> PushedGroup:
+        self._check()
+        self.groups[key] = list(families)
+        self.pushes.append(key)
+        series = sum(len(f.samples) for f in families)
+        nonfinite = sum(not math.isfinite(s.value) for f in families for s in f.samples)
+        return PushedGroup(series, nonfinite)
+
+    def delete(self, key: GroupKey) -> None:
+        self._check()
+        self.groups.pop(key, None)
+        self.deletes.append(key)
+
+    def existing_groups(self) -> list[GroupKey]:
+        self._check()
+        self.listings += 1
+        return list(self.groups)
+
+    def restart(self) -> None:
+        self.groups.clear()
+        self.started = f"restarted-{len(self.pushes)}"
+
+    def value(self, family: str, **labels: str) -> list[float]:
+        """Values of `family` samples whose labels include `labels`, over all groups."""
+        return [
+            s.value
+            for fams in self.groups.values()
+            for f in fams
+            if f.name == family
+            for s in f.samples
+            if all(s.labels.get(k) == v for k, v in labels.items())
+        ]

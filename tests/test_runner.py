@@ -1,0 +1,594 @@
+"""A cycle seen whole: capture, push and delivery against the in-memory MLflow.
+
+Every collaborator is a documented fake (`tests/fake_mlflow.py`, `tests/fake_sinks.py`,
+`tests/fakes.py`) except the state, which is the real SQLite store in a temp directory.
+Time is a `FakeClock` the tests move; a cycle is "10 s later".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporter.config import Settings
+from exporter.health import Health
+from exporter.mlflow_source import MlflowError
+from exporter.runner import CycleResult, Runner
+from exporter.selfmetrics import SelfMetrics
+from exporter.sinks.delivery import Outcome, Reply
+from exporter.state import StateStore
+from tests.fake_mlflow import FakeMlflow
+from tests.fake_sinks import FakeGateway, RecordingSink
+from tests.fakes import FakeClock, SleepRecorder
+
+SETTLE = 60.0
+INTERVAL = 10.0
+
+
+def sample(metrics: SelfMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+class Harness:
+    """A runner over fakes; `cycle()` moves the clock one interval and runs a cycle."""
+
+    def __init__(self, tmp: Path, sinks: list[RecordingSink] | None = None, **export: Any) -> None:
+        self.tmp = tmp
+        self.clock = FakeClock(1_700_000_000.0)
+        self.mlflow = FakeMlflow(self.clock)
+        self.gateway = FakeGateway()
+        self.sinks = [RecordingSink()] if sinks is None else sinks
+        self.export = {
+            "settle_seconds": SETTLE,
+            "interval_seconds": INTERVAL,
+            "reconcile_interval_seconds": 3600,
+            "state_dir": str(tmp / "state"),
+            **export,
+        }
+        self.metrics = SelfMetrics()
+        self.health = Health()
+        self.state = StateStore(tmp / "state", clock=self.clock)
+        self.runner = self._runner()
+
+    def _runner(self) -> Runner:
+        return Runner(
+            settings=Settings.model_validate({"export": self.export}),
+            source=self.mlflow,
+            state=self.state,
+            metrics=self.metrics,
+            health=self.health,
+            pushgateway=self.gateway,
+            sinks=self.sinks,
+            clock=self.clock,
+            sleep=SleepRecorder(self.clock),
+        )
+
+    @property
+    def sink(self) -> RecordingSink:
+        return self.sinks[0]
+
+    def cycle(self, advance: float = INTERVAL) -> CycleResult:
+        self.clock.advance(advance)
+        return self.runner.run_cycle()
+
+    def ok_cycle(self, advance: float = INTERVAL) -> CycleResult:
+        result = self.cycle(advance)
+        assert result.ok, result.reason()
+        return result
+
+    def reopen(self, sinks: list[RecordingSink] | None = None) -> None:
+        """A new process on the same state directory (export-once after export-once)."""
+        self.state.close()
+        self.state = StateStore(self.tmp / "state", clock=self.clock)
+        if sinks is not None:
+            self.sinks = sinks
+        self.runner = self._runner()
+
+    def exactly_once(self, sink: RecordingSink | None = None) -> bool:
+        sink = sink or self.sink
+        counts = sink.counts()
+        return sink.delivered() == self.mlflow.all_points() and set(counts.values()) <= {1}
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.state.close()
+
+
+# ---------------------------------------------------------------------- delivery
+
+
+def test_a_first_cycle_delivers_every_point_once_and_the_next_sends_nothing(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("churn")
+    runs = [h.mlflow.create_run(exp) for _ in range(3)]
+    for run in runs:
+        h.mlflow.log_many(run, "loss", [1.0, 0.5, 0.25])
+        h.mlflow.log_many(run, "val/loss", [float("nan"), 2.0])
+        h.mlflow.finish(run)
+
+    first = h.ok_cycle()
+    second = h.ok_cycle()
+
+    assert h.exactly_once()
+    assert first.points_spooled == 15
+    assert second.points_spooled == 0
+    assert len(h.sink.accepted) == 15
+
+
+def test_a_second_process_on_the_same_state_resends_nothing(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("churn")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [3.0, 2.0])
+    h.ok_cycle()
+
+    h.reopen()
+    h.mlflow.log(run, "loss", 1.0, step=2)
+    h.ok_cycle()
+
+    assert h.exactly_once()
+
+
+def test_points_landing_out_of_order_while_a_run_settles_are_all_delivered(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("async")
+    run = h.mlflow.create_run(exp)
+    t0 = int(h.clock() * 1000)
+    # Asynchronous logging: the batch with steps 5..9 lands before the one with 0..4.
+    for step in range(5, 10):
+        h.mlflow.log(run, "loss", 1.0 / (step + 1), step, t0 + step)
+    h.ok_cycle()
+    for step in range(5):
+        h.mlflow.log(run, "loss", 1.0 / (step + 1), step, t0 + step)
+    h.ok_cycle()
+
+    assert h.exactly_once()
+
+
+def test_a_late_point_below_the_window_of_a_long_settled_run_is_the_documented_gap(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("late")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 0.9, 0.8], first_step=10)
+    h.mlflow.finish(run)
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 3)  # long settled: its window is its top step
+
+    late = h.mlflow.log(run, "loss", 5.0, step=1)  # below the latest step: search never shows it
+    h.ok_cycle()
+    h.ok_cycle(advance=3600 * 2)  # even the sweep cannot see a point below the latest
+
+    delivered = h.sink.delivered()
+    assert (late.run_id, "loss", 1, late.timestamp_ms, late.identity[2]) not in delivered
+    assert delivered == h.mlflow.all_points() - {
+        (late.run_id, "loss", 1, late.timestamp_ms, late.identity[2])
+    }
+
+
+def test_metrics_logged_to_a_run_just_finished_are_delivered_within_two_cycles(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("autolog")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "training_loss", [0.5, 0.4])
+    h.mlflow.finish(run)
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE / 2)
+
+    # `model.score(...)` after fit, under autolog: new keys on the FINISHED run.
+    h.mlflow.log(run, "test_accuracy", 0.91)
+    h.mlflow.log(run, "training_loss", 0.35, step=2)
+    h.ok_cycle()
+    h.ok_cycle()
+
+    assert h.exactly_once()
+    assert h.gateway.value("mlflow_test_accuracy", metric_key="test_accuracy") == [0.91]
+
+
+def test_a_run_created_with_an_old_start_time_that_just_ended_is_seen_next_cycle(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("grid")
+    parent = h.mlflow.create_run(exp)
+    h.ok_cycle()
+    h.mlflow.create_run(exp)  # a newer run elsewhere
+    h.ok_cycle(advance=SETTLE * 5)
+
+    # GridSearchCV children: the parent's start time, terminated at once.
+    child = h.mlflow.create_run(exp, start_ms=h.mlflow.runs[parent].run.start_time_ms)
+    h.mlflow.log(child, "mean_test_score", 0.8)
+    h.mlflow.finish(child)
+    h.ok_cycle()
+
+    assert h.exactly_once()
+    assert h.gateway.value("mlflow_run_info", run_id=child[:12])
+    # Found by the cycle's own searches, not left for the background sweep.
+    assert sample(h.metrics, "mlflow_exporter_reconcile_found_total", kind="new") == 0
+
+
+def test_a_run_imported_with_old_times_is_found_by_the_sweep_and_counted(tmp_path: Path) -> None:
+    h = Harness(tmp_path, reconcile_interval_seconds=0)  # a full sweep pass every cycle
+    exp = h.mlflow.create_experiment("imports")
+    h.mlflow.create_run(exp)
+    h.ok_cycle()
+    old = int(h.clock() * 1000) - 86_400_000
+    imported = h.mlflow.create_run(exp, start_ms=old)
+    h.mlflow.log(imported, "auc", 0.7, ts=old + 10)
+    h.mlflow.finish(imported, end_ms=old + 1000)
+
+    h.ok_cycle()
+
+    assert h.exactly_once()
+    assert sample(h.metrics, "mlflow_exporter_reconcile_found_total", kind="new") == 1
+    h.state.close()
+
+
+def test_a_restored_run_resends_nothing_even_after_its_settle_window(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("restore")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 0.5])
+    h.mlflow.finish(run)
+    h.ok_cycle()
+    h.mlflow.delete_run(run)
+    h.ok_cycle()
+    assert not h.gateway.value("mlflow_loss", run_id=run[:12])
+
+    h.mlflow.restore_run(run)
+    h.ok_cycle()
+    assert h.gateway.value("mlflow_loss", run_id=run[:12]) == [0.5]
+    h.mlflow.delete_run(run)
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 2)
+    h.mlflow.restore_run(run)
+    h.ok_cycle(advance=3700)  # only the sweep sees a restore this late
+
+    assert h.exactly_once()
+    assert h.gateway.value("mlflow_loss", run_id=run[:12]) == [0.5]
+
+
+def test_renaming_and_tagging_a_finished_run_show_within_a_cycle(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("meta")
+    run = h.mlflow.create_run(exp, name="before")
+    h.mlflow.log(run, "loss", 1.0)
+    h.mlflow.finish(run)
+    h.ok_cycle()
+
+    h.mlflow.update(run, run_name="after")
+    h.mlflow.set_tag(run, "team", "growth")
+    h.ok_cycle()
+
+    assert h.gateway.value("mlflow_run_info", run_id=run[:12], run_name="after") == [1.0]
+    h.mlflow.log(run, "loss", 0.5, step=1)
+    h.ok_cycle()
+    assert h.sink.contexts[run].tags["team"] == "growth"
+
+
+def test_two_writers_and_a_point_relogged_at_one_step_are_each_delivered_once(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("ranks")
+    run = h.mlflow.create_run(exp)
+    t0 = int(h.clock() * 1000)
+    for step in range(20):  # rank 0 runs ahead of rank 1
+        h.mlflow.log(run, "loss", 1.0, step, t0 + step)
+    h.ok_cycle()
+    for step in range(20):
+        h.mlflow.log(run, "loss", 2.0, step, t0 + 100 + step)
+    h.mlflow.log(run, "loss", 3.0, 19, t0 + 500)  # re-logged at the latest step
+    h.ok_cycle()
+
+    assert h.exactly_once()
+    assert len(h.sink.accepted) == 41
+
+
+def test_a_sink_enabled_later_gets_the_whole_history_and_the_first_gets_nothing_again(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("backfill")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [float(i) for i in range(30)])
+    h.mlflow.finish(run)
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 2)  # settled: most identities pruned from the ledger
+    first = h.sink
+
+    history = RecordingSink(name="remote_write")
+    h.reopen(sinks=[first, history])
+    h.mlflow.log(run, "loss", 99.0, step=30)
+    h.ok_cycle()
+    h.ok_cycle()
+
+    assert h.exactly_once(first)
+    assert h.exactly_once(history)
+
+
+def test_a_disabled_sink_forgets_its_queue(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("off")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log(run, "loss", 1.0)
+    h.sink.script = [Reply(Outcome.RETRY, "Pramathus answered HTTP 503")] * 100
+    assert not h.cycle().ok
+    assert h.state.outbox("pramathus").totals().points == 1
+
+    h.reopen(sinks=[])
+    h.ok_cycle()
+
+    assert h.state.outbox("pramathus").totals().points == 0
+
+
+# ---------------------------------------------------------------------- costs
+
+
+def test_an_idle_cycle_makes_the_same_few_requests_whatever_the_number_of_runs(
+    tmp_path: Path,
+) -> None:
+    counts = []
+    for n in (20, 400):
+        h = Harness(tmp_path / str(n))
+        exp = h.mlflow.create_experiment("idle")
+        for _ in range(n):
+            run = h.mlflow.create_run(exp)
+            h.mlflow.log(run, "loss", 1.0)
+            h.mlflow.finish(run)
+        h.ok_cycle()
+        h.ok_cycle(advance=SETTLE * 2)
+        before = h.mlflow.requests()
+        h.ok_cycle()
+        counts.append(h.mlflow.requests() - before)
+        h.state.close()
+    assert counts[0] == counts[1] <= 10
+
+
+def test_a_settling_run_costs_history_reads_and_a_settled_one_does_not(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("cost")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log(run, "loss", 1.0)
+    h.mlflow.log(run, "acc", 1.0)
+    h.mlflow.finish(run)
+    h.ok_cycle()
+    settling = h.mlflow.calls["metrics/get-history-bulk-interval"]
+    h.ok_cycle()
+    assert h.mlflow.calls["metrics/get-history-bulk-interval"] == settling + 2  # one per key
+    h.ok_cycle(advance=SETTLE * 2)
+    settled = h.mlflow.calls["metrics/get-history-bulk-interval"]
+    h.ok_cycle()
+    assert h.mlflow.calls["metrics/get-history-bulk-interval"] == settled
+
+
+def test_a_run_that_changes_after_it_settled_is_read_whole_once_then_from_its_window(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("window")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [float(i) for i in range(50)])
+    h.mlflow.finish(run)
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 2)
+
+    h.mlflow.log(run, "loss", 0.0, step=50)  # a point logged long after the run settled
+    h.mlflow.history_requests.clear()
+    h.ok_cycle(advance=3700)  # the sweep sees the latest step move
+    h.ok_cycle(advance=SETTLE / 2)  # still settling: from the window on
+
+    starts = [(w.start_step, w.end_step) for w in h.mlflow.history_requests]
+    assert starts == [(None, 50), (49, 50)]
+    assert h.exactly_once()
+
+
+def test_a_run_resumed_from_a_checkpoint_gets_its_relogged_steps_delivered(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("resume")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0 / (s + 1) for s in range(10)])
+    h.mlflow.finish(run, status="FAILED")  # the job crashed at step 9
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 2)
+
+    h.mlflow.update(run, status="RUNNING", end_time_ms=None)  # resumed from step 6
+    h.mlflow.log_many(run, "loss", [0.5, 0.4, 0.3], first_step=6)
+    h.ok_cycle()
+
+    assert h.exactly_once()
+
+
+def test_a_lagging_writer_keeps_the_window_low_enough_for_its_points(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("lag")
+    run = h.mlflow.create_run(exp)
+    t0 = int(h.clock() * 1000)
+    for step in range(20):  # rank 0, far ahead
+        h.mlflow.log(run, "loss", 0.0, step, t0 + step)
+    h.ok_cycle()
+    # Rank 1 started late and keeps 20 steps behind rank 0, both logging every cycle, so
+    # the run keeps settling well past the settle horizon of rank 0's first points.
+    for i in range(12):
+        h.mlflow.log(run, "loss", 0.0, 20 + i, t0 + 1000 + i)
+        h.mlflow.log(run, "loss", 1.0, i, t0 + 1000 + i)
+        h.ok_cycle(advance=SETTLE / 3)
+
+    assert h.exactly_once()
+
+
+# ---------------------------------------------------------------------- failure paths
+
+
+def test_an_mlflow_outage_fails_the_cycle_but_the_queue_drains_and_groups_stay(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("outage")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log(run, "loss", 1.0)
+    h.sink.script = [Reply(Outcome.RETRY, "Pramathus answered HTTP 503")] * 1000
+    h.cycle()
+    h.sink.script = []
+    h.mlflow.broken["experiments/search"] = MlflowError("cannot reach MLflow at http://x")
+
+    result = h.cycle()
+
+    assert result.errors == {"mlflow": "cannot reach MLflow at http://x"}
+    assert h.exactly_once()
+    assert h.gateway.value("mlflow_loss") == [1.0]
+    assert h.health.view().status == "failing"
+    assert sample(h.metrics, "mlflow_exporter_up") == 0
+
+
+def test_an_mlflow_error_part_way_through_histories_loses_and_repeats_nothing(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("partial")
+    runs = [h.mlflow.create_run(exp) for _ in range(3)]
+    for run in runs:
+        for key in ("a", "b", "c"):
+            h.mlflow.log_many(run, key, [1.0, 2.0])
+    h.mlflow.broken["metrics/get-history-bulk-interval"] = MlflowError("MLflow timed out")
+    real = h.mlflow.histories
+    calls = 0
+
+    def flaky(wanted: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise MlflowError("MLflow metrics/get-history-bulk-interval timed out after 30s")
+        return real(wanted)
+
+    del h.mlflow.broken["metrics/get-history-bulk-interval"]
+    h.mlflow.histories = flaky  # type: ignore[method-assign]
+    assert not h.cycle().ok
+    h.ok_cycle()
+
+    assert h.exactly_once()
+
+
+def test_an_answer_of_the_wrong_shape_fails_the_cycle_and_changes_nothing(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("shape")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log(run, "loss", 1.0)
+    h.ok_cycle()
+    groups = dict(h.gateway.groups)
+    h.mlflow.broken["experiments/search"] = MlflowError(
+        "MLflow experiments/search answered a JSON list, not an object"
+    )
+
+    result = h.cycle()
+
+    assert "not an object" in result.errors["mlflow"]
+    assert h.gateway.groups.keys() == groups.keys()
+    assert h.state.mirror.run_count() == 1
+
+
+def test_a_crash_is_recorded_in_health_counters_and_logs_and_the_next_cycle_recovers(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = h.mlflow.create_experiment("bug")
+    h.mlflow.create_run(exp)
+
+    def boom(*_: Any) -> None:
+        raise KeyError("experiment_id")
+
+    monkeypatch.setattr(h.mlflow, "experiments", boom)
+    for _ in range(4):
+        result = h.cycle()
+        assert result.crashed == "mlflow stage: KeyError: 'experiment_id'"
+    view = h.health.view()
+    assert (view.status, view.ready) == ("crashed", False)
+    assert sample(h.metrics, "mlflow_exporter_cycles_total", result="crash") == 4
+    assert sample(h.metrics, "mlflow_exporter_errors_total", stage="internal") == 4
+
+    monkeypatch.undo()
+    h.ok_cycle()
+    assert h.health.view().status == "ok"
+
+
+def test_a_locked_state_database_fails_the_cycle_and_is_kept(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("locked")
+    h.mlflow.create_run(exp)
+    h.ok_cycle()
+    h.state.db.conn.execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(h.tmp / "state" / "state.db", timeout=0.05)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        result = h.cycle()
+    finally:
+        other.rollback()
+        other.close()
+
+    assert "database is locked" in result.errors["state"]
+    assert h.state.set_aside is None
+    assert sample(h.metrics, "mlflow_exporter_errors_total", stage="state") >= 1
+    h.ok_cycle()
+
+
+# ---------------------------------------------------------------------- Pushgateway
+
+
+def test_only_changed_groups_are_pushed_and_all_of_them_after_a_gateway_restart(
+    h: Harness,
+) -> None:
+    quiet, busy = h.mlflow.create_experiment("quiet"), h.mlflow.create_experiment("busy")
+    h.mlflow.log(h.mlflow.create_run(quiet), "loss", 1.0)
+    live = h.mlflow.create_run(busy)
+    h.mlflow.log(live, "loss", 2.0)
+    h.ok_cycle()
+    pushes = len(h.gateway.pushes)
+    h.ok_cycle(advance=SETTLE * 2)
+    idle = len(h.gateway.pushes) - pushes
+
+    h.mlflow.log(live, "loss", 1.5, step=1)
+    h.ok_cycle()
+    changed = h.gateway.pushes[pushes + idle :]
+    h.gateway.restart()
+    h.ok_cycle()
+
+    assert idle == 0
+    assert changed == [(("experiment_id", busy),)]
+    assert len(h.gateway.groups) == 3  # both experiments and the registry
+
+
+def test_groups_of_experiments_that_went_are_deleted(h: Harness) -> None:
+    keep, drop = h.mlflow.create_experiment("keep"), h.mlflow.create_experiment("drop")
+    h.mlflow.create_run(keep)
+    h.mlflow.create_run(drop)
+    h.ok_cycle()
+    h.mlflow.delete_experiment(drop)
+    h.ok_cycle()
+
+    assert (("experiment_id", drop),) not in h.gateway.groups
+    assert h.gateway.value("mlflow_experiments", lifecycle_stage="deleted") == [1.0]
+
+
+def test_every_model_stage_has_a_series_and_aliases_carry_their_runs_metrics(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("models")
+    champion, challenger = h.mlflow.create_run(exp), h.mlflow.create_run(exp)
+    h.mlflow.log(champion, "accuracy", 0.9)
+    h.mlflow.log(challenger, "accuracy", 0.8)
+    h.mlflow.register("churn", champion, stage="Production", aliases=("champion",))
+    h.mlflow.register("churn", challenger, aliases=("challenger",))
+    h.ok_cycle()
+
+    versions = {
+        stage: h.gateway.value("mlflow_registered_model_versions", model_name="churn", stage=stage)
+        for stage in ("None", "Staging", "Production", "Archived")
+    }
+    assert versions == {"None": [1.0], "Staging": [0.0], "Production": [1.0], "Archived": [0.0]}
+    assert h.gateway.value("mlflow_model_alias_metric", alias="champion") == [0.9]
+    assert h.gateway.value("mlflow_model_alias_metric", alias="challenger") == [0.8]
+
+
+def test_max_experiments_bounds_per_run_series_only_never_the_counts(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_experiments=1)
+    old, new = h.mlflow.create_experiment("old"), h.mlflow.create_experiment("new")
+    h.mlflow.log(h.mlflow.create_run(old, start_ms=1_000), "loss", 1.0)
+    h.mlflow.log(h.mlflow.create_run(new), "loss", 2.0)
+    h.ok_cycle()
+
+    assert h.gateway.value("mlflow_loss") == [2.0]
+    runs = h.gateway.value("mlflow_experiment_runs", status="RUNNING")
+    assert sorted(runs) == [1.0, 1.0]
+    assert h.exactly_once()
+    h.state.close()
