@@ -67,7 +67,8 @@ def _prometheus_duration(value: Any) -> Any:
     """A Prometheus duration string, unchanged; anything else is an error naming the form."""
     if not isinstance(value, str):
         # A bare number is ambiguous (seconds? minutes?) and Prometheus rejects it.
-        raise ValueError("must be a Prometheus duration string such as 30s, 15m, 1h30m or 1d")
+        # pydantic reports a ValueError raised in a validator with its key path.
+        raise ValueError("must be a Prometheus duration string such as 30s, 15m, 1h30m or 1d")  # noqa: TRY004
     text = value.strip()
     if text != "0" and (not text or _DURATION.fullmatch(text) is None):
         raise ValueError(
@@ -515,7 +516,7 @@ HEADER = """\
 class _Dumper(yaml.SafeDumper):
     """Block style for multi-line PromQL and indented lists, like the hand-written rules."""
 
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:  # noqa: ARG002 - PyYAML's signature
         super().increase_indent(flow, False)
 
 

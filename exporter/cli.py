@@ -284,7 +284,7 @@ def generate_sample(
     )
     try:
         summary = generate(settings, spec, progress=sys.stdout.isatty())
-    except Exception as exc:  # MLflow's client raises many types; one line is what users need
+    except Exception as exc:  # noqa: BLE001 - MLflow's client raises many types; one line is enough
         _fail(f"generate-sample failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     click.echo(summary)
 
@@ -338,6 +338,6 @@ def alert_rules(ctx: click.Context, output: str | None, check: bool, **flags: An
     # reads half a file; the temporary name does not match the usual rules/*.yml glob.
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text(text, encoding="utf-8")
-    os.replace(partial, target)
+    partial.replace(target)
     count = len(alerts.thresholds) + len(alerts.regressions)
     click.echo(f"wrote {count} alert rule{'s' * (count != 1)} to {output}")

@@ -128,7 +128,7 @@ class MlflowSettings(_Section):
     password: SecretStr | None = None
     token: SecretStr | None = None
 
-    _check_uri = field_validator("tracking_uri")(lambda v: _http_url(v))
+    _check_uri = field_validator("tracking_uri")(_http_url)
 
 
 class PrometheusSettings(_Section):
@@ -142,7 +142,7 @@ class PrometheusSettings(_Section):
     password: SecretStr | None = None
     run_id_length: int = Field(12, ge=8, le=32)
 
-    _check_gateway = field_validator("gateway")(lambda v: _http_url(v))
+    _check_gateway = field_validator("gateway")(_http_url)
 
 
 class PramathusSettings(_Section):
@@ -280,12 +280,12 @@ class LoggingSettings(_Section):
 class Settings(_Section):
     """The whole effective configuration."""
 
-    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)  # type: ignore[arg-type]
-    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)  # type: ignore[arg-type]
-    pramathus: PramathusSettings = Field(default_factory=PramathusSettings)  # type: ignore[arg-type]
-    remote_write: RemoteWriteSettings = Field(default_factory=RemoteWriteSettings)  # type: ignore[arg-type]
-    export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
-    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
+    pramathus: PramathusSettings = Field(default_factory=PramathusSettings)
+    remote_write: RemoteWriteSettings = Field(default_factory=RemoteWriteSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 

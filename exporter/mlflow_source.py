@@ -149,7 +149,7 @@ class RestSource:
 
     settings: MlflowSettings
     session: requests.Session
-    on_request: Callable[[str], None] = lambda endpoint: None
+    on_request: Callable[[str], None] = lambda _endpoint: None
     sleep: Callable[[float], None] = time.sleep
     requests_made: int = 0
 
@@ -166,7 +166,7 @@ class RestSource:
                 settings.password.get_secret_value(),
             )
         session.verify = False if settings.insecure_tls else (settings.ca_bundle or True)
-        return cls(settings, session, on_request or (lambda endpoint: None))
+        return cls(settings, session, on_request or (lambda _endpoint: None))
 
     # -------------------------------------------------------------- the protocol
 
@@ -237,7 +237,7 @@ class RestSource:
         }
         if None not in low:
             payload["start_step"] = min(s for s in low if s is not None)
-            payload["end_step"] = max(max(w.end_step for w in chunk), payload["start_step"])
+            payload["end_step"] = max(payload["start_step"], *(w.end_step for w in chunk))
         got: dict[str, list[MetricPoint]] = {w.run_id: [] for w in chunk}
         data = self.call("GET", "metrics/get-history-bulk-interval", payload)
         for m in _items(data, "metrics", "metrics/get-history-bulk-interval"):

@@ -105,7 +105,7 @@ class Runner:
             result.errors["state"] = f"state database ({stage} stage): {exc}"
         except Exception as exc:
             result.crashed = f"{stage} stage: {type(exc).__name__}: {exc}"
-            log.error("cycle.crashed", stage=stage, exc_info=True)
+            log.exception("cycle.crashed", stage=stage)
         if stage == "mlflow":
             self.metrics.up.set(0)
         return None
@@ -333,6 +333,6 @@ class Runner:
                 for reason, totals in aside.items():
                     sm.set_aside.labels(reason).set(totals.points)
                 total += queued.points
-            return total
         except sqlite3.Error:
             return None
+        return total

@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -107,12 +108,12 @@ def generate(settings: Settings, spec: SampleSpec, progress: bool = False) -> st
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
-    rng = random.Random(spec.seed)
+    rng = random.Random(spec.seed)  # noqa: S311 - sample data, not secrets
     now_ms = int(time.time() * 1000)
     finished: list[tuple[float, str, str]] = []  # (accuracy, run_id, artifact_uri)
     total = spec.experiments * spec.runs
     created = 0
-    bar_file = sys.stdout if progress else open(os.devnull, "w")  # noqa: SIM115
+    bar_file = sys.stdout if progress else Path(os.devnull).open("w")  # noqa: SIM115
     # MLflow prints a "View run" line per run on stdout; keep stdout for our summary only.
     with (
         contextlib.redirect_stdout(io.StringIO()),
@@ -174,9 +175,9 @@ def _one_run(
     r: int,
     now_ms: int,
     present: dict[str, Any],
-    Metric: Any,
-    Param: Any,
-    RunTag: Any,
+    Metric: Any,  # noqa: N803 - the mlflow.entities class, imported lazily
+    Param: Any,  # noqa: N803
+    RunTag: Any,  # noqa: N803
 ) -> tuple[list[tuple[float, str, str]], int]:
     """Create run r of experiment e unless it exists; returns ([(accuracy, id, uri)] when it
     is a FINISHED candidate for the registry, 1 if created else 0)."""
@@ -285,7 +286,7 @@ def _versions(client: Any, name: str) -> list[Any]:
 def _exists(client: Any, name: str) -> bool:
     try:
         client.get_registered_model(name)
-    except Exception:  # MLflow raises RestException for a missing model
+    except Exception:  # noqa: BLE001 - MLflow raises RestException for a missing model
         return False
     return True
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -53,9 +53,7 @@ def run_forever(
         finally:
             idle.set()
 
-    scheduler = BackgroundScheduler(
-        executors={"default": ThreadPoolExecutor(1)}, timezone=timezone.utc
-    )
+    scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1)}, timezone=UTC)
     scheduler.add_job(
         cycle,
         "interval",
@@ -64,7 +62,7 @@ def run_forever(
         max_instances=1,
         coalesce=True,
         misfire_grace_time=None,
-        next_run_time=datetime.now(timezone.utc),
+        next_run_time=datetime.now(UTC),
     )
     _install_signal_handlers(stop)
     scheduler.start()

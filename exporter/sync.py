@@ -66,7 +66,7 @@ class SyncResult:
     stopped: bool = False
 
 
-class _Stopped(Exception):
+class _StoppedError(Exception):
     """A stop was requested: what was written stays, the rest waits for the next cycle."""
 
 
@@ -106,7 +106,7 @@ class Sync:
                 )
             self._capture(now_ms, result)
             self._backfill(result)
-        except _Stopped:
+        except _StoppedError:
             result.stopped = True
         mirror = self.state.mirror
         result.runs = mirror.run_count()
@@ -116,7 +116,7 @@ class Sync:
 
     def _check_stop(self) -> None:
         if self.should_stop():
-            raise _Stopped
+            raise _StoppedError
 
     # ------------------------------------------------------------------ sinks
 

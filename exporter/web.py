@@ -76,7 +76,7 @@ def _reply(
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         pass  # scrapes every few seconds would drown the logs
 
 

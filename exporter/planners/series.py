@@ -33,6 +33,7 @@ REGISTRY_KEY: GroupKey = (("group", "registry"),)
 
 
 def experiment_key(experiment_id: str) -> GroupKey:
+    """The grouping key of an experiment's Pushgateway group."""
     return (("experiment_id", experiment_id),)
 
 

@@ -50,6 +50,7 @@ def pages_per_cycle(runs: int, page_size: int, interval_s: float, reconcile_s: f
 
 
 def chunks(experiment_ids: Sequence[str], size: int) -> list[list[str]]:
+    """Experiment ids in sorted chunks of `size` (one empty chunk when there are none)."""
     ids = sorted(experiment_ids)
     return [ids[i : i + size] for i in range(0, len(ids), size)] or [[]]
 
@@ -62,6 +63,7 @@ def next_step(record: SweepRecord, experiment_chunks: Sequence[Sequence[str]]) -
 
 
 def key_of(start_time_ms: int | None, run_id: str) -> Key:
+    """A run's place in the sweep's order."""
     return (-1 if start_time_ms is None else start_time_ms, run_id)
 
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ RETRYABLE_4XX = (408, 425, 429)
 
 def iso8601(ms: float) -> str:
     """Milliseconds since the epoch as `2024-01-15T10:29:45.123Z`."""
-    moment = datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+    moment = datetime.fromtimestamp(ms / 1000.0, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

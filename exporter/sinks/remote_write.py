@@ -1,4 +1,4 @@
-"""Prometheus remote write v1: wire encoding, response classification and a one-shot client.
+r"""Prometheus remote write v1: wire encoding, response classification and a one-shot client.
 
 A request body is a `prometheus.WriteRequest` protobuf, compressed with snappy's BLOCK format
 (not the framed format). The message classes are built at import time from a descriptor made
@@ -41,12 +41,12 @@ import cramjam
 import requests
 
 # protobuf ships neither stubs nor a py.typed marker; the three names used here are small.
-from google.protobuf import (  # type: ignore[import-untyped]
+from google.protobuf import (
     descriptor_pb2,
     descriptor_pool,
     message_factory,
 )
-from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError
 
 from exporter.config import RemoteWriteSettings
 from exporter.logs import MASK
@@ -226,7 +226,7 @@ class Verdict(Enum):
 # Lower-case fragments of receivers' answers. Too-old patterns are tried first: Mimir's too-old
 # text (with an out-of-order window) also mentions "out-of-order".
 _TOO_OLD = re.compile(
-    "|".join(
+    "|".join(  # noqa: FLY002 - one commented fragment per line
         (
             r"out of bounds",  # Prometheus storage.ErrOutOfBounds (400), wrapped by Cortex, Thanos
             r"too old sample",  # Prometheus storage.ErrTooOldSample (500 in 2.42), Thanos (409)
@@ -238,7 +238,7 @@ _TOO_OLD = re.compile(
     )
 )
 _OUT_OF_ORDER = re.compile(
-    "|".join(
+    "|".join(  # noqa: FLY002 - one commented fragment per line
         (
             r"out of order sample",  # Prometheus storage.ErrOutOfOrderSample
             r"duplicate sample for timestamp",  # Prometheus ErrDuplicateSampleForTimestamp

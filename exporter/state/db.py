@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -78,7 +77,7 @@ class Database:
         for suffix in ("", "-wal", "-shm"):
             src = Path(f"{self.path}{suffix}")
             if src.exists():
-                os.replace(src, Path(f"{aside}{suffix}"))
+                src.replace(Path(f"{aside}{suffix}"))
         return aside
 
     @contextlib.contextmanager
@@ -111,7 +110,7 @@ class Database:
 def _lock_directory(directory: Path) -> IO[str]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        lock = open(directory / "exporter.lock", "a+")  # noqa: SIM115 - held for life
+        lock = (directory / "exporter.lock").open("a+")
     except OSError as exc:
         raise StateError(
             f"state directory {directory} is not usable ({exc.strerror or exc}); set "
@@ -139,7 +138,7 @@ def _connect_checked(path: Path) -> sqlite3.Connection:
         if verdict != "ok":
             error = sqlite3.DatabaseError(f"integrity check failed: {verdict}")
             error.sqlite_errorname = "SQLITE_CORRUPT"
-            raise error
+            raise error  # noqa: TRY301 - classified by the caller like SQLite's own
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -148,7 +147,7 @@ def _connect_checked(path: Path) -> sqlite3.Connection:
         elif version < SCHEMA_VERSION:
             create(conn)
         elif version > SCHEMA_VERSION:
-            raise sqlite3.OperationalError(
+            raise sqlite3.OperationalError(  # noqa: TRY301 - a passing problem, not corruption
                 f"schema version {version} is newer than this exporter's {SCHEMA_VERSION}"
             )
     except BaseException:
