@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -117,6 +118,32 @@ def _http_url(value: str, *, default_scheme: str = "http") -> str:
     return value
 
 
+def _required_when_enabled(data: Any, handler: Any, section: str, key: str) -> Any:
+    """Validate a section, and report `<key>` missing while `enabled` is true even when
+    other keys of the section are wrong too: every problem is listed in one pass."""
+    message = f"{section}.enabled is true but {section}.{key} is not set"
+    raw = data if isinstance(data, dict) else {}
+    try:
+        enabled = TypeAdapter(bool).validate_python(raw.get("enabled", False))
+    except ValidationError:
+        enabled = False
+    missing = enabled and raw.get(key) in (None, "")
+    try:
+        model = handler(data)
+    except ValidationError as exc:
+        if not missing:
+            raise
+        errors: list[Any] = [
+            {"type": e["type"], "loc": e["loc"], "input": e["input"], "ctx": e.get("ctx", {})}
+            for e in exc.errors()
+        ]
+        errors.append({"type": "value_error", "loc": (), "input": data, "ctx": {"error": message}})
+        raise ValidationError.from_exception_data(exc.title, errors) from None
+    if missing:
+        raise ValueError(message)
+    return model
+
+
 class MlflowSettings(_Section):
     tracking_uri: str = "http://localhost:5000"
     timeout_seconds: float = Field(30.0, gt=0)
@@ -166,11 +193,10 @@ class PramathusSettings(_Section):
     def _check_endpoint(cls, v: str | None) -> str | None:
         return None if v in (None, "") else _http_url(v, default_scheme="https")
 
-    @model_validator(mode="after")
-    def _endpoint_when_enabled(self) -> PramathusSettings:
-        if self.enabled and not self.endpoint:
-            raise ValueError("pramathus.enabled is true but pramathus.endpoint is not set")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _endpoint_when_enabled(cls, data: Any, handler: Any) -> Any:
+        return _required_when_enabled(data, handler, "pramathus", "endpoint")
 
 
 def _duration_seconds(value: Any) -> Any:
@@ -212,10 +238,13 @@ class RemoteWriteSettings(_Section):
     def _check_url(cls, v: str | None) -> str | None:
         return None if v in (None, "") else _http_url(v)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _url_when_enabled(cls, data: Any, handler: Any) -> Any:
+        return _required_when_enabled(data, handler, "remote_write", "url")
+
     @model_validator(mode="after")
-    def _url_when_enabled(self) -> RemoteWriteSettings:
-        if self.enabled and not self.url:
-            raise ValueError("remote_write.enabled is true but remote_write.url is not set")
+    def _one_kind_of_auth(self) -> RemoteWriteSettings:
         if self.bearer_token is not None and self.username is not None:
             raise ValueError("set either remote_write.bearer_token or username/password, not both")
         return self

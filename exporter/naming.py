@@ -25,6 +25,13 @@ RESERVED_NAMES = frozenset(
         "mlflow_registered_model_versions",
         "mlflow_model_version_info",
         "mlflow_model_alias_info",
+        "mlflow_model_version_metric",
+        "mlflow_model_alias_metric",
+        "mlflow_model_version_created_timestamp_seconds",
+        "mlflow_experiments",
+        "mlflow_registered_models",
+        "mlflow_model_versions",
+        "mlflow_model_aliases",
     }
 )
 # Suffixes that mean something to Prometheus/OpenMetrics; a gauge must not carry them.

@@ -18,6 +18,9 @@ CYCLE_RESULTS = ("success", "failure", "crash")
 EXCLUDED_KINDS = ("experiments", "runs", "metrics")
 RECONCILE_KINDS = ("new", "changed", "restored", "removed")
 SINKS = ("pramathus", "remote_write")
+# Why points are set aside for good: refused by the receiver (4xx), older than it (or
+# max_sample_age) takes, out of order for it, or sharing a timestamp with another point.
+SET_ASIDE_REASONS = ("rejected", "too_old", "out_of_order", "duplicate_timestamp")
 
 
 class SinkMetrics:
@@ -59,7 +62,7 @@ class SinkMetrics:
             registry=r,
         )
         self.dropped.labels("queue_overflow")
-        for reason in ("rejected", "too_old", "out_of_order"):
+        for reason in SET_ASIDE_REASONS:
             self.set_aside.labels(reason)
 
 

@@ -40,7 +40,7 @@ from exporter.planners.scope import in_scope, metric_filter
 from exporter.sinks.delivery import DeliverySink
 from exporter.state import StateStore
 from exporter.state.ledger import Series
-from exporter.state.mirror import PENDING_FULL, PENDING_NONE, PENDING_WINDOW
+from exporter.state.mirror import PENDING_FULL, PENDING_WINDOW
 from exporter.state.records import CaptureRecord, PushRecord, SweepRecord
 
 log = structlog.get_logger("exporter.sync")
@@ -210,24 +210,19 @@ class Sync:
         counts: dict[str, int] = {}
         with self.state.transaction():
             known = mirror.known(r.run_id for r in runs)
-            removed = []
             for run in runs:
                 decision = capture.decide(run, known.get(run.run_id), now_ms, self._settle_ms)
                 if decision.change is capture.Change.REMOVED:
-                    removed.append(run.run_id)
+                    if mirror.tombstone([run.run_id], now_ms, decision.settle_until_ms):
+                        counts["removed"] = counts.get("removed", 0) + 1
                     continue
                 if decision.write:
                     pending = PENDING_FULL if decision.whole else PENDING_WINDOW
-                    mirror.write_run(
-                        run, decision.settle_until_ms, pending if decision.capture else PENDING_NONE
-                    )
+                    mirror.write_run(run, decision.settle_until_ms, pending)
                     kind = decision.change.value
                     counts[kind] = counts.get(kind, 0) + 1
                 if decision.change is capture.Change.NEW:
                     result.new_run_ids.append(run.run_id)
-            gone = mirror.tombstone(removed, now_ms, now_ms + self._settle_ms)
-            if gone:
-                counts["removed"] = len(gone)
         for kind, n in counts.items():
             result.changes[kind] = result.changes.get(kind, 0) + n
         return counts

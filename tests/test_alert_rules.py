@@ -63,7 +63,7 @@ def regression(**rule: Any) -> dict[str, Any]:
 def only_rule(section: AlertsSettings) -> dict[str, Any]:
     rules = render(section)["groups"][0]["rules"]
     assert len(rules) == 1
-    return typing.cast(dict[str, Any], rules[0])
+    return typing.cast("dict[str, Any]", rules[0])
 
 
 def example() -> AlertsSettings:

@@ -63,12 +63,11 @@ class FakeSession:
 
 
 def source(route: Callable[[str, dict[str, Any]], Any], **settings: Any) -> RestSource:
-    s = RestSource(
+    return RestSource(
         MlflowSettings(tracking_uri="http://mlflow:5000", max_retries=1, **settings),
         FakeSession(route),  # type: ignore[arg-type]
         sleep=lambda _s: None,
     )
-    return s
 
 
 def ok(body: Any) -> FakeHttpResponse:
@@ -220,7 +219,7 @@ def _points(run_id: str, steps: range) -> list[dict[str, Any]]:
 
 def test_bulk_reads_take_the_chunk_range_and_keep_each_runs_own_window() -> None:
     def route(_e: str, p: dict[str, Any]) -> FakeHttpResponse:
-        return ok({"metrics": _points("a", range(0, 10)) + _points("b", range(0, 10))})
+        return ok({"metrics": _points("a", range(10)) + _points("b", range(10))})
 
     s = source(route)
     got = s.histories([HistoryRequest("a", "loss", 5, 9), HistoryRequest("b", "loss", 2, 9)])
@@ -239,7 +238,7 @@ def test_a_whole_read_sends_no_step_range() -> None:
 
 
 def test_a_sampled_run_is_read_again_by_halving_its_range_until_nothing_is_sampled() -> None:
-    everything = range(0, 6000)
+    everything = range(6000)
 
     def route(endpoint: str, p: dict[str, Any]) -> FakeHttpResponse:
         low, high = p["start_step"], p["end_step"]

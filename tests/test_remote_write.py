@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from exporter.config import RemoteWriteSettings
 from exporter.logs import MASK
 from exporter.sinks import remote_write as rw
+from exporter.sinks.delivery import retry_after_seconds
 from exporter.sinks.remote_write import RemoteWriteClient, TimeSeries, Verdict
 from tests.fakes import FakeClock, FakePost, FakeResponse
 from tests.fakes_remote_write import FakeReceiver
@@ -351,14 +352,14 @@ def test_classify_reads_the_status_and_the_receivers_words(
         ("soon", None),
         ("inf", None),
         ("nan", None),
-        (format_datetime(datetime.fromtimestamp(1_000_030, timezone.utc), usegmt=True), 30.0),
-        (format_datetime(datetime.fromtimestamp(999_990, timezone.utc), usegmt=True), 0.0),
+        (format_datetime(datetime.fromtimestamp(1_000_030, UTC), usegmt=True), 30.0),
+        (format_datetime(datetime.fromtimestamp(999_990, UTC), usegmt=True), 0.0),
     ],
 )
 def test_retry_after_is_seconds_from_now_whether_given_as_a_number_or_a_date(
     header: str | None, seconds: float | None
 ) -> None:
-    assert rw.retry_after_seconds(header, now=1_000_000.0) == seconds
+    assert retry_after_seconds(header, now=1_000_000.0) == seconds
 
 
 # --- the client -------------------------------------------------------------------------------

@@ -44,12 +44,14 @@ class Change(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class RunDecision:
-    run: Run
     change: Change
     settle_until_ms: int
-    write: bool  # store it in the mirror
-    capture: bool  # mark its histories due (a settling run is due anyway, until it settles)
-    whole: bool = False  # read its histories whole, not from their windows
+    whole: bool = False  # a written run's histories are read whole, not from their windows
+
+    @property
+    def write(self) -> bool:
+        """Store the run in the mirror (its histories become due)."""
+        return self.change in (Change.NEW, Change.CHANGED, Change.RESTORED)
 
 
 def delta_filters(now_ms: int, last_capture_ms: int | None, settle_ms: int) -> list[RunFilter]:
@@ -83,20 +85,15 @@ def recheck_by_id(
 def decide(run: Run, known: KnownRun | None, now_ms: int, settle_ms: int) -> RunDecision:
     """What a run read from MLflow means for the mirror and the capture."""
     if run.lifecycle_stage == "deleted":
-        return RunDecision(run, Change.REMOVED, now_ms + settle_ms, write=False, capture=False)
+        return RunDecision(Change.REMOVED, now_ms + settle_ms)
     if known is None or not known.fingerprint:
-        settle = first_settle(run, now_ms, settle_ms)
-        return RunDecision(run, Change.NEW, settle, write=True, capture=True)
+        return RunDecision(Change.NEW, first_settle(run, now_ms, settle_ms))
     rewarmed = known.settle_until_ms <= now_ms  # it had settled: read it whole this once
     if known.deleted_ms is not None:
-        return RunDecision(
-            run, Change.RESTORED, now_ms + settle_ms, write=True, capture=True, whole=rewarmed
-        )
+        return RunDecision(Change.RESTORED, now_ms + settle_ms, whole=rewarmed)
     if known.fingerprint != run.fingerprint():
-        return RunDecision(
-            run, Change.CHANGED, now_ms + settle_ms, write=True, capture=True, whole=rewarmed
-        )
-    return RunDecision(run, Change.UNCHANGED, known.settle_until_ms, write=False, capture=False)
+        return RunDecision(Change.CHANGED, now_ms + settle_ms, whole=rewarmed)
+    return RunDecision(Change.UNCHANGED, known.settle_until_ms)
 
 
 def first_settle(run: Run, now_ms: int, settle_ms: int) -> int:

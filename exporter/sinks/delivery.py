@@ -11,9 +11,11 @@ isolate the samples that were refused), and stopping promptly when asked.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 from tenacity import RetryCallState, Retrying, retry_if_result, wait_exponential_jitter
@@ -170,3 +172,18 @@ class Drainer:
         )
         reply: Reply = retrying(self.sink.send, batch)
         return reply
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A `Retry-After` header (seconds, or an HTTP date) as seconds from `now`; None if absent
+    or unreadable. Never negative."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None

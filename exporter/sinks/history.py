@@ -15,6 +15,7 @@ out and set aside by the delivery loop.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class RemoteWriteSink:
         refused: dict[str, list[EncodedBatch]] = {}
         for reason, group in (("too_old", too_old), ("duplicate_timestamp", duplicates)):
             if group:
-                refused[reason] = self._batches(group, contexts, length)
+                refused[reason] = [_aside(group, contexts, length)]
         return Encoded(self._batches(keep, contexts, length), refused)
 
     def _batches(
@@ -124,6 +125,22 @@ class RemoteWriteSink:
         )
 
 
+def _aside(
+    points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], length: int
+) -> EncodedBatch:
+    """Points never sent, kept as a request body for a human: one series entry per point,
+    as several may share a series and a timestamp."""
+    series = [s for p in points for s in _series([p], contexts, length)]
+    body = wire.encode(series)
+    return EncodedBatch(str(uuid.uuid4()), len(points) * SAMPLES_PER_POINT, body)
+
+
+def _rank(p: MetricPoint) -> tuple[int, float]:
+    """Which of two points at one timestamp a receiver gets: the higher step, then value
+    (NaN lowest)."""
+    return (p.step, -math.inf if math.isnan(p.value) else p.value)
+
+
 def _sort_out(
     points: Iterable[MetricPoint], oldest_ms: int | None
 ) -> tuple[list[MetricPoint], list[MetricPoint], list[MetricPoint]]:
@@ -139,7 +156,7 @@ def _sort_out(
         held = best.get(slot)
         if held is None:
             best[slot] = p
-        elif (p.step, p.identity[2]) > (held.step, held.identity[2]):
+        elif _rank(p) > _rank(held):
             losers.append(held)
             best[slot] = p
         else:

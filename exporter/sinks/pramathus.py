@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
@@ -21,7 +20,7 @@ import requests
 from exporter.config import PramathusSettings
 from exporter.logs import MASK
 from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import Encoded, Outcome, Reply
+from exporter.sinks.delivery import Encoded, Outcome, Reply, retry_after_seconds
 from exporter.state.outbox import EncodedBatch, QueuedBatch
 
 SOURCE = "mlflow"
@@ -71,19 +70,6 @@ def build_payload(entries: Sequence[dict[str, Any]], now_ms: float) -> bytes:
     """The request body for one batch, as the seed's contract shapes it."""
     body = {"timestamp": iso8601(now_ms), "source": SOURCE, "metrics": list(entries)}
     return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
-
-
-def retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """Seconds a `Retry-After` header asks for (seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - now())
-        except (TypeError, ValueError):
-            return None
 
 
 @dataclass
@@ -142,7 +128,9 @@ class PramathusSink:
                 verify=s.ca_bundle or s.verify_tls,
             )
         except requests.Timeout:
-            return Reply(Outcome.RETRY, f"Pramathus timed out after {s.timeout_seconds:g}s")
+            return Reply(
+                Outcome.RETRY, f"Pramathus timed out after {s.timeout_seconds:g}s at {s.endpoint}"
+            )
         except requests.RequestException as exc:
             return Reply(
                 Outcome.RETRY,
@@ -161,6 +149,6 @@ class PramathusSink:
             Outcome.RETRY if retryable else Outcome.REFUSED,
             message,
             status=status,
-            retry_after=retry_after(response.headers.get("Retry-After")),
+            retry_after=retry_after_seconds(response.headers.get("Retry-After"), time.time()),
             reason="rejected",
         )

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.config import PrometheusSettings
 from exporter.planners.series import FixedCollector, GroupKey
 
+CHECK = "is it running, and is PROMETHEUS_GATEWAY right?"
 # Families that carry user metric values (the rest are the exporter's own, always finite).
 USER_VALUE_FAMILIES = ("mlflow_",)
 
@@ -83,15 +84,16 @@ class Pushgateway:
             response = self.http_get(url, timeout=self.settings.timeout_seconds, auth=self._auth())
             response.raise_for_status()
             return str(response.json()["data"]["start_time"])
-        except requests.RequestException as exc:
-            raise PushError(
-                f"Pushgateway at {self.settings.gateway} cannot be reached ({_why(exc)}): "
-                "is it running, and is PROMETHEUS_GATEWAY right?"
-            ) from None
+        # A body that is not JSON raises requests' JSONDecodeError, a RequestException
+        # too: it is an answer of the wrong shape, not an unreachable gateway.
         except (ValueError, KeyError, TypeError):
             raise PushError(
                 f"Pushgateway at {self.settings.gateway} answered {url} without a start time: "
                 "is PROMETHEUS_GATEWAY a Pushgateway (not Prometheus or a proxy)?"
+            ) from None
+        except requests.RequestException as exc:
+            raise PushError(
+                f"Pushgateway at {self.settings.gateway} cannot be reached ({_why(exc)}): {CHECK}"
             ) from None
 
     def existing_groups(self) -> list[GroupKey]:
@@ -115,7 +117,7 @@ class Pushgateway:
                         groups.append(tuple(sorted(labels.items())))
         except (requests.RequestException, ValueError) as exc:
             raise PushError(
-                f"Pushgateway at {s.gateway} did not list its groups ({_why(exc)})"
+                f"Pushgateway at {s.gateway} did not list its groups ({_why(exc)}): {CHECK}"
             ) from None
         return groups
 
@@ -150,7 +152,7 @@ class Pushgateway:
             )
         except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
             raise PushError(
-                f"Pushgateway at {s.gateway}: could not {what} it ({_why(exc)})"
+                f"Pushgateway at {s.gateway}: could not {what} it ({_why(exc)}): {CHECK}"
             ) from None
 
 

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import base64
 import itertools
-import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -50,6 +48,7 @@ from google.protobuf.message import DecodeError
 
 from exporter.config import RemoteWriteSettings
 from exporter.logs import MASK
+from exporter.sinks.delivery import retry_after_seconds
 
 USER_AGENT = "mlflow-monitoring-exporter"
 PROTOCOL_HEADERS = {
@@ -265,21 +264,6 @@ def classify(status: int, body_text: str) -> Verdict:
     if status >= 500 or status in (408, 425, 429):
         return Verdict.RETRY
     return Verdict.REJECTED
-
-
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """A `Retry-After` header (seconds, or an HTTP date) as seconds from `now`; None if absent
-    or unreadable. Never negative."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - now
-        except (TypeError, ValueError):
-            return None
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 # --- the client -------------------------------------------------------------------------------

@@ -112,14 +112,14 @@ def _timed(
 
 
 class Continuous:
-    """`exporter continuous --interval 1` in the background; stderr goes to a file so a long
-    run can never block on a full pipe."""
+    """`exporter continuous --interval 1` (or `interval`) in the background; stderr goes to
+    a file so a long run can never block on a full pipe."""
 
-    def __init__(self, env: ExporterEnv, log: Path, **extra_env: str) -> None:
+    def __init__(self, env: ExporterEnv, log: Path, interval: float = 1, **extra_env: str) -> None:
         self.port = servers.free_port()
         self.log = log
-        self._err = open(log, "wb")  # noqa: SIM115 - closed in close()
-        args = ["continuous", "--interval", "1", "--port", str(self.port)]
+        self._err = log.open("wb")  # noqa: SIM115 - closed in close()
+        args = ["continuous", "--interval", str(interval), "--port", str(self.port)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", *args],
             env={**env.env, **extra_env},

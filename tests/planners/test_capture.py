@@ -88,7 +88,7 @@ def test_runs_rechecked_by_id_are_the_settling_and_unfinished_ones_not_seen() ->
 
 def test_a_run_never_seen_is_new_and_captured() -> None:
     decision = decide(run(), None, NOW, SETTLE)
-    assert (decision.change, decision.write, decision.capture) == (Change.NEW, True, True)
+    assert (decision.change, decision.write, decision.whole) == (Change.NEW, True, False)
 
 
 def test_a_run_without_a_fingerprint_counts_as_new() -> None:
@@ -146,6 +146,7 @@ def test_a_run_in_the_deleted_view_is_removed_and_settles_so_a_restore_is_seen_s
         False,
         NOW + SETTLE,
     )
+    assert not decide(run(lifecycle_stage="deleted"), known(run()), NOW, SETTLE).write
 
 
 def test_an_unchanged_run_is_not_written_and_keeps_its_settle_deadline() -> None:
@@ -191,6 +192,17 @@ def test_the_window_never_goes_below_a_migrated_floor() -> None:
     assert Series(1, "a", "k", window_start=None, floor=None).read_from(whole=False) is None
 
 
+def test_reads_of_a_key_are_ordered_by_start_with_whole_reads_first() -> None:
+    latest = {r: (LatestMetric("loss", 1.0, 9, 0),) for r in ("a", "b", "c")}
+    series = {
+        ("a", "loss"): Series(1, "a", "loss", 5),
+        ("b", "loss"): Series(2, "b", "loss", None),
+        ("c", "loss"): Series(3, "c", "loss", 2),
+    }
+    wanted = history_requests(latest, series, bool)
+    assert [(w.run_id, w.start_step) for w in wanted] == [("b", None), ("c", 2), ("a", 5)]
+
+
 def test_reads_are_chunked_by_key_and_size() -> None:
     latest = {f"r{i}": (LatestMetric("a", 1, 1, 0), LatestMetric("b", 1, 1, 0)) for i in range(5)}
     series = {(r, k): Series(0, r, k, None) for r in latest for k in "ab"}
@@ -209,7 +221,7 @@ def test_reads_are_chunked_by_key_and_size() -> None:
 
 
 def test_new_points_are_those_not_captured_and_inside_the_read() -> None:
-    read = [point(1), point(2), point(2), point(3, value=math.nan), point(0)]
+    read = [point(0), point(1), point(2), point(2), point(3, value=math.nan), point(-1)]
     captured = {point(2).identity}
     fresh = new_points(read, window_start=1, captured=captured)
     assert [p.step for p in fresh] == [1, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -54,4 +55,4 @@ def mlflow_points(client: MlflowClient, run_ids: Sequence[str]) -> set[tuple[Any
 
 
 def _comparable(value: float) -> Any:
-    return value if value == value and abs(value) != float("inf") else repr(value)
+    return value if not math.isnan(value) and abs(value) != float("inf") else repr(value)

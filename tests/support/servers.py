@@ -73,10 +73,11 @@ class Server:
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+    # The child keeps its own copy of the descriptor; the parent's can close at once.
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
 
 def start(

@@ -1,0 +1,167 @@
+"""Unit tests for exporter.planners.scope: shards, name patterns, counts and run-series choice.
+
+Shard ownership is a stable hash of the experiment id; with two shards, experiments 2, 4 and 7
+belong to shard 0 and 1, 3 and 5 to shard 1 (asserted below, so a changed hash shows up).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from exporter.config import ExportSettings
+from exporter.mlflow_source import shard_of
+from exporter.model import Experiment
+from exporter.planners.scope import (
+    in_scope,
+    metric_filter,
+    owns,
+    owns_group,
+    with_run_series,
+)
+from exporter.planners.series import REGISTRY_KEY, experiment_key
+
+SHARD_0 = ("2", "4", "7")
+SHARD_1 = ("1", "3", "5")
+
+
+def export(**fields: Any) -> ExportSettings:
+    return ExportSettings(**fields)
+
+
+def ids(experiments: list[Experiment]) -> list[str]:
+    return [e.experiment_id for e in experiments]
+
+
+def test_the_shard_hash_is_stable() -> None:
+    assert [shard_of(i, 2) for i in SHARD_0 + SHARD_1] == [0, 0, 0, 1, 1, 1]
+
+
+def test_one_shard_mirrors_every_active_experiment_sorted_by_id() -> None:
+    experiments = [Experiment("3", "c"), Experiment("1", "a"), Experiment("2", "b")]
+
+    scope = in_scope(experiments, export())
+
+    assert ids(scope.active) == ["1", "2", "3"]
+    assert scope.counts == {"active": 3, "deleted": 0}
+    assert scope.excluded == 0
+
+
+@pytest.mark.parametrize(("index", "mine"), [(0, ["2", "4", "7"]), (1, ["1", "3", "5"])])
+def test_each_shard_mirrors_only_its_experiments_but_counts_all(
+    index: int, mine: list[str]
+) -> None:
+    experiments = [Experiment(i, f"exp-{i}") for i in SHARD_0 + SHARD_1]
+
+    scope = in_scope(experiments, export(shard_count=2, shard_index=index))
+
+    assert ids(scope.active) == mine
+    assert scope.counts == {"active": 6, "deleted": 0}
+
+
+def test_deleted_experiments_are_counted_but_not_mirrored() -> None:
+    experiments = [
+        Experiment("1", "a"),
+        Experiment("2", "b", lifecycle_stage="deleted"),
+        Experiment("3", "c", lifecycle_stage="deleted"),
+    ]
+
+    scope = in_scope(experiments, export())
+
+    assert ids(scope.active) == ["1"]
+    assert scope.counts == {"active": 1, "deleted": 2}
+
+
+def test_an_unknown_lifecycle_stage_is_taken_as_active() -> None:
+    scope = in_scope([Experiment("1", "a", lifecycle_stage="archived")], export())
+    assert scope.counts == {"active": 1, "deleted": 0}
+    assert ids(scope.active) == ["1"]
+
+
+def test_name_patterns_narrow_scope_and_count_this_shards_active_exclusions() -> None:
+    experiments = [
+        Experiment("2", "prod-churn"),
+        Experiment("4", "prod-scratch"),
+        Experiment("7", "dev-churn"),
+        Experiment("1", "dev-other"),  # shard 1: not this shard's exclusion
+        Experiment(
+            "9", "dev-deleted", lifecycle_stage="deleted"
+        ),  # deleted: not counted as excluded
+    ]
+    settings = export(
+        include_experiments=["prod-.*", "dev-d.*"],
+        exclude_experiments=[".*scratch"],
+        shard_count=2,
+        shard_index=0,
+    )
+
+    scope = in_scope(experiments, settings)
+
+    assert ids(scope.active) == ["2"]
+    assert scope.counts == {"active": 1, "deleted": 1}
+    assert scope.excluded == 2  # prod-scratch and dev-churn
+
+
+def test_patterns_match_whole_names() -> None:
+    scope = in_scope(
+        [Experiment("1", "xprod"), Experiment("2", "prod")], export(include_experiments=["prod"])
+    )
+    assert ids(scope.active) == ["2"]
+
+
+def test_owns_follows_the_shard_hash() -> None:
+    assert all(owns(i, export(shard_count=2, shard_index=0)) for i in SHARD_0)
+    assert not any(owns(i, export(shard_count=2, shard_index=0)) for i in SHARD_1)
+    assert owns("anything", export())
+
+
+def test_a_shard_owns_its_experiment_groups_and_shard_0_the_registry_group() -> None:
+    zero, one = export(shard_count=2, shard_index=0), export(shard_count=2, shard_index=1)
+
+    assert owns_group(experiment_key("2"), zero)
+    assert not owns_group(experiment_key("2"), one)
+    assert owns_group(experiment_key("1"), one)
+    assert not owns_group(experiment_key("1"), zero)
+    assert owns_group(REGISTRY_KEY, zero)
+    assert not owns_group(REGISTRY_KEY, one)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        (("group", "other"),),
+        (("experiment_id", "2"), ("instance", "node-1")),
+        (),
+        (("run_id", "2"),),
+    ],
+)
+def test_groups_of_another_shape_are_never_owned(key: tuple[tuple[str, str], ...]) -> None:
+    assert not owns_group(key, export())
+
+
+def test_run_series_go_to_the_most_recently_active_experiments() -> None:
+    activity = {"1": 100, "2": 300, "3": 200, "4": 300}
+
+    assert with_run_series(activity, 2) == {"2", "4"}
+    assert with_run_series(activity, 3) == {"2", "3", "4"}
+    assert with_run_series(activity, 1) == {"4"}  # a tie goes to the higher id, stably
+
+
+def test_max_experiments_0_gives_run_series_to_every_experiment() -> None:
+    assert with_run_series({"1": 1, "2": 2}, 0) == {"1", "2"}
+    assert with_run_series({"1": 1, "2": 2}, 10) == {"1", "2"}
+    assert with_run_series({}, 0) == set()
+
+
+def test_the_metric_filter_applies_include_and_exclude_patterns_to_whole_keys() -> None:
+    allowed = metric_filter(export(include_metrics=["val/.*", "acc"], exclude_metrics=[".*_raw"]))
+
+    assert [allowed(k) for k in ("val/loss", "acc", "val/loss_raw", "accuracy", "train/acc")] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert metric_filter(export())("anything")

@@ -1,0 +1,441 @@
+"""Unit tests for exporter.sinks.delivery: draining one sink's queue within its budget.
+
+The queue is a real `StateStore` outbox in tmp_path. Time only moves when the drainer sleeps
+(`SleepRecorder` advancing a `FakeClock`) or when a fake server is slow (`AdvancingPost`).
+Pramathus answers come from `FakePost`; splitting is exercised with the remote write sink
+against `FakeReceiver`, which refuses samples that are too old the way Prometheus does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from exporter.config import PramathusSettings, RemoteWriteSettings
+from exporter.model import MetricPoint, RunContext
+from exporter.sinks import remote_write as rw
+from exporter.sinks.delivery import DeliverySink, Drainer, DrainResult, Encoded, Outcome, Reply
+from exporter.sinks.history import RemoteWriteSink
+from exporter.sinks.pramathus import PramathusSink
+from exporter.state import StateStore
+from exporter.state.outbox import EncodedBatch, QueuedBatch, QueueTotals
+from tests.fakes import FakeClock, FakePost, FakeResponse, SleepRecorder
+from tests.fakes_http import AdvancingPost
+from tests.fakes_remote_write import FakeReceiver
+
+ENDPOINT = "https://pramathus.example.com/api/metrics"
+RW_URL = "http://receiver.test:9090/api/v1/write"
+T0 = 1_705_314_000_000
+CONTEXTS = {"run-a": RunContext("1", "churn", "brave-owl", {"team": "ml"})}
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[StateStore]:
+    store = StateStore(tmp_path)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def sleep(clock: FakeClock) -> SleepRecorder:
+    return SleepRecorder(clock)
+
+
+def points(n: int, start: int = 0) -> list[MetricPoint]:
+    return [
+        MetricPoint("run-a", "loss", float(i), i, T0 + i * 1000) for i in range(start, start + n)
+    ]
+
+
+def pramathus(post: Any, **overrides: Any) -> PramathusSink:
+    settings = PramathusSettings(enabled=True, endpoint=ENDPOINT, api_key="k-123456", **overrides)
+    return PramathusSink(settings, post=post)
+
+
+def enqueue(state: StateStore, sink: DeliverySink, pts: Sequence[MetricPoint]) -> list[QueuedBatch]:
+    outbox = state.outbox(sink.name)
+    with state.transaction():
+        outbox.add(sink.encode(pts, CONTEXTS, T0).batches, T0)
+    return list(outbox.batches())
+
+
+def drainer(state: StateStore, sink: DeliverySink, clock: FakeClock, sleep: Any) -> Drainer:
+    return Drainer(sink, state.outbox(sink.name), clock, sleep)
+
+
+def dead_letters(state: StateStore) -> list[tuple[str, int | None, int, str]]:
+    """(reason, status, points, error) of every set-aside batch, oldest first."""
+    rows = state.db.conn.execute(
+        "SELECT reason, status, points, error FROM dead_letter ORDER BY id"
+    ).fetchall()
+    return [tuple(r) for r in rows]
+
+
+def attempts(state: StateStore) -> list[tuple[int, str | None]]:
+    rows = state.db.conn.execute("SELECT attempts, last_error FROM spool ORDER BY id").fetchall()
+    return [tuple(r) for r in rows]
+
+
+def sent_values(post: FakePost) -> list[list[float]]:
+    """The metric values each recorded POST carried."""
+    return [[m["value"] for m in json.loads(c.data)["metrics"]] for c in post.calls]
+
+
+# ---------------------------------------------------------------- retries within the budget
+
+
+def test_five_transient_failures_then_success_are_delivered_within_the_default_budget(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    retry_in_1s = FakeResponse(429, "slow down", {"Retry-After": "1"})
+    post = FakePost([503, 503, 503, retry_in_1s, 429, 200])
+    sink = pramathus(post)
+    assert (sink.budget_seconds, sink.max_attempts) == (30.0, 0)  # the defaults under test
+    enqueue(state, sink, points(3))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert result == DrainResult(batches=1, points=3)
+    assert len(post.calls) == 6
+    assert len(set(post.idempotency_keys)) == 1
+    assert len({c.data for c in post.calls}) == 1
+    assert state.outbox("pramathus").totals() == QueueTotals(0, 0)
+
+
+def test_backoff_waits_grow_exponentially_and_retry_after_is_waited_exactly(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    start = clock()
+    retry_in_1s = FakeResponse(429, "slow down", {"Retry-After": "1"})
+    sink = pramathus(FakePost([503, 503, 503, retry_in_1s, 429, 200]))
+    enqueue(state, sink, points(1))
+
+    drainer(state, sink, clock, sleep).drain()
+
+    first, second, third, hinted, fifth = sleep.delays
+    assert hinted == 1.0
+    # Capped exponential backoff from 0.5 s, plus up to 1 s of jitter.
+    for delay, base in ((first, 0.5), (second, 1.0), (third, 2.0), (fifth, 8.0)):
+        assert base <= delay <= base + 1
+    assert clock() - start == pytest.approx(sum(sleep.delays))
+
+
+def test_a_retry_after_longer_than_the_budget_is_cut_to_what_is_left_of_it(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    start = clock()
+    wait_two_minutes = FakeResponse(429, "", {"Retry-After": "120"})
+    post = FakePost([wait_two_minutes, wait_two_minutes])
+    sink = pramathus(post)
+    enqueue(state, sink, points(1))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert sleep.delays == [30.0]
+    assert clock() == start + 30.0
+    assert len(post.calls) == 2  # one more try at the deadline, then no more
+    assert result.batches == 0
+    assert result.error is not None
+    assert "HTTP 429" in result.error
+
+
+def test_retries_stop_exactly_when_the_budget_is_spent_and_the_batch_stays_queued(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    deadline = clock() + 30.0
+    post = FakePost(default=FakeResponse(503, "overloaded"))
+    sink = pramathus(post)
+    enqueue(state, sink, points(2))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert clock() == deadline  # slept exactly the budget, not a moment more
+    assert len(post.calls) == len(sleep.delays) + 1
+    # The last wait was cut to what was left: backoff alone would have waited 16 s or more.
+    assert sleep.delays[-1] < 16
+    assert sum(sleep.delays[:-1]) + sleep.delays[-1] == pytest.approx(30.0)
+    assert result.batches == 0
+    assert result.error == "Pramathus answered HTTP 503: overloaded"
+    assert state.outbox("pramathus").totals() == QueueTotals(1, 2)
+    assert attempts(state) == [(1, "Pramathus answered HTTP 503: overloaded")]
+
+
+def test_a_batch_that_keeps_failing_counts_one_attempt_per_drain_and_keeps_its_key(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    post = FakePost([503, 503])
+    sink = pramathus(post, max_attempts=1)
+    enqueue(state, sink, points(1))
+
+    drainer(state, sink, clock, sleep).drain()
+    drainer(state, sink, clock, sleep).drain()
+    assert attempts(state) == [(2, "Pramathus answered HTTP 503: ")]
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert result.batches == 1
+    assert len(set(post.idempotency_keys)) == 1
+    assert len(post.calls) == 3
+
+
+def test_max_attempts_caps_the_tries_of_a_batch_within_one_drain(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    start = clock()
+    post = FakePost(default=FakeResponse(503, ""))
+    sink = pramathus(post, max_attempts=3)
+    enqueue(state, sink, points(1))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert len(post.calls) == 3
+    assert len(sleep.delays) == 2
+    assert clock() - start < 30  # stopped by the attempt cap, not the budget
+    assert result.error is not None
+
+
+def test_connection_errors_are_retried_like_transient_statuses(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    post = FakePost([requests.ConnectionError("refused"), requests.Timeout("slow"), 200])
+    sink = pramathus(post)
+    enqueue(state, sink, points(1))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert result.batches == 1
+    assert len(post.calls) == 3
+
+
+# ---------------------------------------------------------------- refusals and order
+
+
+def test_a_refused_batch_is_set_aside_with_reason_and_status_and_later_batches_still_go(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    refusal = FakeResponse(400, '{"error": "bad metric"}')
+    post = FakePost([200, refusal, 200])
+    sink = pramathus(post, batch_size=2)
+    enqueue(state, sink, points(6))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert len(post.calls) == 3  # the refusal is not retried
+    assert sent_values(post) == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    assert (result.batches, result.points) == (2, 4)
+    assert result.set_aside == {"rejected": 2}
+    assert result.error == 'Pramathus answered HTTP 400: {"error": "bad metric"}'
+    assert dead_letters(state) == [
+        ("rejected", 400, 2, 'Pramathus answered HTTP 400: {"error": "bad metric"}')
+    ]
+    assert state.outbox("pramathus").totals() == QueueTotals(0, 0)
+
+
+def test_a_batch_that_must_wait_holds_back_every_later_batch(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    post = FakePost([200, 503, 200])
+    sink = pramathus(post, batch_size=1, max_attempts=1)
+    enqueue(state, sink, points(3))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert sent_values(post) == [[0.0], [1.0]]  # the third batch is never tried
+    assert (result.batches, result.points) == (1, 1)
+    assert attempts(state) == [(1, "Pramathus answered HTTP 503: "), (0, None)]
+
+    result = drainer(state, sink, clock, sleep).drain()
+    assert sent_values(post)[2:] == [[1.0], [2.0]]  # oldest first again
+    assert result.batches == 2
+
+
+def test_should_stop_is_checked_between_batches(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    post = FakePost()
+    sink = pramathus(post, batch_size=1)
+    enqueue(state, sink, points(3))
+
+    result = drainer(state, sink, clock, sleep).drain(should_stop=lambda: len(post.calls) >= 1)
+
+    assert result.stopped is True
+    assert (result.batches, len(post.calls)) == (1, 1)
+    assert state.outbox("pramathus").totals() == QueueTotals(2, 2)
+
+
+def test_should_stop_before_the_first_batch_sends_nothing(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    post = FakePost()
+    sink = pramathus(post)
+    enqueue(state, sink, points(2))
+
+    result = drainer(state, sink, clock, sleep).drain(should_stop=lambda: True)
+
+    assert result == DrainResult(stopped=True)
+    assert post.calls == []
+
+
+def test_a_spent_budget_leaves_later_batches_queued_with_a_message_saying_so(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    post = FakePost()
+    sink = pramathus(AdvancingPost(post, clock, 31.0), batch_size=1)
+    enqueue(state, sink, points(3))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert (result.batches, len(post.calls)) == (1, 1)
+    assert result.error == (
+        "pramathus: delivery budget of 30s spent; the rest stays queued for the next cycle"
+    )
+    assert state.outbox("pramathus").totals() == QueueTotals(2, 2)
+    assert sleep.delays == []
+
+
+def test_an_empty_queue_drains_to_nothing(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    post = FakePost()
+    assert drainer(state, pramathus(post), clock, sleep).drain() == DrainResult()
+    assert post.calls == []
+
+
+# ---------------------------------------------------------------- splitting refused batches
+
+
+def remote_write_sink(receiver: FakeReceiver, batch_size: int = 5000) -> RemoteWriteSink:
+    settings = RemoteWriteSettings(enabled=True, url=RW_URL, batch_size=batch_size)
+    return RemoteWriteSink(
+        settings, run_id_length=lambda: 12, client=rw.RemoteWriteClient(settings, post=receiver)
+    )
+
+
+def stored_timestamps(receiver: FakeReceiver, family: str) -> list[int]:
+    return sorted(
+        t
+        for labels, samples in receiver.stored.items()
+        if dict(labels)["__name__"] == family
+        for t in samples
+    )
+
+
+def test_a_partly_too_old_batch_is_bisected_until_only_the_old_samples_are_set_aside(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    # Points 0-2 are older than the receiver takes; 3-7 are fine. One request of 16 samples.
+    receiver = FakeReceiver(oldest_ms=T0 + 3000)
+    sink = remote_write_sink(receiver)
+    [batch] = enqueue(state, sink, points(8))
+    assert batch.points == 16
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert result.set_aside == {"too_old": 6}
+    assert (result.points, result.error is not None) == (10, True)
+    good = [T0 + i * 1000 for i in range(3, 8)]
+    assert stored_timestamps(receiver, "mlflow_loss") == good
+    assert stored_timestamps(receiver, "mlflow_metric_step") == good
+    # Every set-aside body holds only refused samples, and nothing was retried or waited for.
+    aside = state.db.conn.execute("SELECT body, reason, status FROM dead_letter").fetchall()
+    old = {T0, T0 + 1000, T0 + 2000}
+    for body, reason, status in aside:
+        assert (reason, status) == ("too_old", 400)
+        assert {t for ts in rw.decode(body) for t, _ in ts.samples} <= old
+    assert sum(rw.sample_count(body) for body, _, _ in aside) == 6
+    assert sleep.delays == []
+    assert state.outbox("remote_write").totals() == QueueTotals(0, 0)
+
+
+def test_halves_of_a_split_batch_are_sent_older_first_right_away(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    receiver = FakeReceiver(oldest_ms=T0 + 2000)
+    sink = remote_write_sink(receiver)
+    enqueue(state, sink, points(4))  # 8 samples; points 0 and 1 too old
+
+    drainer(state, sink, clock, sleep).drain()
+
+    first_stamps = [min(t for ts in c.series for t, _ in ts.samples) for c in receiver.calls]
+    # whole batch (refused), older half (refused), its halves..., then the newer half.
+    assert next(c.status for c in receiver.calls) == 400
+    assert first_stamps[1] == T0
+    assert first_stamps[-1] == T0 + 2000
+    assert receiver.calls[-1].status == 204
+    accepted = [len(ts.samples) for c in receiver.calls if c.status == 204 for ts in c.series]
+    assert sum(accepted) == 4
+
+
+def test_a_single_refused_sample_is_set_aside_without_splitting(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    sink = ScriptedSink([Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True)])
+    outbox = state.outbox(sink.name)
+    outbox.add([EncodedBatch("k1", 1, b"[1]")], T0)
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert sink.splits == 0
+    assert result.set_aside == {"too_old": 1}
+
+
+def test_a_split_half_that_must_wait_stops_the_drain_and_stays_queued(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    sink = ScriptedSink(
+        [
+            Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True),
+            Reply(Outcome.RETRY, "receiver restarting", 503),
+        ],
+        max_attempts=1,
+    )
+    outbox = state.outbox(sink.name)
+    outbox.add([EncodedBatch("k1", 4, b"[1, 2, 3, 4]"), EncodedBatch("k2", 1, b"[5]")], T0)
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert sink.sent == [[1, 2, 3, 4], [1, 2]]  # the newer half and the later batch wait
+    assert result.error == "receiver restarting"
+    queued = [json.loads(b.body) for b in outbox.batches()]
+    assert sorted(queued) == [[1, 2], [3, 4], [5]]
+
+
+class ScriptedSink:
+    """A minimal `DeliverySink`: bodies are JSON lists, replies come from a script (then
+    accepted), `split` halves the list."""
+
+    name = "scripted"
+    budget_seconds = 30.0
+    queue_max_points = 1000
+    drop_oldest = True
+
+    def __init__(self, script: list[Reply], max_attempts: int = 0) -> None:
+        self.script = list(script)
+        self.max_attempts = max_attempts
+        self.sent: list[Any] = []
+        self.splits = 0
+
+    def encode(self, pts: Any, contexts: Any, now_ms: int) -> Encoded:
+        raise NotImplementedError
+
+    def send(self, batch: QueuedBatch) -> Reply:
+        self.sent.append(json.loads(batch.body))
+        return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
+
+    def split(self, body: bytes) -> list[EncodedBatch]:
+        self.splits += 1
+        items = json.loads(body)
+        half = len(items) // 2
+        return [
+            EncodedBatch(f"part-{self.splits}-{i}", len(part), json.dumps(part).encode())
+            for i, part in enumerate((items[:half], items[half:]))
+        ]

@@ -1,0 +1,111 @@
+"""Unit tests for exporter.logs: the secret scrubber and the structlog set-up."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from exporter.logs import MASK, SecretScrubber, configure
+
+SECRET = "pk_live_9Zq-TOPSECRET"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def scrub(event: dict[str, Any], secrets: tuple[str, ...] = (SECRET,)) -> Any:
+    return SecretScrubber(secrets)(None, "info", event)
+
+
+def test_a_secret_is_masked_wherever_it_appears_in_a_string() -> None:
+    out = scrub({"event": f"auth {SECRET} failed", "url": f"https://x/?key={SECRET}&k={SECRET}"})
+    assert out == {"event": f"auth {MASK} failed", "url": f"https://x/?key={MASK}&k={MASK}"}
+
+
+def test_secrets_are_masked_in_nested_dicts_lists_and_tuples_keeping_their_types() -> None:
+    event = {"detail": {"errors": [f"bad {SECRET}", ("x", SECRET)], "n": 3, "none": None}}
+
+    out = scrub(event)
+
+    assert out == {"detail": {"errors": [f"bad {MASK}", ("x", MASK)], "n": 3, "none": None}}
+    assert isinstance(out["detail"]["errors"][1], tuple)
+    assert event["detail"]["errors"][0] == f"bad {SECRET}"  # the caller's event is not changed
+
+
+def test_a_longer_secret_containing_a_shorter_one_is_masked_whole() -> None:
+    out = scrub({"e": "token abcd-efgh-ijkl"}, ("abcd", "abcd-efgh-ijkl"))
+    assert out == {"e": f"token {MASK}"}
+
+
+def test_secrets_shorter_than_four_characters_are_not_scrubbed() -> None:
+    assert scrub({"e": "a b abc"}, ("abc", "", "b")) == {"e": "a b abc"}
+
+
+def test_without_secrets_the_event_passes_through_untouched() -> None:
+    event = {"event": "x"}
+    assert SecretScrubber()(None, "info", event) is event
+
+
+def test_json_format_writes_one_json_line_per_event_with_secrets_masked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure("INFO", "json", [SECRET])
+
+    structlog.get_logger("t").warning("push.failed", reason=f"401 {SECRET}", groups=[SECRET])
+
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout is for command output
+    [line] = captured.err.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "push.failed"
+    assert record["level"] == "warning"
+    assert record["reason"] == f"401 {MASK}"
+    assert record["groups"] == [MASK]
+    assert record["timestamp"].endswith("Z")
+    assert SECRET not in captured.err
+
+
+def test_console_format_is_not_json_and_still_masked(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("INFO", "console", [SECRET])
+
+    structlog.get_logger("t").info("cycle.done", detail=SECRET)
+
+    err = capsys.readouterr().err
+    assert "cycle.done" in err
+    assert MASK in err
+    assert SECRET not in err
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(err.splitlines()[0])
+
+
+def test_auto_format_is_json_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("INFO", "auto")
+    structlog.get_logger("t").info("x.y")
+    assert json.loads(capsys.readouterr().err)["event"] == "x.y"
+
+
+def test_the_level_filters_lower_events(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("WARNING", "json")
+    log = structlog.get_logger("t")
+    log.info("quiet")
+    log.error("loud")
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["loud"]
+
+
+def test_exceptions_are_rendered_into_the_event(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("INFO", "json", [SECRET])
+    try:
+        raise ValueError(f"bad {SECRET}")
+    except ValueError:
+        structlog.get_logger("t").error("boom", exc_info=True)
+    record = json.loads(capsys.readouterr().err)
+    assert "ValueError" in record["exception"]
+    assert SECRET not in record["exception"]
