@@ -55,16 +55,19 @@ class Database:
 
     def _open(self) -> sqlite3.Connection:
         try:
-            return _connect_checked(self.path)
+            if self.path.exists():
+                _probe(self.path)
+            return _connect(self.path)
         except sqlite3.DatabaseError as exc:
             if not is_corruption(exc):
                 raise StateError(
                     f"state database {self.path} cannot be used now ({exc}); it is kept as it "
-                    "is: free disk space or fix permissions, then start again"
+                    "is: fix the cause (disk space, permissions, another program holding it, "
+                    "a newer exporter's state) and start again"
                 ) from None
         self.set_aside = self._move_aside()
         try:
-            return _connect_checked(self.path)
+            return _connect(self.path)
         except sqlite3.Error as exc:
             raise StateError(f"cannot create a fresh state database {self.path}: {exc}") from None
 
@@ -87,14 +90,16 @@ class Database:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (disk full, interrupt): keep its error.
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
 
     def reader(self) -> sqlite3.Connection:
         """A separate read-only connection (WAL lets it read while a cycle writes)."""
         conn = sqlite3.connect(
-            f"file:{self.path}?mode=ro",
+            f"{self.path.resolve().as_uri()}?mode=ro",
             uri=True,
             timeout=BUSY_TIMEOUT_SECONDS,
             check_same_thread=False,
@@ -127,18 +132,31 @@ def _lock_directory(directory: Path) -> IO[str]:
     return lock
 
 
-def _connect_checked(path: Path) -> sqlite3.Connection:
-    """Connect, prove the file is a sound database, bring its schema up to date."""
+def _probe(path: Path) -> None:
+    """Prove an existing file is a sound database, over a read-only connection: closing a
+    read-write one would fold its WAL into a damaged file and delete the WAL, so the copy
+    set aside for a human would not be what was found."""
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        conn.close()
+    if verdict != "ok":
+        error = sqlite3.DatabaseError(f"integrity check failed: {verdict}")
+        error.sqlite_errorname = "SQLITE_CORRUPT"
+        raise error
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Connect read-write and bring the schema up to date."""
     conn = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if verdict != "ok":
-            error = sqlite3.DatabaseError(f"integrity check failed: {verdict}")
-            error.sqlite_errorname = "SQLITE_CORRUPT"
-            raise error  # noqa: TRY301 - classified by the caller like SQLite's own
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
         version = conn.execute("PRAGMA user_version").fetchone()[0]

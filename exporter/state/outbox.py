@@ -110,8 +110,8 @@ class Outbox:
     ) -> None:
         """Move a batch that can never succeed out of the queue, keeping it for a human."""
         self.conn.execute(
-            "INSERT INTO dead_letter (id, sink, idempotency_key, created_ms, failed_ms, points, "
-            "body, status, error, reason) SELECT id, sink, idempotency_key, created_ms, ?, "
+            "INSERT INTO dead_letter (sink, idempotency_key, created_ms, failed_ms, points, "
+            "body, status, error, reason) SELECT sink, idempotency_key, created_ms, ?, "
             "points, body, ?, ?, ? FROM spool WHERE id = ?",
             (failed_ms, status, error[:500], reason, batch.id),
         )

@@ -97,6 +97,8 @@ def migrate(conn: sqlite3.Connection, from_version: int) -> None:
             ("experiment", "cut_runs INTEGER NOT NULL DEFAULT 0"),
         ):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        # Version 1's index lacked the run id: make it as a fresh database has it.
+        conn.execute("DROP INDEX IF EXISTS run_by_experiment")
         for statement in TABLES.split(";"):  # executescript would commit the transaction
             if statement.strip():
                 conn.execute(statement)
@@ -118,6 +120,7 @@ def migrate(conn: sqlite3.Connection, from_version: int) -> None:
         conn.execute("DROP TABLE IF EXISTS meta")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+            conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
