@@ -95,7 +95,7 @@ def merge(groups: Iterator[tuple[GroupKey, list[Metric]]]) -> list[Metric]:
     return list(merged.values())
 
 
-@dataclass
+@dataclass(eq=False)  # a registry keys its collectors by identity
 class MirrorCollector(Collector):
     """Pull mode: every group built fresh from the state on each scrape."""
 

@@ -1,0 +1,93 @@
+"""Unit tests for exporter.app: wiring settings into a runner (no servers are contacted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.app import history_sinks, open_runner, pull_collector, secrets_of
+from exporter.config import load_settings
+from exporter.model import Experiment, LatestMetric, Run
+from exporter.sinks.history import RemoteWriteSink
+from exporter.sinks.pramathus import PramathusSink
+from exporter.state import StateStore
+from exporter.state.mirror import PENDING_NONE
+from exporter.state.records import CaptureRecord, save
+
+
+def settings(tmp_path: Path, **env: str):  # type: ignore[no-untyped-def]
+    return load_settings(env={"EXPORTER_STATE_DIR": str(tmp_path / "state"), **env})
+
+
+def test_every_secret_of_the_settings_is_collected_for_masking(tmp_path: Path) -> None:
+    s = settings(
+        tmp_path,
+        MLFLOW_TRACKING_PASSWORD="a1",
+        MLFLOW_TRACKING_TOKEN="b2",
+        PRAMATHUS_API_KEY="c3",
+        PROMETHEUS_GATEWAY_PASSWORD="d4",
+        REMOTE_WRITE_PASSWORD="e5",
+    )
+    assert sorted(secrets_of(s)) == ["a1", "b2", "c3", "d4", "e5"]
+
+
+def test_enabled_history_sinks_are_wired_and_remote_write_follows_the_label_length(
+    tmp_path: Path,
+) -> None:
+    s = settings(
+        tmp_path,
+        PRAMATHUS_ENABLED="true",
+        PRAMATHUS_ENDPOINT="http://127.0.0.1:9/p",
+        REMOTE_WRITE_ENABLED="true",
+        REMOTE_WRITE_URL="http://127.0.0.1:9/w",
+    )
+    state = StateStore(tmp_path / "state")
+    try:
+        pramathus, remote = history_sinks(s, state)
+        assert isinstance(pramathus, PramathusSink)
+        assert isinstance(remote, RemoteWriteSink)
+        assert remote.run_id_length() == 12
+    finally:
+        state.close()
+    assert history_sinks(settings(tmp_path), state) == []
+
+
+def test_pull_mode_needs_no_pushgateway_and_a_corrupt_state_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.db").write_bytes(b"garbage " * 100)
+    s = settings(tmp_path, PROMETHEUS_MODE="pull")
+    with structlog.testing.capture_logs() as logs, open_runner(s) as runner:
+        assert runner.pushgateway is None
+    assert [e["event"] for e in logs] == ["state.corrupt_set_aside"]
+
+
+def test_plain_http_credentials_to_a_remote_host_are_warned_about(tmp_path: Path) -> None:
+    s = settings(
+        tmp_path,
+        MLFLOW_TRACKING_URI="http://mlflow.example.com:5000",
+        MLFLOW_TRACKING_PASSWORD="pw",
+        MLFLOW_TRACKING_USERNAME="u",
+    )
+    with structlog.testing.capture_logs() as logs, open_runner(s) as runner:
+        assert runner.pushgateway is not None
+    [warning] = [e for e in logs if e["event"] == "config.plain_http_credentials"]
+    assert "mlflow.example.com" in warning["detail"]
+    assert "pw" not in warning["detail"]
+
+
+def test_the_pull_collector_serves_the_mirror_over_its_own_connection(tmp_path: Path) -> None:
+    s = settings(tmp_path, PROMETHEUS_MODE="pull")
+    with open_runner(s) as runner:
+        mirror = runner.state.mirror
+        with runner.state.transaction():
+            mirror.set_experiments([Experiment("1", "churn")], 0)
+            run = Run("a" * 32, "1", "r", "FINISHED", "u", 1, 2, (LatestMetric("loss", 0.5, 1, 1),))
+            mirror.write_run(run, 0, PENDING_NONE)
+            save(runner.state.db.conn, CaptureRecord(last_capture_ms=1, active_experiments=1))
+        registry = CollectorRegistry()
+        registry.register(pull_collector(runner)())
+        text = generate_latest(registry).decode()
+    assert 'mlflow_experiments{lifecycle_stage="active"} 1.0' in text
+    assert "mlflow_experiment_runs" in text
