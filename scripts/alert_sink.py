@@ -143,7 +143,7 @@ def serve(sink: Sink, port: int) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, format: str, *args: Any) -> None:
+        def log_message(self, *args: Any) -> None:
             pass  # an access line per readiness poll would bury the alert lines
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)

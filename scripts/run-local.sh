@@ -2,11 +2,13 @@
 # The whole stack on loopback, no Docker: MLflow (SQLite) filled by `exporter generate-sample`
 # plus a fresh FAILED demo run, the Pushgateway, Prometheus (the compose stack's prometheus/
 # files and rules), Alertmanager (receivers replaced by a local alert sink), the alert sink,
-# and `exporter continuous` pushing every 15 s.
+# VictoriaMetrics (the history store: every metric point at its own timestamp, kept for years),
+# and `exporter continuous` pushing every 15 s and remote-writing history to VictoriaMetrics.
 #
 # Ports and data (override any in the environment):
 #   MLFLOW_PORT=5000 PUSHGATEWAY_PORT=9091 PROMETHEUS_PORT=9090 ALERTMANAGER_PORT=9093
-#   EXPORTER_PORT=9877 ALERT_SINK_PORT=9095 LOCAL_STACK_DIR=.local-stack STOP_GRACE=10
+#   EXPORTER_PORT=9877 ALERT_SINK_PORT=9095 VICTORIA_PORT=8428 LOCAL_STACK_DIR=.local-stack
+#   STOP_GRACE=10
 # Server logs go to $LOCAL_STACK_DIR/logs/<name>.log; the terminal shows progress, the
 # exporter's log, alert lines, and a line starting with READY after the first export cycle.
 #
@@ -29,6 +31,7 @@ bash scripts/setup.sh
 
 : "${MLFLOW_PORT:=5000}" "${PUSHGATEWAY_PORT:=9091}" "${PROMETHEUS_PORT:=9090}"
 : "${ALERTMANAGER_PORT:=9093}" "${EXPORTER_PORT:=9877}" "${ALERT_SINK_PORT:=9095}"
+: "${VICTORIA_PORT:=8428}"
 : "${EXPORT_INTERVAL:=15}" "${LOCAL_STACK_DIR:=.local-stack}" "${STOP_GRACE:=10}"
 # Prometheus scrapes and evaluates rules this often here (15 s in the compose stack), so the
 # demo alert fires within seconds of the first push.
@@ -39,7 +42,7 @@ if ! [[ $STOP_GRACE =~ ^[0-9]+$ ]]; then
   exit 1
 fi
 port_vars=(MLFLOW_PORT PUSHGATEWAY_PORT PROMETHEUS_PORT ALERTMANAGER_PORT EXPORTER_PORT
-           ALERT_SINK_PORT)
+           ALERT_SINK_PORT VICTORIA_PORT)
 declare -A port_owner=()
 for var in "${port_vars[@]}"; do
   p=${!var}
@@ -65,7 +68,7 @@ done
 mkdir -p "$LOCAL_STACK_DIR"
 data=$(cd "$LOCAL_STACK_DIR" && pwd)
 logs=$data/logs
-mkdir -p "$data"/{mlflow,tsdb,alertmanager,exporter-state} "$logs"
+mkdir -p "$data"/{mlflow,tsdb,alertmanager,exporter-state,victoria-metrics} "$logs"
 py=$PWD/.venv/bin/python
 
 "$py" scripts/render_prometheus.py "$data/prometheus" --interval "$LOCAL_EVAL_INTERVAL" \
@@ -83,6 +86,9 @@ export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 export PROMETHEUS_GATEWAY=127.0.0.1:$PUSHGATEWAY_PORT
 export EXPORTER_HOST=127.0.0.1 EXPORTER_PORT EXPORT_INTERVAL
 export EXPORTER_STATE_DIR=$data/exporter-state
+# History: every metric point, at its own timestamp, to this stack's VictoriaMetrics.
+export REMOTE_WRITE_ENABLED=true
+export REMOTE_WRITE_URL=http://127.0.0.1:$VICTORIA_PORT/api/v1/write
 export LOG_FORMAT=${LOG_FORMAT:-console}
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +287,7 @@ wait_ready() {
     fi
     sleep 0.3
   done
-  printf '  %-13s ready  (%s)\n' "$1" "$(elapsed)"
+  printf '  %-16s ready  (%s)\n' "$1" "$(elapsed)"
 }
 
 # run_step NAME TIMEOUT CMD...: a one-shot job in the group (killed with the rest on Ctrl-C);
@@ -313,6 +319,7 @@ cat <<INFO
   Pushgateway      http://127.0.0.1:$PUSHGATEWAY_PORT
   Prometheus       http://127.0.0.1:$PROMETHEUS_PORT
   Alertmanager     http://127.0.0.1:$ALERTMANAGER_PORT
+  VictoriaMetrics  http://127.0.0.1:$VICTORIA_PORT/vmui  (history)
   Exporter         http://127.0.0.1:$EXPORTER_PORT/metrics  /healthz  /readyz
   Alert sink       http://127.0.0.1:$ALERT_SINK_PORT  ->  $data/alerts.log
   Data and logs    $data  (logs/<server>.log)
@@ -333,11 +340,19 @@ spawn alertmanager prometheus-alertmanager --config.file="$data/alertmanager.yml
   --cluster.listen-address=
 spawn alert-sink "$py" scripts/alert_sink.py serve --port "$ALERT_SINK_PORT" \
   --log "$data/alerts.log"
-for name in mlflow pushgateway prometheus alertmanager alert-sink; do running[$name]=1; done
+# The same settings as the compose stack's victoriametrics service: years of retention (the
+# default month would also refuse older points), one sample per series and millisecond (a
+# batch re-sent after a lost acknowledgement does not count twice).
+spawn victoria-metrics victoria-metrics -httpListenAddr="127.0.0.1:$VICTORIA_PORT" \
+  -storageDataPath="$data/victoria-metrics" -retentionPeriod=100y -dedup.minScrapeInterval=1ms
+for name in mlflow pushgateway prometheus alertmanager alert-sink victoria-metrics; do
+  running[$name]=1
+done
 
 # Fast ones first, so each progress line appears about when its server is ready.
 wait_ready pushgateway "$PUSHGATEWAY_PORT" /-/ready 30
 wait_ready alert-sink "$ALERT_SINK_PORT" / 30
+wait_ready victoria-metrics "$VICTORIA_PORT" /health 30
 wait_ready alertmanager "$ALERTMANAGER_PORT" /-/ready 30
 wait_ready prometheus "$PROMETHEUS_PORT" /-/ready 60
 wait_ready mlflow "$MLFLOW_PORT" /health 180
@@ -345,11 +360,11 @@ wait_ready mlflow "$MLFLOW_PORT" /health 180
 # Idempotent for a seed: the first start creates the sample data, later ones find it.
 run_step sample 300 .venv/bin/exporter generate-sample
 summary=$(grep -E '^created ' "$logs/sample.log" | tail -n 1 || true)
-printf '  %-13s %s\n' "sample data" "${summary:-see $logs/sample.log}"
+printf '  %-16s %s\n' "sample data" "${summary:-see $logs/sample.log}"
 # A FAILED run that ends now, on every start: MlflowRunFailed looks at the last hour only.
 run_step demo-failure 120 "$py" scripts/demo_failure.py
 demo=$(grep -E '^logged FAILED run ' "$logs/demo-failure.log" | tail -n 1 || true)
-printf '  %-13s %s\n' "demo failure" "$demo"
+printf '  %-16s %s\n' "demo failure" "$demo"
 
 # --port repeats EXPORTER_PORT so `ps` shows which stack this exporter belongs to.
 spawn exporter .venv/bin/exporter continuous --port "$EXPORTER_PORT"
@@ -380,6 +395,8 @@ cat <<EOF
 READY  first export cycle done ($(elapsed)). Where to look:
   Prometheus    http://127.0.0.1:$PROMETHEUS_PORT/graph?g0.expr=mlflow_accuracy&g0.tab=1
                 try: mlflow_accuracy, mlflow_run_info{status="FAILED"}, ALERTS
+  History       http://127.0.0.1:$VICTORIA_PORT/vmui  (VictoriaMetrics)
+                try: mlflow_val_loss, mlflow_metric_step{metric_key="val/loss"}
   Alertmanager  http://127.0.0.1:$ALERTMANAGER_PORT  (MlflowRunFailed for ${run_name:-the demo run} within a minute or so)
   Alert log     $data/alerts.log  (also shown below as "ALERT |" lines)
   Grafana       not available locally (no Grafana package); dashboards: docker compose up

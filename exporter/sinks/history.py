@@ -16,6 +16,7 @@ out and set aside by the delivery loop.
 from __future__ import annotations
 
 import math
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -165,13 +166,23 @@ def _sort_out(
     return keep, losers, too_old
 
 
+def _infinite(value: float) -> float:
+    """MLflow's SQL store keeps ±inf as ±the largest float; send it as ±Inf again.
+
+    Besides being what was logged, it matters: VictoriaMetrics stores a block's values as
+    integers sharing one decimal exponent, and a value of 1.8e308 turns every other value
+    of its block into 0.
+    """
+    return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
+
+
 def _series(
     points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], length: int
 ) -> list[wire.TimeSeries]:
     """The value and step series of these points (one timestamp per series at most)."""
     values: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for p in points:
-        values.setdefault((p.run_id, p.key), []).append((p.timestamp_ms, p.value))
+        values.setdefault((p.run_id, p.key), []).append((p.timestamp_ms, _infinite(p.value)))
     steps = {(p.run_id, p.key, p.timestamp_ms): float(p.step) for p in points}
     out = []
     for (run_id, key), samples in values.items():

@@ -44,6 +44,7 @@ PORT_VARS = (
     "ALERTMANAGER_PORT",
     "EXPORTER_PORT",
     "ALERT_SINK_PORT",
+    "VICTORIA_PORT",
 )
 READY_TIMEOUT = 180  # MLflow ~10-15 s, sample data, the exporter's first cycle
 ALERT_TIMEOUT = 120  # push -> scrape (5 s) -> rule eval (5 s) -> group_wait (5 s) -> sink
@@ -95,7 +96,9 @@ class LocalStack:
         base = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("MLFLOW_", "PRAMATHUS_", "EXPORTER_", "PROMETHEUS_", "LOG_"))
+            if not k.startswith(
+                ("MLFLOW_", "PRAMATHUS_", "EXPORTER_", "PROMETHEUS_", "LOG_", "REMOTE_WRITE_")
+            )
         }
         with open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
@@ -245,6 +248,22 @@ def _sample_runs(client: MlflowClient) -> tuple[Counter[str], int]:
     return sample, demo
 
 
+def _history(stack: LocalStack) -> set[tuple[str, str]]:
+    """(experiment_name, run_name) of every run with history in the stack's VictoriaMetrics."""
+    url = f"http://127.0.0.1:{stack.ports['VICTORIA_PORT']}"
+    # Fresh samples become readable once flushed (VictoriaMetrics buffers them for a second
+    # or two).
+    requests.get(f"{url}/internal/force_flush", timeout=10).raise_for_status()
+    r = requests.get(
+        f"{url}/api/v1/series",
+        # generate-sample's runs started within the last few hours: two days covers them.
+        params={"match[]": "mlflow_metric_step", "start": str(time.time() - 2 * 86400)},
+        timeout=10,
+    )
+    r.raise_for_status()
+    return {(s["experiment_name"], s["run_name"]) for s in r.json()["data"]}
+
+
 # What the first start left in MLflow, for the second start to compare with.
 FIRST: dict[str, object] = {}
 
@@ -277,12 +296,26 @@ def test_first_start_is_ready_fires_the_demo_alert_and_stops_on_ctrl_c(
         sample, demo_runs = _sample_runs(
             MlflowClient(f"http://127.0.0.1:{stack.ports['MLFLOW_PORT']}")
         )
+        # History reached VictoriaMetrics: every sample run and the demo run, by name.
+        expected = {tuple(k.split("/", 1)) for k in sample} | {("stack-demo", demo.group(1))}
+        deadline = time.monotonic() + 60
+        while not expected <= (history := _history(stack)) and time.monotonic() < deadline:
+            time.sleep(1)
+        missing = expected - history
+        assert not missing, f"runs without history in VictoriaMetrics: {sorted(missing)}"
     except BaseException:
         stack.kill_everything()
         raise
     terminal = _read(stack.out)
     # The terminal: banner, a progress line per server, the exporter's log, READY, alerts.
-    for name in ("pushgateway", "alert-sink", "alertmanager", "prometheus", "mlflow"):
+    for name in (
+        "pushgateway",
+        "alert-sink",
+        "victoria-metrics",
+        "alertmanager",
+        "prometheus",
+        "mlflow",
+    ):
         assert re.search(rf"^  {name} +ready", terminal, re.MULTILINE), name
     assert "exporter | " in terminal
     assert "/api/2.0/mlflow" not in terminal, "MLflow's access log reached the terminal"
@@ -290,7 +323,15 @@ def test_first_start_is_ready_fires_the_demo_alert_and_stops_on_ctrl_c(
     assert "MLflow run failed in stack-demo" in line
     assert sum(1 for x in _read(stack.data / "alerts.log").splitlines() if demo.group(1) in x) == 1
     # Server logs are files in the data dir.
-    for name in ("mlflow", "pushgateway", "prometheus", "alertmanager", "alert-sink", "exporter"):
+    for name in (
+        "mlflow",
+        "pushgateway",
+        "prometheus",
+        "alertmanager",
+        "alert-sink",
+        "victoria-metrics",
+        "exporter",
+    ):
         assert (stack.data / "logs" / f"{name}.log").stat().st_size > 0, name
 
     # Ctrl-C: SIGINT to the terminal's foreground process group (the script and tee).

@@ -1,18 +1,18 @@
 """The compose stack's own files with the real binaries, on loopback.
 
 One module-wide stack: a dedicated Pushgateway, Alertmanager on a copy of the real
-prometheus/alertmanager.yml, `exporter continuous` (job "mlflow_metrics", as the rules and
-dashboards expect) fed by `generate-sample` plus a FAILED run that ended just now, an HTTP
-receiver as Pramathus, and Prometheus on the real prometheus.yml and rules rendered by
-scripts/render_prometheus.py. The tests then check that every Grafana panel query returns data,
-that MlflowRunFailed fires and reaches Alertmanager, and that every rule group and scrape target
-is healthy. Every wait is bounded.
+prometheus/alertmanager.yml, VictoriaMetrics (the history store), `exporter continuous` (job
+"mlflow_metrics", as the rules and dashboards expect; remote write on) fed by `generate-sample`
+plus a FAILED run that ended just now, an HTTP receiver as Pramathus, and Prometheus on the real
+prometheus.yml and rules rendered by scripts/render_prometheus.py. The tests then check that
+every Grafana panel query returns data on the datasource it names (template variables filled
+from the data), that MlflowRunFailed fires and reaches Alertmanager, and that every rule group
+and scrape target is healthy. Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -35,6 +35,11 @@ from mlflow.tracking import MlflowClient
 
 from scripts.render_prometheus import render
 from tests.support import servers
+from tests.support.history_servers import (
+    REMOTE_WRITE_PATH,
+    start_victoria_metrics,
+    vm_force_flush,
+)
 from tests.support.receiver import Receiver
 from tests.support.seed import make_run
 
@@ -45,6 +50,7 @@ DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 JOB = "mlflow_metrics"  # the job label prometheus/rules and grafana/dashboards select on
 EXPERIMENTS = ["churn-prediction", "fraud-detection"]  # what generate-sample --experiments 2 makes
+VAL_LOSS = [1.2, 1.05]  # the crashed run's `val_loss`, the only run with that key
 NEVER = "0001-01-01T00:00:00Z"  # Prometheus' lastEvaluation before a rule was evaluated
 
 
@@ -53,6 +59,7 @@ class Stack:
     pushgateway: servers.Server
     alertmanager: servers.Server
     prometheus: servers.Server
+    victoria: servers.Server
     exporter: subprocess.Popen[bytes]
     exporter_port: int
     exporter_log: Path
@@ -60,6 +67,7 @@ class Stack:
     client: MlflowClient
     failed_run_id: str
     experiment_ids: dict[str, str]
+    model_name: str
 
 
 def _api(server: servers.Server, path: str, **params: str) -> Any:
@@ -118,6 +126,8 @@ def stack(
         cleanup.callback(alertmanager.stop)
         receiver = Receiver()
         cleanup.callback(receiver.stop)
+        victoria = start_victoria_metrics(work)
+        cleanup.callback(victoria.stop)
 
         config = work / "config.yaml"
         names = ", ".join(f"'{re.escape(n)}'" for n in EXPERIMENTS)
@@ -126,7 +136,11 @@ def stack(
             "server:\n  host: 127.0.0.1\n"
         )
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRAMATHUS_"))},
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("MLFLOW_", "PRAMATHUS_", "REMOTE_WRITE_"))
+            },
             "EXPORTER_CONFIG": str(config),
             "MLFLOW_TRACKING_URI": mlflow_server.url,
             "PROMETHEUS_GATEWAY": f"127.0.0.1:{pushgateway.port}",
@@ -134,14 +148,18 @@ def stack(
             "PRAMATHUS_ENABLED": "true",
             "PRAMATHUS_ENDPOINT": receiver.url,
             "PRAMATHUS_API_KEY": f"key-{tag}-secret",
+            # History, as in both stacks: every point at its own timestamp to VictoriaMetrics.
+            "REMOTE_WRITE_ENABLED": "true",
+            "REMOTE_WRITE_URL": f"{victoria.url}{REMOTE_WRITE_PATH}",
             "EXPORTER_STATE_DIR": str(work / "state"),
             "LOG_FORMAT": "json",
         }
+        model_name = f"stack-{tag}-model"
         sample = subprocess.run(
             [
                 *(sys.executable, "-m", "exporter", "generate-sample"),
                 *("--experiments", "2", "--runs", "8", "--steps", "5"),
-                *("--model-name", f"stack-{tag}-model"),
+                *("--model-name", model_name),
             ],
             env=env,
             capture_output=True,
@@ -155,11 +173,12 @@ def stack(
             for name in EXPERIMENTS
         }
         # generate-sample's FAILED runs ended hours ago, outside MlflowRunFailed's 1 h window:
-        # a training job that has just crashed.
+        # a training job that has just crashed. Its `val_loss` shares the family
+        # mlflow_val_loss with the sample's `val/loss`: dashboards must tell them apart.
         failed_run_id = make_run(
             mlflow_client,
             experiment_ids["churn-prediction"],
-            {"accuracy": [0.52, 0.55], "loss": [1.1, 0.98]},
+            {"accuracy": [0.52, 0.55], "loss": [1.1, 0.98], "val_loss": VAL_LOSS},
             status="FAILED",
             name=f"crashed-{tag}",
         )
@@ -210,6 +229,7 @@ def stack(
             pushgateway,
             alertmanager,
             prometheus,
+            victoria,
             exporter,
             exporter_port,
             exporter_log,
@@ -217,6 +237,7 @@ def stack(
             mlflow_client,
             failed_run_id,
             experiment_ids,
+            model_name,
         )
 
         # Teardown: the exporter must stop cleanly on SIGTERM (exit 0) ...
@@ -238,15 +259,42 @@ def stack(
 # ---------------------------------------------------------------------------------------------
 # Dashboards
 # ---------------------------------------------------------------------------------------------
+#
+# No Grafana server can run here, so the tests do what Grafana does with each dashboard: fill
+# the template variables from the data (their own queries, on their own datasource), put the
+# values into every panel query the way Grafana's Prometheus datasource formats them, and
+# send each query to the datasource its panel names (instant queries at "now", range queries
+# over the dashboard's default time range), expecting data.
 
-GRAFANA_BUILTINS = {
-    "__interval": "15s",
-    "__rate_interval": "1m",
-    "__range": "5m",
-    "__range_s": "300",
-    "__interval_ms": "15000",
-}
+# $name, ${name}, ${name:format}, [[name]]: how Grafana spells a variable.
 VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\[\[(\w+)(?::[^\]]*)?\]\]|\$(\w+)")
+LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:(.+),\s*)?(\w+)\s*\)\s*$", re.DOTALL)
+ALL = "$__all"  # Grafana's value for "All" in a multi-value variable
+MAX_DATA_POINTS = 1000  # about a panel's width in pixels: Grafana's cap on points per series
+
+
+def _min_steps() -> dict[str, int]:
+    """Seconds per datasource uid: the provisioned `timeInterval`, Grafana's floor for a range
+    query's step (15 s when unset)."""
+    steps = {}
+    for path in (ROOT / "grafana" / "provisioning" / "datasources").glob("*.yml"):
+        for ds in yaml.safe_load(path.read_text())["datasources"]:
+            interval = str((ds.get("jsonData") or {}).get("timeInterval", "15s"))
+            m = re.fullmatch(r"(\d+)([sm])", interval)
+            assert m, f"{path.name}: timeInterval {interval!r} not understood here"
+            steps[ds["uid"]] = int(m.group(1)) * (60 if m.group(2) == "m" else 1)
+    return steps
+
+
+MIN_STEP = _min_steps()
+
+
+@dataclass(frozen=True)
+class Query:
+    uid: str  # the datasource the panel names
+    expr: str
+    instant: bool
+    range_s: int  # the dashboard's default time range, for range queries
 
 
 def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -255,27 +303,36 @@ def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from _panels(panel.get("panels") or [])
 
 
-def _variable_values(dashboard: dict[str, Any]) -> dict[str, list[str]]:
-    """Values to try for each template variable: every choice a user can pick for custom
-    variables (so `$metric` covers accuracy and the rest), the All value for multi-value
-    query variables (`$experiment` -> `.*`), otherwise the saved current value."""
-    values = {k: [v] for k, v in GRAFANA_BUILTINS.items()}
-    for var in dashboard.get("templating", {}).get("list", []):
-        name = var["name"]
-        options = [o["value"] for o in var.get("options") or [] if o.get("value") != "$__all"]
-        current = (var.get("current") or {}).get("value")
-        current = current if isinstance(current, list) else [current]
-        if var.get("includeAll") or name == "experiment":
-            values[name] = [var.get("allValue") or ".*"]
-        elif var.get("type") == "custom":
-            values[name] = options or [v.strip() for v in str(var.get("query", "")).split(",")]
-        elif var.get("type") == "constant":
-            values[name] = [str(var.get("query", ""))]
-        elif current and current[0] not in (None, "$__all"):
-            values[name] = [str(current[0])]
-        else:
-            values[name] = options[:1] or [".*"]
-    return values
+def _range_seconds(spec: str) -> int:
+    """`now-6h` -> 21600: the dashboard's default time range."""
+    m = re.fullmatch(r"now-(\d+)([smhdw])", spec)
+    assert m, f"unsupported dashboard time.from {spec!r}"
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return int(m.group(1)) * unit
+
+
+def _regular_escape(value: str) -> str:
+    """Grafana's prometheusRegularEscape: a single-value variable, inserted as it is."""
+    return value.replace("\\", "\\\\").replace("'", "\\\\'")
+
+
+def _regex_escape(value: str) -> str:
+    """Grafana's prometheusSpecialRegexEscape: a value of a multi-value variable, matched
+    with =~ inside a PromQL string (so the regex escape is itself escaped)."""
+    return re.sub(
+        r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m.group(0), value.replace("\\", "\\\\\\\\")
+    )
+
+
+def _format(var: dict[str, Any], value: str, options: list[str]) -> str:
+    """A variable's value as Grafana's Prometheus datasource puts it into a query."""
+    if not var.get("multi") and not var.get("includeAll"):
+        return _regular_escape(value)
+    if value == ALL:
+        if var.get("allValue"):
+            return str(var["allValue"])
+        return "(" + "|".join(_regex_escape(o) for o in options) + ")"
+    return _regex_escape(value)
 
 
 def _substitute(text: str, chosen: dict[str, str]) -> str:
@@ -286,94 +343,303 @@ def _substitute(text: str, chosen: dict[str, str]) -> str:
     return VARIABLE.sub(repl, text)
 
 
-def _dashboard_queries() -> list[tuple[str, str]]:
-    """(label, expr) for every panel target of every dashboard, variables substituted."""
-    queries = []
-    for path in DASHBOARDS:
-        dashboard = json.loads(path.read_text())
-        values = _variable_values(dashboard)
-        for panel in _panels(dashboard.get("panels") or []):
-            for target in panel.get("targets") or []:
-                expr = target.get("expr")
-                if not expr:
+def _unsubstituted(expr: str) -> list[str]:
+    # `$1` in a label_replace replacement is PromQL, not a variable.
+    return [m.group(0) for m in VARIABLE.finditer(expr) if not m.group(0)[1:].isdigit()]
+
+
+class Dashboard:
+    """One dashboard file, its variables evaluated against the stack's datasources."""
+
+    def __init__(self, path: Path, datasources: dict[str, servers.Server], now: float) -> None:
+        self.path = path
+        self.spec = json.loads(path.read_text())
+        self.datasources = datasources
+        self.now = now
+        self.range_s = _range_seconds(self.spec["time"]["from"])
+        self.variables: list[dict[str, Any]] = self.spec.get("templating", {}).get("list", [])
+
+    def options(self, var: dict[str, Any], chosen: dict[str, str]) -> list[str]:
+        """The values Grafana offers for `var`, given the values chosen before it."""
+        kind = var.get("type")
+        query = var.get("query")
+        query = query.get("query", "") if isinstance(query, dict) else str(query or "")
+        if kind == "custom":
+            return [v.strip() for v in query.split(",") if v.strip()]
+        if kind in ("constant", "textbox"):
+            return [query]
+        assert kind == "query", f"{self.path.name}: variable type {kind!r} not supported here"
+        m = LABEL_VALUES.match(_substitute(query, chosen))
+        assert m, f"{self.path.name}: ${var['name']}: only label_values(...) is supported"
+        selector, label = m.groups()
+        server = self.datasources[var["datasource"]["uid"]]
+        window = {"start": str(self.now - self.range_s), "end": str(self.now)}
+        if selector:
+            # What Grafana's Prometheus datasource sends for label_values(selector, label).
+            r = requests.get(
+                f"{server.url}/api/v1/series", params={"match[]": selector, **window}, timeout=10
+            )
+            r.raise_for_status()
+            values = {s[label] for s in r.json()["data"] if s.get(label)}
+        else:
+            r = requests.get(f"{server.url}/api/v1/label/{label}/values", params=window, timeout=10)
+            r.raise_for_status()
+            values = set(r.json()["data"])
+        if var.get("regex"):
+            values = {v for v in values if re.search(var["regex"].strip("/"), v)}
+        return sorted(values)
+
+    @staticmethod
+    def default(var: dict[str, Any], options: list[str]) -> str:
+        """What Grafana shows first: the saved current value when the data offers it, All
+        for a variable saved on All, else the first option."""
+        current = (var.get("current") or {}).get("value")
+        current = current[0] if isinstance(current, list) and current else current
+        if var.get("includeAll") and current in (None, ALL):
+            return ALL
+        return str(current) if current in options else options[0]
+
+    def resolve(self, picks: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+        """(formatted value per variable, options per variable): each variable takes the
+        value in `picks`, else its default."""
+        formatted: dict[str, str] = {}
+        offered: dict[str, list[str]] = {}
+        for var in self.variables:
+            name = var["name"]
+            options = self.options(var, formatted)
+            assert options, (
+                f"{self.path.name}: variable ${name} has no values (picked so far: {formatted})"
+            )
+            value = picks[name] if name in picks else self.default(var, options)
+            assert value == ALL or value in options, (
+                f"{self.path.name}: ${name}={value!r} is not among {options}"
+            )
+            offered[name] = options
+            formatted[name] = _format(var, value, options)
+        return formatted, offered
+
+    def choices(self, pins: dict[str, str]) -> list[dict[str, str]]:
+        """Value sets to try: the defaults, then each variable through every value it offers
+        (and All), one variable at a time, variables after it back at their defaults."""
+        base_formatted, base_options = self.resolve(pins)
+        out = [base_formatted]
+        raw: dict[str, str] = {}
+        for var in self.variables:
+            name = var["name"]
+            values = [*base_options[name], *([ALL] if var.get("includeAll") else [])]
+            if name not in pins:
+                for value in values:
+                    out.append(self.resolve({**pins, **raw, name: value})[0])
+            # Later variations keep this one at its default (raw value, so it is re-formatted).
+            raw[name] = pins.get(name) or self.default(var, base_options[name])
+        return out
+
+    def queries(self, pins: dict[str, str]) -> dict[Query, str]:
+        """Every panel target under every value set, each distinct query once, with a label."""
+        found: dict[Query, str] = {}
+        for chosen in self.choices(pins):
+            for panel in _panels(self.spec.get("panels") or []):
+                if panel.get("type") == "row":
                     continue
-                used = sorted(
-                    {n for m in VARIABLE.finditer(expr) for n in m.groups() if n in values}
-                )
-                for combo in itertools.product(*(values[n] for n in used)):
-                    chosen = dict(zip(used, combo, strict=True))
-                    label = f"{path.name} / {_substitute(panel.get('title', '?'), chosen)!r}"
-                    queries.append((label, _substitute(expr, chosen)))
-    return queries
+                uid = panel["datasource"]["uid"]
+                assert uid in self.datasources, f"{self.path.name}: {panel['title']!r}: {uid!r}"
+                for target in panel.get("targets") or []:
+                    query = Query(
+                        uid,
+                        _substitute(target["expr"], chosen),
+                        bool(target.get("instant")),
+                        self.range_s,
+                    )
+                    title = _substitute(panel.get("title", "?"), chosen)
+                    found.setdefault(query, f"{self.path.name} / {title!r} [{uid}]")
+        return found
 
 
-def _evaluate(prometheus: servers.Server, expr: str) -> tuple[bool, str]:
-    """(final, problem): problem is '' when `expr` returns a non-NaN value; final when the
-    problem cannot go away by waiting (a query error)."""
-    if "$" in expr or "[[" in expr:
-        return True, "unsubstituted template variable"
-    r = requests.get(f"{prometheus.url}/api/v1/query", params={"query": expr}, timeout=10)
+def _evaluate(server: servers.Server, query: Query, now: float) -> tuple[bool, str]:
+    """(final, problem): problem is '' when the query returns a non-NaN value; final when the
+    problem cannot go away by waiting (a query error, a variable left in)."""
+    left = _unsubstituted(query.expr)
+    if left:
+        return True, f"unsubstituted template variable(s) {left}"
+    if query.instant:
+        params = {"query": query.expr, "time": str(now)}
+        r = requests.get(f"{server.url}/api/v1/query", params=params, timeout=10)
+    else:
+        step = max(MIN_STEP[query.uid], math.ceil(query.range_s / MAX_DATA_POINTS))
+        params = {
+            "query": query.expr,
+            "start": str(now - query.range_s),
+            "end": str(now),
+            "step": str(step),
+        }
+        r = requests.get(f"{server.url}/api/v1/query_range", params=params, timeout=10)
     body = r.json()
     if body.get("status") != "success":
         return True, f"error: {body.get('errorType')}: {body.get('error')}"
     data = body["data"]
     if data["resultType"] == "scalar":
         samples = [data["result"][1]]
+    elif data["resultType"] == "matrix":
+        samples = [v for s in data["result"] for _, v in s["values"]]
     else:
         samples = [s["value"][1] for s in data["result"]]
     if not samples:
         return False, "no data"
     if all(math.isnan(float(v)) for v in samples):
-        return False, f"only NaN ({len(samples)} series)"
+        return False, f"only NaN ({len(data['result'])} series)"
     return False, ""
 
 
-def test_every_dashboard_panel_query_returns_data(stack: Stack) -> None:
-    queries = _dashboard_queries()
-    assert len(queries) > 20, queries  # both dashboards were found and parsed
+def _datasources(stack: Stack) -> dict[str, servers.Server]:
+    return {"prometheus": stack.prometheus, "victoriametrics": stack.victoria}
 
-    # rate() of the Pramathus counters needs them to grow between two scrapes. Once Prometheus
-    # has seen points sent, log a new run: the next cycle sends its points, so the counter
-    # increases after a scrape and the "points and batches sent" panel shows real traffic.
+
+def _vm_series(stack: Stack, selector: str) -> list[dict[str, str]]:
+    vm_force_flush(stack.victoria)
+    r = requests.get(
+        f"{stack.victoria.url}/api/v1/series",
+        params={"match[]": selector, "start": str(time.time() - 86400)},
+        timeout=10,
+    )
+    r.raise_for_status()
+    return r.json()["data"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def traffic(stack: Stack) -> Stack:
+    """Data for every panel: points delivered to both sinks twice (rate() needs a counter to
+    grow between scrapes), and the late run in both stores."""
     with _explained(stack):
-        servers.wait_for_query(
-            stack.prometheus, "mlflow_exporter_pramathus_points_sent_total > 0", timeout=30
-        )
+        for sink in ("pramathus", "remote_write"):
+            servers.wait_for_query(
+                stack.prometheus, f"mlflow_exporter_{sink}_points_sent_total > 0", timeout=30
+            )
+        # Once Prometheus has seen points sent, a new run makes the counters grow again.
         make_run(
             stack.client,
             stack.experiment_ids["fraud-detection"],
             {"accuracy": [0.6, 0.7, 0.8], "loss": [0.9, 0.7, 0.5]},
             name="late-run",
         )
-        servers.wait_for_query(
-            stack.prometheus,
-            "sum(rate(mlflow_exporter_pramathus_points_sent_total[5m])) > 0",
+        for sink in ("pramathus", "remote_write"):
+            servers.wait_for_query(
+                stack.prometheus,
+                f"sum(rate(mlflow_exporter_{sink}_points_sent_total[5m])) > 0",
+                timeout=30,
+            )
+        servers.wait_for_query(stack.prometheus, 'mlflow_run_info{run_name="late-run"}', 30)
+        _poll(
+            "the late run's history in VictoriaMetrics",
+            lambda: _vm_series(stack, 'mlflow_metric_step{run_name="late-run"}'),
             timeout=30,
         )
+    return stack
 
-    problems: dict[tuple[str, str], str] = {}
+
+def test_every_dashboard_panel_query_returns_data_on_its_datasource(traffic: Stack) -> None:
+    stack = traffic
+    assert {p.name for p in DASHBOARDS} >= {
+        "mlflow-overview.json",
+        "exporter-health.json",
+        "training-curves.json",
+        "models.json",
+    }
+    datasources = _datasources(stack)
+    now = time.time()
+    # The registry is server-wide (other tests' models share this MLflow): look at ours.
+    pins = {"model": stack.model_name}
+    queries: dict[Query, str] = {}
+    for path in DASHBOARDS:
+        found = Dashboard(path, datasources, now).queries(pins)
+        assert found, f"{path.name}: no panel queries"
+        queries.update({q: label for q, label in found.items() if q not in queries})
+    assert {q.uid for q in queries} == set(datasources), "both datasources are exercised"
+    assert len(queries) > 100, len(queries)
+
+    problems: dict[Query, str] = {}
     pending = list(queries)
     deadline = time.monotonic() + 60
     while True:
+        vm_force_flush(stack.victoria)
+        now = time.time()
         still = []
-        for label, expr in pending:
-            final, problem = _evaluate(stack.prometheus, expr)
+        for query in pending:
+            final, problem = _evaluate(datasources[query.uid], query, now)
             if problem:
-                problems[(label, expr)] = problem
+                problems[query] = problem
                 if not final:
-                    still.append((label, expr))
+                    still.append(query)
             else:
-                problems.pop((label, expr), None)
+                problems.pop(query, None)
         pending = still
         if not pending or time.monotonic() > deadline:
             break
         time.sleep(1)
     report = "\n".join(
-        f"- {label}: {expr}\n    -> {why}" for (label, expr), why in problems.items()
+        f"- {queries[q]}: {q.expr}\n    -> {why}" for q, why in sorted(problems.items(), key=str)
     )
     assert not problems, (
         f"{len(problems)} of {len(queries)} panel queries failed:\n{report}{_diagnose(stack)}"
     )
+
+
+def test_metric_panels_tell_keys_of_one_family_apart(traffic: Stack) -> None:
+    """`val/loss` (sample runs) and `val_loss` (the crashed run) are both mlflow_val_loss: a
+    panel on one key shows that key's values, never the other's, nor the step or timestamp
+    series that carry the same metric_key."""
+    stack = traffic
+    datasources = _datasources(stack)
+    checked = 0
+    for path in DASHBOARDS:
+        dashboard = Dashboard(path, datasources, time.time())
+        if not any(v["name"] == "metric" and not v.get("multi") for v in dashboard.variables):
+            continue
+        chosen, _ = dashboard.resolve({"metric": "val_loss", "run": ALL})
+        for panel in _panels(dashboard.spec.get("panels") or []):
+            for target in panel.get("targets") or []:
+                expr = target["expr"]
+                # The panels that show the metric's values (not its step, not a count of runs).
+                if 'metric_key="$metric"' not in expr or re.search(
+                    r"\bmlflow_metric_step\{|\bcount\b", expr
+                ):
+                    continue
+                uid = panel["datasource"]["uid"]
+                query = Query(uid, _substitute(expr, chosen), False, dashboard.range_s)
+                step = max(MIN_STEP[uid], math.ceil(query.range_s / MAX_DATA_POINTS))
+                params = {
+                    "query": query.expr,
+                    "start": str(time.time() - query.range_s),
+                    "end": str(time.time()),
+                    "step": str(step),
+                }
+                r = requests.get(
+                    f"{datasources[uid].url}/api/v1/query_range", params=params, timeout=10
+                )
+                result = r.json()["data"]["result"]
+                where = f"{path.name} / {panel['title']!r}: {query.expr}"
+                assert result, f"{where}: no data"
+                for series in result:
+                    labels = series["metric"]
+                    assert labels.get("metric_key", "val_loss") == "val_loss", (where, labels)
+                    assert labels.get("__name__", "mlflow_val_loss") == "mlflow_val_loss", (
+                        where,
+                        labels,
+                    )
+                    values = {float(v) for _, v in series["values"]}
+                    assert values <= set(VAL_LOSS), f"{where}: {labels} has values {values}"
+                checked += 1
+    # Overview: highest, lowest, history, latest table; training curves: per run, runs
+    # compared, highest and lowest per experiment.
+    assert checked >= 8, checked
+
+
+def test_no_panel_reads_pushgateway_push_times() -> None:
+    """push_time_seconds ages on a healthy exporter (unchanged groups are not pushed again):
+    health panels use what the exporter itself reports."""
+    for path in DASHBOARDS:
+        for panel in _panels(json.loads(path.read_text()).get("panels") or []):
+            for target in panel.get("targets") or []:
+                assert "push_time_seconds" not in target["expr"], (path.name, panel["title"])
 
 
 # ---------------------------------------------------------------------------------------------

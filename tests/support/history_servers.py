@@ -58,14 +58,17 @@ def vm_export_lines(vm: Server, match: str, start_ms: int, end_ms: int) -> list[
 
 
 # VictoriaMetrics 1.79 prints infinities as bare +Inf / -Inf, which is not JSON.
-_BARE_INF = re.compile(r"(?<=[\[,])([+-]Inf)(?=[,\]])")
+_BARE_INF = re.compile(r"(?<![^\[,])([+-]?Inf)(?=[,\]])")
 
 
 def parse_vm_export_line(line: str) -> dict[str, Any]:
     """One export line as a dict, with `values` as floats (bare +Inf/-Inf understood)."""
     # Only the arrays after "values" are rewritten: a label value could contain ",+Inf,".
     head, marker, arrays = line.rpartition('"values":[')
-    record: dict[str, Any] = json.loads(head + marker + _BARE_INF.sub(r'"\1"', arrays))
+    try:
+        record: dict[str, Any] = json.loads(head + marker + _BARE_INF.sub(r'"\1"', arrays))
+    except ValueError:
+        raise AssertionError(f"unparsable export line: {line[:400]}") from None
     record["values"] = [float(v) for v in record["values"]]
     return record
 
