@@ -69,6 +69,11 @@ if [[ -f .env ]]; then
     check "compose config (.env)" \
         "$COMPOSE" -f docker-compose.yml --env-file .env config --quiet
 fi
+SHARDED=(-f docker-compose.yml -f docker-compose.shards.yml)
+check "compose config sharded (no .env)" "$COMPOSE" "${SHARDED[@]}" --env-file /dev/null config --quiet
+check "compose config sharded (.env.example)" "$COMPOSE" "${SHARDED[@]}" --env-file .env.example config --quiet
+check "compose refuses scaling mlflow-exporter" bash -c \
+    '! printf "services:\n  mlflow-exporter:\n    scale: 3\n" | "$0" -f docker-compose.yml -f - --env-file /dev/null config --quiet 2>/dev/null' "$COMPOSE"
 check "compose file has no top-level version key" \
     bash -c '! grep -Eq "^version[[:space:]]*:" docker-compose.yml'
 

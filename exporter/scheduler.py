@@ -6,6 +6,7 @@ APScheduler runs one cycle at a time (`max_instances=1`) and folds missed ticks 
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from datetime import UTC, datetime
@@ -53,6 +54,9 @@ def run_forever(
         finally:
             idle.set()
 
+    # A tick that finds the previous cycle still running is skipped by design (one cycle at a
+    # time, missed ticks coalesced); APScheduler would warn about it on every tick.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1)}, timezone=UTC)
     scheduler.add_job(
         cycle,

@@ -1,9 +1,11 @@
 """Render the compose stack's prometheus/ files for a run on loopback (no Docker).
 
 The compose file addresses services by name (`pushgateway:9091`, ...). This writes a copy of
-prometheus.yml into OUT_DIR with those targets pointed at 127.0.0.1 ports, copies the rule
-files beside it (rule paths are relative to the config), and can shorten the intervals so
-tests see data within seconds. Used by scripts/run-local.sh and the stack tests.
+prometheus.yml into OUT_DIR with every occurrence of those targets pointed at 127.0.0.1
+ports (the exporter's address serves two scrape jobs: /metrics and the pull mode's
+/mlflow/metrics), copies the rule files beside it (rule paths are relative to the config),
+and can shorten the intervals, the global ones and any job's own, so tests see data within
+seconds. Used by scripts/run-local.sh and the stack tests.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def render(out_dir: Path, ports: dict[str, int], interval: str | None = None) ->
     if interval:
         config["global"]["scrape_interval"] = interval
         config["global"]["evaluation_interval"] = interval
+        # A job's own interval (the pull job's 60 s) would keep tests waiting; its own
+        # timeout must not exceed the shorter interval, so it falls back to the global one
+        # (Prometheus defaults that to the interval when below 10 s).
+        for job in config.get("scrape_configs") or []:
+            if "scrape_interval" in job:
+                job["scrape_interval"] = interval
+                job.pop("scrape_timeout", None)
     out_dir.mkdir(parents=True, exist_ok=True)
     rules = out_dir / "rules"
     shutil.rmtree(rules, ignore_errors=True)
