@@ -10,8 +10,15 @@ Two kinds of rule, both evaluated by Prometheus over the series the exporter pus
   version created after the champion's (`newer_versions: true`).
 
 `render` turns validated settings into the rule-file structure and `render_yaml` into its
-text; `exporter alert-rules` writes that text. Rules never match on `job`, so they work
-whether the series come from the Pushgateway or from a pull endpoint.
+text; `exporter alert-rules` writes that text.
+
+One MLflow value can reach Prometheus as several series: pushed through the Pushgateway
+(with its group's key, `experiment_id` or `group="registry"`, and `instance=""`), scraped from
+the exporter's /mlflow/metrics in pull mode (with `instance`, without the key), both at once
+in `prometheus.mode: both`, or as a remote-write copy of a run metric (no `job`). Every rule
+therefore first takes `max by` the labels that identify what it judges (model, alias or
+version, metric key; or experiment, run, metric key), so each fires once whatever the mode,
+and joins match `on` those labels only. Rules never match on `job` (its name is a setting).
 """
 
 from __future__ import annotations
@@ -318,6 +325,20 @@ def _indent(text: str, spaces: int) -> str:
     return "\n".join(" " * spaces + line for line in text.split("\n"))
 
 
+# What an alert is about, and so the labels each rule keeps of its series: anything else
+# (`instance`, the Pushgateway group's `experiment_id` or `group`, `job`, labels a scrape adds)
+# only says which copy a series is, and would make one alert per copy.
+_ALIAS_LABELS = ("model_name", "alias", "version", "metric_key")
+_VERSION_LABELS = ("model_name", "version", "run_id", "metric_key")
+# experiment_name and run_name come from mlflow_run_info, one copy of it.
+_RUN_LABELS = ("experiment_id", "run_id", "metric_key")
+
+
+def _collapse(labels: tuple[str, ...], expr: str) -> str:
+    """`max by (labels) (expr)`: every copy of a series (pushed, pulled) counted once."""
+    return f"max by ({', '.join(labels)}) (\n{_indent(expr, 2)}\n)"
+
+
 def _champion_bar(rule: RegressionRule) -> str:
     """The champion's value moved by the tolerated margin, its version as `champion_version`."""
     champion = "max by (model_name, metric_key, version) ({})".format(
@@ -353,7 +374,8 @@ def threshold_expr(rule: ThresholdRule) -> str:
             ("alias", "=", rule.alias),
             ("metric_key", "=", rule.metric),
         )
-        return f"{series} {op} {_number(value)}"
+        # One alert per alias, version and key, however many copies (pushed, pulled) exist.
+        return f"{_collapse(_ALIAS_LABELS, f'{series} {op} {_number(value)}')}\n"
 
     # Several keys can share one family (`val/loss`, `val.loss`): metric_key tells them apart.
     matchers = [("metric_key", "=", rule.metric)]
@@ -369,12 +391,12 @@ def threshold_expr(rule: ThresholdRule) -> str:
         run_info = _selector("mlflow_run_info", ("status", "=", statuses[0]))
     else:
         run_info = _selector("mlflow_run_info", ("status", "=~", "|".join(statuses)))
-    # Joining run_info (always 1) filters by status and adds run_name without changing the
-    # value; `max by` keeps the join one-to-one should a run's info be scraped twice.
+    # Joining run_info (always 1) filters by status and adds the names without changing the
+    # value; topk picks one of its copies, so the join stays one-to-one whatever the mode.
     expr = (
-        f"({series} {op} {_number(value)})\n"
-        f"* on (experiment_id, run_id) group_left (run_name)\n"
-        f"  max by (experiment_id, run_id, run_name) ({run_info})"
+        f"{_collapse(_RUN_LABELS, f'{series} {op} {_number(value)}')}\n"
+        f"* on (experiment_id, run_id) group_left (experiment_name, run_name)\n"
+        f"  topk by (experiment_id, run_id) (1, {run_info})"
     )
     if rule.ended_within is not None:
         window = _number(duration_seconds(rule.ended_within))
@@ -388,11 +410,14 @@ def regression_expr(rule: RegressionRule) -> str:
     """The PromQL of a regression rule (see `RegressionRule`)."""
     op = "<" if rule.direction == "higher_is_better" else ">"
     if rule.candidate_alias is not None:
-        candidates = _selector(
-            "mlflow_model_alias_metric",
-            ("model_name", "=", rule.model),
-            ("alias", "=", rule.candidate_alias),
-            ("metric_key", "=", rule.metric),
+        candidates = _collapse(
+            _ALIAS_LABELS,
+            _selector(
+                "mlflow_model_alias_metric",
+                ("model_name", "=", rule.model),
+                ("alias", "=", rule.candidate_alias),
+                ("metric_key", "=", rule.metric),
+            ),
         )
     else:
         model = ("model_name", "=", rule.model)
@@ -402,24 +427,27 @@ def regression_expr(rule: RegressionRule) -> str:
         archived = _selector("mlflow_model_version_info", model, ("stage", "=", "Archived"))
         # Archiving a rejected candidate is how a user says "seen, not promoting it"; without
         # this it would stay worse than the champion, and firing, until deleted.
-        candidates = "\n".join(
-            [
-                "(",
-                f"    {versions}",
-                "  and on (model_name, version)",
-                "    (",
-                f"        {created}",
-                "      > on (model_name) group_left ()",
-                "        max by (model_name) (",
-                f"            {created}",
-                "          and on (model_name, version)",
-                f"            {champion}",
-                "        )",
-                "    )",
-                "  unless on (model_name, version)",
-                f"    {archived}",
-                ")",
-            ]
+        # Set operators and `on (...)` ignore the copies' extra labels; the outer `max by`
+        # leaves one series per version.
+        candidates = _collapse(
+            _VERSION_LABELS,
+            "\n".join(
+                [
+                    f"  {versions}",
+                    "and on (model_name, version)",
+                    "  (",
+                    f"      {created}",
+                    "    > on (model_name) group_left ()",
+                    "      max by (model_name) (",
+                    f"          {created}",
+                    "        and on (model_name, version)",
+                    f"          {champion}",
+                    "      )",
+                    "  )",
+                    "unless on (model_name, version)",
+                    f"  {archived}",
+                ]
+            ),
         )
     return (
         f"{candidates}\n"

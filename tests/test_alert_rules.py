@@ -6,6 +6,7 @@ No servers: promtool is a local binary and checks and unit-tests the rendered ru
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import typing
@@ -98,9 +99,13 @@ def test_a_model_alias_threshold_watches_the_version_the_alias_points_at() -> No
     rule = only_rule(
         alerts(thresholds=[threshold(model="churn-classifier", alias="champion", below=0.7)])
     )
+    # One alert per alias, version and key: the copies of `prometheus.mode: both` (pushed,
+    # with the experiment group's key; pulled, with instance) collapse into one series.
     assert rule["expr"] == (
-        'mlflow_model_alias_metric{model_name="churn-classifier", alias="champion", '
-        'metric_key="accuracy"} < 0.7'
+        "max by (model_name, alias, version, metric_key) (\n"
+        '  mlflow_model_alias_metric{model_name="churn-classifier", alias="champion", '
+        'metric_key="accuracy"} < 0.7\n'
+        ")\n"
     )
 
 
@@ -108,10 +113,14 @@ def test_a_run_threshold_judges_finished_runs_that_ended_within_a_day_by_default
     section = alerts(
         thresholds=[threshold(metric="val/loss", below=None, above=0.5, experiments=".*")]
     )
+    # One alert per experiment, run and key whatever the copies; the names come from one
+    # copy of run_info (topk), so copies that disagree on a label cannot break the join.
     assert only_rule(section)["expr"] == (
-        '(mlflow_val_loss{metric_key="val/loss", experiment_name=~".*"} > 0.5)\n'
-        "* on (experiment_id, run_id) group_left (run_name)\n"
-        '  max by (experiment_id, run_id, run_name) (mlflow_run_info{status="FINISHED"})\n'
+        "max by (experiment_id, run_id, metric_key) (\n"
+        '  mlflow_val_loss{metric_key="val/loss", experiment_name=~".*"} > 0.5\n'
+        ")\n"
+        "* on (experiment_id, run_id) group_left (experiment_name, run_name)\n"
+        '  topk by (experiment_id, run_id) (1, mlflow_run_info{status="FINISHED"})\n'
         "and on (experiment_id, run_id)\n"
         "  (time() - mlflow_run_end_time_seconds < 86400)\n"
     )
@@ -122,9 +131,11 @@ def test_a_run_threshold_can_judge_runs_of_any_status_whenever_they_ended() -> N
         alerts(thresholds=[threshold(run_status=[], ended_within=None)]).thresholds[0]
     )
     assert expr == (
-        '(mlflow_accuracy{metric_key="accuracy"} < 0.7)\n'
-        "* on (experiment_id, run_id) group_left (run_name)\n"
-        "  max by (experiment_id, run_id, run_name) (mlflow_run_info)\n"
+        "max by (experiment_id, run_id, metric_key) (\n"
+        '  mlflow_accuracy{metric_key="accuracy"} < 0.7\n'
+        ")\n"
+        "* on (experiment_id, run_id) group_left (experiment_name, run_name)\n"
+        "  topk by (experiment_id, run_id) (1, mlflow_run_info)\n"
     )
 
 
@@ -151,7 +162,7 @@ def test_experiment_patterns_and_statuses_become_one_alternation_each() -> None:
 def test_a_run_threshold_matches_the_original_key_within_its_family() -> None:
     # `val.loss` shares the family mlflow_val_loss with `val/loss`.
     expr = threshold_expr(alerts(thresholds=[threshold(metric="val.loss")]).thresholds[0])
-    assert expr.startswith('(mlflow_val_loss{metric_key="val.loss"} < 0.7)')
+    assert '\n  mlflow_val_loss{metric_key="val.loss"} < 0.7\n' in expr
 
 
 def test_rules_carry_for_severity_alert_source_and_extra_labels() -> None:
@@ -199,8 +210,10 @@ def test_rule_defaults_are_warning_after_fifteen_minutes() -> None:
 def test_a_challenger_regression_compares_it_with_the_champion_minus_the_margin() -> None:
     expr = regression_expr(alerts(regressions=[regression(margin=0.02)]).regressions[0])
     assert expr == (
-        'mlflow_model_alias_metric{model_name="churn-classifier", alias="challenger", '
+        "max by (model_name, alias, version, metric_key) (\n"
+        '  mlflow_model_alias_metric{model_name="churn-classifier", alias="challenger", '
         'metric_key="accuracy"}\n'
+        ")\n"
         "< on (model_name, metric_key) group_left (champion_version)\n"
         "  label_replace(\n"
         "    max by (model_name, metric_key, version) (mlflow_model_alias_metric"
@@ -248,7 +261,7 @@ def test_newer_versions_are_those_created_after_the_champions_and_not_archived()
     model = 'model_name="churn-classifier"'
     created = f"mlflow_model_version_created_timestamp_seconds{{{model}}}"
     assert expr.startswith(
-        "(\n"
+        "max by (model_name, version, run_id, metric_key) (\n"
         f'    mlflow_model_version_metric{{{model}, metric_key="accuracy"}}\n'
         "  and on (model_name, version)\n"
         "    (\n"
@@ -357,7 +370,8 @@ def test_awkward_names_are_quoted_in_every_matcher() -> None:
     a, b = (r["expr"] for r in render(section)["groups"][0]["rules"])
     assert 'model_name="we\\"ird\\\\model", alias="champ\\"ion"' in a
     assert b.startswith(
-        '(mlflow_precision{metric_key="précision", experiment_name=~"churn\\\\.v2"}'
+        "max by (experiment_id, run_id, metric_key) (\n"
+        '  mlflow_precision{metric_key="précision", experiment_name=~"churn\\\\.v2"}'
     )
 
 
@@ -563,6 +577,30 @@ EVERY_OPTION: dict[str, Any] = {
 }
 
 
+# Labels that only tell copies of one value apart: `instance` (empty when pushed, the
+# exporter's address when pulled), `job`, and the Pushgateway group's key (`group` of the
+# registry group; `experiment_id`, which is also a label of its own of run series).
+COPY_LABELS = {"instance", "job", "group"}
+
+
+@pytest.mark.parametrize(
+    "section",
+    [pytest.param(None, id="example"), pytest.param(AWKWARD, id="awkward-names"),
+     pytest.param(EVERY_OPTION, id="every-option")],
+)  # fmt: skip
+def test_every_rule_counts_each_copy_of_a_series_once(section: Any) -> None:
+    # prometheus.mode: both holds every series twice (pushed and pulled); each rule first
+    # keeps only the labels naming what it judges, and never matches on a copy's labels.
+    settings = example() if section is None else AlertsSettings.model_validate(section)
+    for rule in render(settings)["groups"][0]["rules"]:
+        expr = rule["expr"]
+        assert expr.startswith("max by ("), rule["alert"]
+        lists = re.findall(r"\b(?:by|on|group_left)\s*\(([^)]*)\)", expr)
+        named = {label.strip() for names in lists for label in names.split(",")} - {""}
+        copy_labels = COPY_LABELS if "mlflow_run_info" in expr else {*COPY_LABELS, "experiment_id"}
+        assert named.isdisjoint(copy_labels), (rule["alert"], named & copy_labels)
+
+
 @needs_promtool
 @pytest.mark.parametrize(
     "section",
@@ -647,6 +685,20 @@ def test_promtool_unit_tests_cover_every_committed_rule() -> None:
     }
     rules = {r["alert"] for r in render(example())["groups"][0]["rules"]}
     assert tested == firing == rules
+
+
+def test_promtool_unit_tests_run_every_rule_on_pushed_and_pulled_copies_at_once() -> None:
+    # A case of prometheus.mode: both for each rule: pushed (instance="") and pulled
+    # (instance="<exporter>") copies of its series side by side, and the rule firing.
+    tests = yaml.safe_load(PROMTOOL_TESTS.read_text("utf-8"))["tests"]
+    both = set()
+    for case in tests:
+        series = [s["series"] for s in case["input_series"]]
+        if any('instance=""' in s for s in series) and any(
+            re.search(r'instance="[^"]+"', s) for s in series
+        ):
+            both |= {c["alertname"] for c in case["alert_rule_test"] if c["exp_alerts"]}
+    assert both == {r["alert"] for r in render(example())["groups"][0]["rules"]}
 
 
 def test_the_committed_rule_file_is_a_fresh_render_of_the_example() -> None:
