@@ -41,7 +41,7 @@ class SecretScrubber:
         return {k: self._clean(v) for k, v in event.items()}
 
 
-def configure(level: str = "INFO", fmt: str = "auto", secrets: Iterable[str] = ()) -> None:
+def configure(level: str, fmt: str, secrets: Iterable[str]) -> None:
     """Configure structlog for the process (stderr; stdout is for command output)."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = (

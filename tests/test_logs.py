@@ -86,13 +86,13 @@ def test_console_format_is_not_json_and_still_masked(capsys: pytest.CaptureFixtu
 
 
 def test_auto_format_is_json_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
-    configure("INFO", "auto")
+    configure("INFO", "auto", [])
     structlog.get_logger("t").info("x.y")
     assert json.loads(capsys.readouterr().err)["event"] == "x.y"
 
 
 def test_the_level_filters_lower_events(capsys: pytest.CaptureFixture[str]) -> None:
-    configure("WARNING", "json")
+    configure("WARNING", "json", [])
     log = structlog.get_logger("t")
     log.info("quiet")
     log.error("loud")
@@ -109,3 +109,31 @@ def test_exceptions_are_rendered_into_the_event(capsys: pytest.CaptureFixture[st
     record = json.loads(capsys.readouterr().err)
     assert "ValueError" in record["exception"]
     assert SECRET not in record["exception"]
+
+
+def test_longer_secrets_are_masked_first_whatever_their_alphabetical_order() -> None:
+    # Reverse alphabetical order would try "zz99" first and leave "ab" of "abzz99" showing.
+    assert scrub({"e": "key abzz99"}, ("zz99", "abzz99")) == {"e": f"key {MASK}"}
+
+
+def test_a_secret_of_exactly_four_characters_is_masked() -> None:
+    assert scrub({"e": "pin 1234"}, ("1234",)) == {"e": f"pin {MASK}"}
+
+
+def test_timestamps_are_iso_8601_in_utc(capsys: pytest.CaptureFixture[str]) -> None:
+    configure("INFO", "json", [])
+    structlog.get_logger("t").info("x")
+    stamp = json.loads(capsys.readouterr().err)["timestamp"]
+    assert stamp.endswith("Z")
+    assert stamp[10] == "T"
+
+
+def test_a_logger_made_before_a_reconfiguration_follows_the_new_configuration(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure("ERROR", "json", [])
+    log = structlog.get_logger("t")
+    log.info("dropped")
+    configure("INFO", "json", [])  # e.g. the CLI configures logging once settings are read
+    log.info("kept")
+    assert [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines()] == ["kept"]

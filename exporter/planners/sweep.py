@@ -42,9 +42,8 @@ class SweepAdvance:
 
 
 def pages_per_cycle(runs: int, page_size: int, interval_s: float, reconcile_s: float) -> int:
-    """Pages to read each cycle so a pass over `runs` takes about `reconcile_s`."""
-    if reconcile_s <= 0:
-        return max(1, math.ceil(runs / page_size))  # a full pass every cycle
+    """Pages to read each cycle so a pass over `runs` takes about `reconcile_s` (a whole
+    pass every cycle when that is shorter than a cycle, 0 included)."""
     cycles = max(1.0, reconcile_s / max(interval_s, 1.0))
     return max(1, math.ceil(runs / page_size / cycles))
 

@@ -150,8 +150,7 @@ class Drainer:
 
     def _send_with_retries(self, batch: QueuedBatch, deadline: float) -> Reply:
         def wait(state: RetryCallState) -> float:
-            reply = state.outcome.result() if state.outcome else None
-            hinted = reply.retry_after if isinstance(reply, Reply) else None
+            hinted = _last_reply(state).retry_after
             backoff = wait_exponential_jitter(multiplier=0.5, max=30)(state)
             delay = hinted if hinted is not None else backoff
             return max(0.0, min(delay, deadline - self.clock()))
@@ -168,10 +167,17 @@ class Drainer:
             stop=stop,
             wait=wait,
             sleep=self.sleep,
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+            retry_error_callback=_last_reply,
         )
         reply: Reply = retrying(self.sink.send, batch)
         return reply
+
+
+def _last_reply(state: RetryCallState) -> Reply:
+    """The reply of the attempt just made (tenacity asks only after an attempt)."""
+    assert state.outcome is not None
+    reply: Reply = state.outcome.result()
+    return reply
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:

@@ -257,3 +257,49 @@ def test_a_backfill_sends_points_below_the_frozen_window_and_frozen_identities_o
     needed = needed_by_backfill(read, window_start=6, identities=frozenset({point(9).identity}))
     assert [p.step for p in needed] == [1, 5, 9]
     assert needed_by_backfill(read, None, frozenset()) == []
+
+
+def test_a_restore_settles_from_now_and_is_read_whole_if_the_run_had_settled() -> None:
+    r = run()
+    settled = decide(r, known(r, deleted_ms=NOW - 9, settle_until_ms=NOW - 1), NOW, SETTLE)
+    assert (settled.change, settled.settle_until_ms, settled.whole) == (
+        Change.RESTORED,
+        NOW + SETTLE,
+        True,
+    )
+
+
+def test_a_skipped_series_does_not_stop_the_reads_of_the_next_ones() -> None:
+    latest = {
+        "a": (
+            LatestMetric("debug", 1.0, 9, 0),  # filtered out
+            LatestMetric("gone", 1.0, 9, 0),  # no series (yet)
+            LatestMetric("loss", 1.0, 2, 0),  # below its window
+            LatestMetric("acc", 1.0, 5, 0),
+        )
+    }
+    series = {
+        ("a", "debug"): Series(1, "a", "debug", None),
+        ("a", "loss"): Series(2, "a", "loss", 3),
+        ("a", "acc"): Series(3, "a", "acc", 5),
+    }
+    wanted = history_requests(latest, series, lambda k: k != "debug")
+    # A latest step equal to the window's start may hold a new point at that very step.
+    assert [(w.key, w.start_step) for w in wanted] == [("acc", 5)]
+
+
+def test_whole_reads_sort_before_reads_from_a_very_negative_step() -> None:
+    latest = {r: (LatestMetric("loss", 1.0, 9, 0),) for r in ("a", "b")}
+    series = {
+        ("a", "loss"): Series(1, "a", "loss", -(2**40)),
+        ("b", "loss"): Series(2, "b", "loss", None),
+    }
+    assert [w.run_id for w in history_requests(latest, series, bool)] == ["b", "a"]
+
+
+def test_a_point_read_twice_in_one_answer_is_new_once() -> None:
+    assert [p.step for p in new_points([point(4), point(4)], None, set())] == [4]
+
+
+def test_a_backfill_leaves_out_an_uncaptured_point_at_the_frozen_window_step() -> None:
+    assert needed_by_backfill([point(6)], window_start=6, identities=frozenset()) == []

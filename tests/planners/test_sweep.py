@@ -6,6 +6,7 @@ import pytest
 
 from exporter.mlflow_source import RunFilter, RunPage
 from exporter.planners.sweep import (
+    SweepAdvance,
     advance,
     chunks,
     key_of,
@@ -25,7 +26,9 @@ NOW = 1_700_000_000_000
         (200_000, 60, 3600, 4),  # 200 pages over 60 cycles
         (20_000, 60, 0, 20),  # 0: a whole pass every cycle
         (0, 60, 3600, 1),  # always at least one page
+        (0, 60, 0, 1),
         (5_000, 3600, 60, 5),  # a reconcile shorter than a cycle: one pass per cycle
+        (20_000, 1, 10, 2),  # a 1 s interval: 10 cycles per pass
     ],
 )
 def test_pages_per_cycle_spread_a_pass_over_the_reconcile_interval(
@@ -91,3 +94,61 @@ def test_runs_at_or_before_the_cursor_were_read_already() -> None:
 
 def test_a_run_without_a_start_time_sorts_first_as_mlflow_sorts_nulls() -> None:
     assert key_of(None, "z") < key_of(0, "a")
+
+
+def test_a_cursor_in_the_second_chunk_reads_it_and_passes_its_page_token() -> None:
+    step = next_step(SweepRecord(chunk=1, page_token="offset-9"), [["1"], ["2"]])
+    assert (step.chunk, step.page_token) == (["2"], "offset-9")
+    assert next_step(SweepRecord(chunk=2), [["1"], ["2"]]).chunk == ["1"]
+
+
+def test_a_run_without_a_start_time_keys_as_minus_one_like_the_mirror_does() -> None:
+    assert key_of(None, "a") == (-1, "a")
+
+
+def test_a_keyset_step_in_a_later_chunk_keeps_the_chunk_and_the_pass_start() -> None:
+    record = SweepRecord(chunk=1, after_start_ms=5, after_run_id="a", started_ms=NOW - 9)
+    moved = advance(record, 3, RunPage([], "tok"), [key_of(10, "b")], NOW)
+    assert moved == SweepAdvance(
+        SweepRecord(chunk=1, after_start_ms=10, after_run_id="b", started_ms=NOW - 9),
+        (5, "a"),
+        (10, "b"),
+        False,
+    )
+
+
+def test_a_tie_page_in_a_later_chunk_keeps_the_chunk_and_the_pass_start() -> None:
+    record = SweepRecord(chunk=2, after_start_ms=5, after_run_id="a", started_ms=NOW - 9)
+    moved = advance(record, 3, RunPage([], "tok-2"), [key_of(5, "b"), key_of(5, "c")], NOW)
+    assert moved == SweepAdvance(
+        SweepRecord(
+            chunk=2, after_start_ms=5, after_run_id="c", page_token="tok-2", started_ms=NOW - 9
+        ),
+        (5, "a"),
+        (5, "c"),
+        False,
+    )
+
+
+def test_the_first_page_of_a_pass_marks_when_the_pass_started() -> None:
+    moved = advance(SweepRecord(), 1, RunPage([], "tok"), [key_of(1, "a"), key_of(2, "b")], NOW)
+    assert moved.record.started_ms == NOW
+    assert moved.covered_upto == (2, "b")
+
+
+def test_an_empty_page_with_a_token_keeps_paging_the_same_search() -> None:
+    record = SweepRecord(chunk=1, after_start_ms=5, after_run_id="a")
+    moved = advance(record, 2, RunPage([], "tok-3"), [], NOW)
+    assert moved == SweepAdvance(
+        SweepRecord(chunk=1, after_start_ms=5, after_run_id="a", page_token="tok-3"),
+        (5, "a"),
+        (5, "a"),
+        False,
+    )
+
+
+def test_a_cursor_past_the_last_chunk_restarts_at_the_first_when_advancing() -> None:
+    moved = advance(SweepRecord(chunk=7), 2, RunPage([], "t"), [key_of(1, "a")], NOW)
+    assert moved.record.chunk == 0
+    done = advance(SweepRecord(chunk=2), 2, RunPage([], None), [], NOW)
+    assert (done.record.chunk, done.pass_completed) == (1, False)

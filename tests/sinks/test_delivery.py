@@ -19,11 +19,19 @@ import requests
 from exporter.config import PramathusSettings, RemoteWriteSettings
 from exporter.model import MetricPoint, RunContext
 from exporter.sinks import remote_write as rw
-from exporter.sinks.delivery import DeliverySink, Drainer, DrainResult, Encoded, Outcome, Reply
+from exporter.sinks.delivery import (
+    DeliverySink,
+    Drainer,
+    DrainResult,
+    Encoded,
+    Outcome,
+    Reply,
+    retry_after_seconds,
+)
 from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
-from exporter.state.outbox import EncodedBatch, QueuedBatch, QueueTotals
+from exporter.state.outbox import EncodedBatch, Outbox, QueuedBatch, QueueTotals
 from tests.fakes import FakeClock, FakePost, FakeResponse, SleepRecorder
 from tests.fakes_http import AdvancingPost
 from tests.fakes_remote_write import FakeReceiver
@@ -439,3 +447,93 @@ class ScriptedSink:
             EncodedBatch(f"part-{self.splits}-{i}", len(part), json.dumps(part).encode())
             for i, part in enumerate((items[:half], items[half:]))
         ]
+
+
+# ---------------------------------------------------------------- boundaries
+
+
+def _queued(state: StateStore, sink: ScriptedSink, items: list[list[int]]) -> Outbox:
+    outbox = state.outbox(sink.name)
+    with state.transaction():
+        outbox.add(
+            [EncodedBatch(f"k{i}", len(it), json.dumps(it).encode()) for i, it in enumerate(items)],
+            T0,
+        )
+    return outbox
+
+
+def test_a_budget_spent_to_the_exact_second_sends_no_further_batch(
+    state: StateStore, clock: FakeClock
+) -> None:
+    sink = ScriptedSink([])
+    outbox = _queued(state, sink, [[1], [2]])
+
+    class SendsForTheWholeBudget(Drainer):
+        def _deliver(self, batch: QueuedBatch, deadline: float, result: DrainResult) -> bool:
+            clock.now = deadline  # the first batch takes exactly what was left
+            return super()._deliver(batch, deadline, result)
+
+    result = SendsForTheWholeBudget(sink, outbox, clock, SleepRecorder(clock)).drain()
+
+    assert sink.sent == [[1]]
+    assert result.error is not None
+    assert "budget" in result.error
+
+
+def test_a_refused_batch_of_two_points_is_split_into_single_points(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    refused = Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True)
+    sink = ScriptedSink([refused, refused])
+    outbox = _queued(state, sink, [[1, 2]])
+
+    result = Drainer(sink, outbox, clock, sleep).drain()
+
+    assert sink.sent == [[1, 2], [1], [2]]
+    assert (result.points, result.set_aside) == (1, {"too_old": 1})
+
+
+def test_a_set_aside_batch_records_when_it_failed_in_milliseconds(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    sink = ScriptedSink([Reply(Outcome.REFUSED, "no", 400)])
+    outbox = _queued(state, sink, [[1]])
+
+    Drainer(sink, outbox, clock, sleep).drain()
+
+    [(failed_ms,)] = state.db.conn.execute("SELECT failed_ms FROM dead_letter").fetchall()
+    assert failed_ms == int(clock() * 1000)
+
+
+def test_backoff_is_capped_at_thirty_seconds(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    busy = Reply(Outcome.RETRY, "busy")
+    sink = ScriptedSink([busy] * 12)
+    outbox = _queued(state, sink, [[1]])
+    sink.budget_seconds = 10_000
+
+    Drainer(sink, outbox, clock, sleep).drain()
+
+    assert max(sleep.delays) == 30.0
+    assert sink.sent[-1] == [1]
+
+
+def test_a_wait_never_outlasts_what_is_left_of_the_budget(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    sink = ScriptedSink([Reply(Outcome.RETRY, "busy", retry_after=0.0)] * 3)
+    sink.budget_seconds = 0.4
+    outbox = _queued(state, sink, [[1]])
+
+    Drainer(sink, outbox, clock, sleep).drain()
+
+    assert sleep.delays
+    assert all(d <= 0.4 for d in sleep.delays)
+    assert sleep.delays[0] == 0.0  # Retry-After 0 is honoured as no wait at all
+
+
+def test_retry_after_zero_and_non_finite_values() -> None:
+    assert retry_after_seconds("0", now=0.0) == 0.0
+    assert retry_after_seconds("inf", now=0.0) is None
+    assert retry_after_seconds("-5", now=0.0) == 0.0
