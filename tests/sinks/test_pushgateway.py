@@ -167,16 +167,17 @@ def test_existing_groups_of_an_empty_gateway_are_none() -> None:
 @pytest.mark.parametrize(
     "answer",
     [
-        requests.ConnectionError("[Errno 111] Connection refused"),
-        http_response(500, "boom"),
-        http_response(
+        lambda: requests.ConnectionError("[Errno 111] Connection refused"),
+        lambda: http_response(500, "boom"),
+        # A response's body is a stream, read once: each run of the test gets a fresh one.
+        lambda: http_response(
             200, 'push_time_seconds{job="mlflow_metrics" 1\n', {"Content-Type": "text/plain"}
         ),
     ],
 )
 def test_a_gateway_that_cannot_list_its_groups_is_named(answer: Any) -> None:
     with pytest.raises(PushError) as info:
-        gateway(answer).existing_groups()
+        gateway(answer()).existing_groups()
     message = str(info.value)
     assert message.startswith(f"Pushgateway at {GATEWAY} did not list its groups (")
     assert "\n" not in message
