@@ -53,12 +53,13 @@ def configure(level: str, fmt: str, secrets: Iterable[str]) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.TimeStamper(fmt="iso"),  # UTC, structlog's default
             structlog.processors.format_exc_info,
             SecretScrubber(secrets),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        # Loggers are not cached on first use (structlog's default): the CLI configures
+        # logging only once the settings are read, after modules made their loggers.
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
     )

@@ -152,3 +152,15 @@ def test_a_cursor_past_the_last_chunk_restarts_at_the_first_when_advancing() -> 
     assert moved.record.chunk == 0
     done = advance(SweepRecord(chunk=2), 2, RunPage([], None), [], NOW)
     assert (done.record.chunk, done.pass_completed) == (1, False)
+
+
+def test_a_keyset_step_after_a_tie_page_drops_the_offset_token() -> None:
+    record = SweepRecord(after_start_ms=5, after_run_id="c", page_token="tok-2", started_ms=1)
+    moved = advance(record, 1, RunPage([], "tok-3"), [key_of(9, "d")], NOW)
+    assert moved.record.page_token is None
+
+
+def test_a_first_page_full_of_one_start_time_starts_the_pass_and_wraps_its_chunk() -> None:
+    record = SweepRecord(chunk=4, after_start_ms=5, after_run_id="a")
+    moved = advance(record, 2, RunPage([], "tok"), [key_of(5, "b")], NOW)
+    assert (moved.record.chunk, moved.record.started_ms) == (0, NOW)
