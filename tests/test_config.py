@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import ConfigError, Settings, load_settings
+from exporter.config import ConfigError, Settings, load_settings, plain_http_credentials
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VALID = FIXTURES / "config_valid.yaml"
@@ -325,3 +325,56 @@ def test_secret_under_url_key_never_appears_in_config_error(env: dict[str, str])
     with pytest.raises(ConfigError) as info:
         load_settings(env=env)
     assert SECRET not in str(info.value)
+
+
+# ---------------------------------------------------------------- operator-facing checks
+
+
+def test_a_yaml_error_names_its_line_and_column() -> None:
+    [problem] = problems_of(config_path=INVALID_YAML)
+    assert "at line 3, column 19" in problem
+
+
+@pytest.mark.parametrize(
+    "variable", ["PRAMATHUS_ENDPOINT", "PROMETHEUS_GATEWAY", "MLFLOW_TRACKING_URI"]
+)
+def test_a_bare_word_is_not_taken_for_a_url(variable: str) -> None:
+    [problem] = problems_of(env={variable: "not-a-url"})
+    assert "not a URL" in problem
+    assert "not-a-url" not in problem  # the value may be a secret pasted in the wrong place
+
+
+def test_a_secret_can_come_from_a_file_named_by_its_variable(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("pk-from-file\n")
+    s = load_settings(env={"PRAMATHUS_API_KEY_FILE": str(tmp_path / "key")})
+    assert s.pramathus.api_key is not None
+    assert s.pramathus.api_key.get_secret_value() == "pk-from-file"
+    assert problems_of(env={"REMOTE_WRITE_PASSWORD_FILE": str(tmp_path / "nope")}) == [
+        f"REMOTE_WRITE_PASSWORD_FILE: cannot read {tmp_path / 'nope'} (No such file or directory)"
+    ]
+
+
+def test_the_variable_beats_its_file() -> None:
+    s = load_settings(env={"PRAMATHUS_API_KEY": "direct", "PRAMATHUS_API_KEY_FILE": "/nonexistent"})
+    assert s.pramathus.api_key is not None
+    assert s.pramathus.api_key.get_secret_value() == "direct"
+
+
+def test_credentials_over_plain_http_to_a_remote_host_are_warned_about() -> None:
+    s = load_settings(
+        env={
+            "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
+            "MLFLOW_TRACKING_TOKEN": "t0ken",
+            "PROMETHEUS_GATEWAY": "http://127.0.0.1:9091",
+            "PROMETHEUS_GATEWAY_USERNAME": "u",
+            "PROMETHEUS_GATEWAY_PASSWORD": "pw-local",
+            "REMOTE_WRITE_ENABLED": "true",
+            "REMOTE_WRITE_URL": "https://vm.example.com/api/v1/write",
+            "REMOTE_WRITE_BEARER_TOKEN": "secure",
+        }
+    )
+    expected = (
+        "mlflow: credentials go over plain http:// to mlflow.internal; use https:// unless "
+        "the network between is trusted"
+    )
+    assert plain_http_credentials(s) == [expected]
