@@ -31,7 +31,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from exporter.naming import metric_family_name
-from exporter.sections import Section as _Section
+from exporter.sections import Section
 
 GROUP_NAME = "mlflow-model-alerts"
 ALERT_SOURCE = "config"
@@ -105,7 +105,7 @@ def _regex_list(value: Any) -> Any:
     return patterns
 
 
-class _Rule(_Section):
+class _Rule(Section):
     """What every alert rule has: a name, how long it must hold, severity and texts."""
 
     # Dumps (check-config) show `for`, the key a user writes, not the Python name `for_`.
@@ -252,7 +252,7 @@ class RegressionRule(_Rule):
         return self
 
 
-class AlertsSettings(_Section):
+class AlertsSettings(Section):
     """The `alerts:` section: rules rendered by `exporter alert-rules`."""
 
     thresholds: list[ThresholdRule] = Field(default_factory=list)

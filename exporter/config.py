@@ -86,9 +86,6 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-_Section = Section
-
-
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # one DNS label
 _HOST = rf"(?:\[[0-9A-Fa-f:.]+\]|{_LABEL}(?:\.{_LABEL})*)"  # [IPv6], IPv4 or a hostname
 _URL = re.compile(rf"^https?://{_HOST}(?::\d{{1,5}})?(?:/\S*)?$")
@@ -144,7 +141,7 @@ def _required_when_enabled(data: Any, handler: Any, section: str, key: str) -> A
     return model
 
 
-class MlflowSettings(_Section):
+class MlflowSettings(Section):
     tracking_uri: str = "http://localhost:5000"
     timeout_seconds: float = Field(30.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
@@ -158,7 +155,7 @@ class MlflowSettings(_Section):
     _check_uri = field_validator("tracking_uri")(_http_url)
 
 
-class PrometheusSettings(_Section):
+class PrometheusSettings(Section):
     enabled: bool = True
     # push: to the Pushgateway; pull: served on the exporter's /mlflow/metrics; both.
     mode: Literal["push", "pull", "both"] = "push"
@@ -172,7 +169,7 @@ class PrometheusSettings(_Section):
     _check_gateway = field_validator("gateway")(_http_url)
 
 
-class PramathusSettings(_Section):
+class PramathusSettings(Section):
     enabled: bool = False
     endpoint: str | None = None
     api_key: SecretStr | None = None
@@ -210,7 +207,7 @@ def _duration_seconds(value: Any) -> Any:
     return value
 
 
-class RemoteWriteSettings(_Section):
+class RemoteWriteSettings(Section):
     """Every metric point at its own timestamp to a Prometheus remote-write receiver."""
 
     enabled: bool = False
@@ -250,7 +247,7 @@ class RemoteWriteSettings(_Section):
         return self
 
 
-class ExportSettings(_Section):
+class ExportSettings(Section):
     interval_seconds: float = Field(60.0, ge=1)
     # The background sweep re-reads every run about once per this period (0: every cycle).
     reconcile_interval_seconds: float = Field(3600.0, ge=0)
@@ -289,14 +286,14 @@ class ExportSettings(_Section):
         return patterns
 
 
-class ServerSettings(_Section):
+class ServerSettings(Section):
     enabled: bool = True
     # Loopback by default; containers set EXPORTER_HOST=0.0.0.0 so Prometheus can scrape them.
     host: str = "127.0.0.1"
     port: int = Field(9877, ge=0, le=65535)
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = "auto"
 
@@ -306,7 +303,7 @@ class LoggingSettings(_Section):
         return v.upper() if isinstance(v, str) else v
 
 
-class Settings(_Section):
+class Settings(Section):
     """The whole effective configuration."""
 
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)

@@ -177,7 +177,7 @@ class FakeMlflow:
     ) -> RunPage:
         self._call("runs/search")
         matching = [
-            self._view(f.run, f)
+            self._view(f.run, where)
             for f in self.runs.values()
             if self._matches(f.run, experiment_ids, where)
         ]

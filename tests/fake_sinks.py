@@ -58,7 +58,7 @@ class RecordingSink:
     def send(self, batch: QueuedBatch) -> Reply:
         reply = self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
         if reply.outcome is Outcome.ACCEPTED:
-            self.accepted.extend(tuple(p) for p in json.loads(batch.body))  # type: ignore[misc]
+            self.accepted.extend(tuple(p) for p in json.loads(batch.body))
         return reply
 
     def split(self, body: bytes) -> list[EncodedBatch]:

@@ -114,10 +114,10 @@ class FakeOpener:
             k.lower(): str(v if isinstance(v, str) else v.decode())
             for k, v in request.header_items()
         }
+        body = request.data or b""
+        assert isinstance(body, bytes), body  # prometheus_client sends its exposition as bytes
         self.requests.append(
-            OpenedRequest(
-                request.get_method(), request.full_url, headers, request.data or b"", timeout
-            )
+            OpenedRequest(request.get_method(), request.full_url, headers, body, timeout)
         )
         item = self.script.popleft() if self.script else 200
         if isinstance(item, BaseException):

@@ -8,7 +8,7 @@ import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.app import history_sinks, open_runner, pull_collector, secrets_of
-from exporter.config import load_settings
+from exporter.config import Settings, load_settings
 from exporter.model import Experiment, LatestMetric, Run
 from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.pramathus import PramathusSink
@@ -17,7 +17,7 @@ from exporter.state.mirror import PENDING_NONE
 from exporter.state.records import CaptureRecord, save
 
 
-def settings(tmp_path: Path, **env: str):  # type: ignore[no-untyped-def]
+def settings(tmp_path: Path, **env: str) -> Settings:
     return load_settings(env={"EXPORTER_STATE_DIR": str(tmp_path / "state"), **env})
 
 

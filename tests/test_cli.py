@@ -513,9 +513,12 @@ def test_continuous_without_the_server_runs_cycles_without_an_address(
     import exporter.scheduler
 
     ran: list[str | None] = []
-    monkeypatch.setattr(
-        exporter.scheduler, "run_forever", lambda r, i, s, address: ran.append(address) or True
-    )
+
+    def run_forever(r: Any, i: Any, s: Any, address: str | None) -> bool:
+        ran.append(address)
+        return True
+
+    monkeypatch.setattr(exporter.scheduler, "run_forever", run_forever)
 
     result = invoke("continuous", "--config", write(tmp_path, "server:\n  enabled: false\n"))
 
@@ -549,9 +552,12 @@ def test_generate_sample_passes_its_options_and_prints_the_summary(
     import exporter.sample
 
     specs: list[Any] = []
-    monkeypatch.setattr(
-        exporter.sample, "generate", lambda settings, spec, progress: specs.append(spec) or "made"
-    )
+
+    def generate(settings: Any, spec: Any, progress: Any) -> str:
+        specs.append(spec)
+        return "made"
+
+    monkeypatch.setattr(exporter.sample, "generate", generate)
 
     result = invoke("generate-sample", "--experiments", "2", "--runs", "3", "--seed", "7")
 

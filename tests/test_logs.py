@@ -30,7 +30,9 @@ def test_a_secret_is_masked_wherever_it_appears_in_a_string() -> None:
 
 
 def test_secrets_are_masked_in_nested_dicts_lists_and_tuples_keeping_their_types() -> None:
-    event = {"detail": {"errors": [f"bad {SECRET}", ("x", SECRET)], "n": 3, "none": None}}
+    event: dict[str, Any] = {
+        "detail": {"errors": [f"bad {SECRET}", ("x", SECRET)], "n": 3, "none": None}
+    }
 
     out = scrub(event)
 

@@ -36,7 +36,7 @@ class ScriptedRunner:
         if isinstance(step, float):
             time.sleep(step)
             return CycleResult()
-        return step  # type: ignore[no-any-return]
+        return step
 
 
 @pytest.fixture(autouse=True)

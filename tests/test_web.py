@@ -100,7 +100,7 @@ def test_readyz_is_503_until_a_cycle_succeeds_and_stays_ready_after(
     codes = []
     for status in (None, "failing", "ok", "failing", "crashed"):
         if status:
-            health.set(status, f"{status} reason")  # type: ignore[arg-type]
+            health.set(status, f"{status} reason")
         start, body = call_wsgi(app, "/readyz")
         codes.append((start.code, json.loads(body)["status"]))
 

@@ -17,10 +17,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import pytest
 import requests
@@ -115,14 +115,21 @@ class Continuous:
     """`exporter continuous --interval 1` (or `interval`) in the background; stderr goes to
     a file so a long run can never block on a full pipe."""
 
-    def __init__(self, env: ExporterEnv, log: Path, interval: float = 1, **extra_env: str) -> None:
+    def __init__(
+        self,
+        env: ExporterEnv,
+        log: Path,
+        interval: float = 1,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = servers.free_port()
         self.log = log
         self._err = log.open("wb")  # noqa: SIM115 - closed in close()
         args = ["continuous", "--interval", str(interval), "--port", str(self.port)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", *args],
-            env={**env.env, **extra_env},
+            env={**env.env, **(extra_env or {})},
             stdout=subprocess.DEVNULL,
             stderr=self._err,
         )
@@ -167,7 +174,7 @@ class Continuous:
 
 @contextmanager
 def continuous(env: ExporterEnv, log: Path, **extra_env: str) -> Iterator[Continuous]:
-    proc = Continuous(env, log, **extra_env)
+    proc = Continuous(env, log, extra_env=extra_env)
     try:
         yield proc
     finally:
@@ -331,17 +338,17 @@ def test_pushgateway_down_fails_the_cycle_and_a_restart_gets_everything_pushed_a
 ) -> None:
     (tmp_path / "pg").mkdir()
     pg = servers.start_pushgateway(tmp_path / "pg")
-    gateway = {"PROMETHEUS_GATEWAY": f"127.0.0.1:{pg.port}"}
+    gateway = f"127.0.0.1:{pg.port}"
     job = exporter_env.job
     try:
         exp = exporter_env.experiment()
         live = make_run(exporter_env.client, exp, {"loss": [1.0, 0.5]}, status="RUNNING")
-        assert exporter_env.run("export-once", **gateway).returncode == 0
+        assert exporter_env.run("export-once", PROMETHEUS_GATEWAY=gateway).returncode == 0
         assert set(_groups(pg, job)) == {exp, "registry"}
 
         pg.stop()
         log_points(exporter_env.client, live, "loss", [0.25], first_step=2)
-        down = exporter_env.run("export-once", **gateway)
+        down = exporter_env.run("export-once", PROMETHEUS_GATEWAY=gateway)
         assert down.returncode == 1
         last = _last_line(down)
         assert last.startswith("error: pushgateway: Pushgateway")
@@ -351,7 +358,7 @@ def test_pushgateway_down_fails_the_cycle_and_a_restart_gets_everything_pushed_a
 
         pg.restart("/-/ready")
         assert _groups(pg, job) == {}  # a restarted Pushgateway (no persistence) is empty
-        again = exporter_env.run("export-once", **gateway)
+        again = exporter_env.run("export-once", PROMETHEUS_GATEWAY=gateway)
         assert again.returncode == 0, again.stderr
         groups = _groups(pg, job)
         assert set(groups) == {exp, "registry"}
@@ -543,14 +550,30 @@ def test_awkward_mlflow_data_never_fails_a_cycle_and_every_point_is_delivered(
 
 # ---------------------------------------------------------------------------- secrets
 
-SECRETS = {
+
+class Secrets(TypedDict):
+    """The secret settings by variable. A TypedDict, so mypy knows `**SECRETS` passes
+    environment variables only and can never fill `timeout` of `ExporterEnv.run`."""
+
+    MLFLOW_TRACKING_USERNAME: str
+    MLFLOW_TRACKING_PASSWORD: str
+    PRAMATHUS_API_KEY: str
+    PROMETHEUS_GATEWAY_USERNAME: str
+    PROMETHEUS_GATEWAY_PASSWORD: str
+
+
+SECRETS: Secrets = {
     "MLFLOW_TRACKING_USERNAME": "mlflow-user",
     "MLFLOW_TRACKING_PASSWORD": "mlpw-Zq81-never-shown",
     "PRAMATHUS_API_KEY": "pk-Xv42-never-shown",
     "PROMETHEUS_GATEWAY_USERNAME": "pg-user",
     "PROMETHEUS_GATEWAY_PASSWORD": "pgpw-Lm07-never-shown",
 }
-SECRET_VALUES = [v for k, v in SECRETS.items() if not k.endswith("USERNAME")]
+SECRET_VALUES = [
+    SECRETS["MLFLOW_TRACKING_PASSWORD"],
+    SECRETS["PRAMATHUS_API_KEY"],
+    SECRETS["PROMETHEUS_GATEWAY_PASSWORD"],
+]  # the usernames are not secret
 
 
 def _assert_clean(where: str, text: str) -> None:
@@ -581,9 +604,10 @@ def test_secrets_never_appear_in_output_logs_or_metrics_even_when_backends_fail(
     _assert_clean("check-config", checked.stdout + checked.stderr)
 
     receiver.default = echo
-    failing = {"MLFLOW_TRACKING_URI": gone, "PROMETHEUS_GATEWAY": gone, "LOG_LEVEL": "DEBUG"}
     for command in ("export-once", "check-config"):
-        done = exporter_env.run(command, **SECRETS, **failing)
+        done = exporter_env.run(
+            command, **SECRETS, MLFLOW_TRACKING_URI=gone, PROMETHEUS_GATEWAY=gone, LOG_LEVEL="DEBUG"
+        )
         assert done.returncode == 1
         _assert_clean(f"{command} with MLflow and the Pushgateway down", done.stdout + done.stderr)
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -507,7 +507,7 @@ def test_alert_sink_logs_one_line_per_alert_state(tmp_path: Path) -> None:
             "annotations": {"summary": "MLflow run failed in stack-demo"},
         }
 
-        def post(*alerts: dict[str, object]) -> None:
+        def post(*alerts: Mapping[str, object]) -> None:
             body = json.dumps({"version": "4", "status": "firing", "alerts": list(alerts)})
             r = requests.post(f"http://127.0.0.1:{port}/alerts", data=body, timeout=5)
             assert r.status_code == 200

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from exporter.planners.push import PushPlan, plan_push, stale_groups
-from exporter.planners.series import REGISTRY_KEY, experiment_key
+from exporter.planners.series import REGISTRY_KEY, GroupKey, experiment_key
 from exporter.state.records import PushRecord
 
 START = "2024-01-15T10:00:00Z"
@@ -22,8 +23,8 @@ def pushed_before(**fields: Any) -> PushRecord:
 
 def plan(
     record: PushRecord,
-    dirty: set[str] = frozenset(),
-    start: str = START,  # type: ignore[assignment]
+    dirty: Iterable[str] = frozenset(),
+    start: str = START,
     owns_registry: bool = True,
     verify: bool = False,
 ) -> PushPlan:
@@ -95,7 +96,7 @@ def test_stale_groups_are_owned_groups_without_data_sorted_once_each() -> None:
         (("group", "someone-else"),),
     ]
 
-    def owns(key: Any) -> bool:
+    def owns(key: GroupKey) -> bool:
         return key != experiment_key("8") and key != (("group", "someone-else"),)
 
     assert stale_groups(present, keep, owns) == [experiment_key("5"), experiment_key("9")]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from pydantic import SecretStr
 
 from exporter.config import PramathusSettings, RemoteWriteSettings
 from exporter.model import MetricPoint, RunContext
@@ -66,7 +67,9 @@ def points(n: int, start: int = 0) -> list[MetricPoint]:
 
 
 def pramathus(post: Any, **overrides: Any) -> PramathusSink:
-    settings = PramathusSettings(enabled=True, endpoint=ENDPOINT, api_key="k-123456", **overrides)
+    settings = PramathusSettings(
+        enabled=True, endpoint=ENDPOINT, api_key=SecretStr("k-123456"), **overrides
+    )
     return PramathusSink(settings, post=post)
 
 

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.config import ExportSettings
 from exporter.model import Experiment, LatestMetric, ModelVersion, Registry, Run
-from exporter.planners.series import REGISTRY_KEY, ServerCounts, experiment_key
+from exporter.planners.series import REGISTRY_KEY, GroupKey, ServerCounts, experiment_key
 from exporter.sinks.groups import GroupBuilder, MirrorCollector, merge
 from exporter.state import StateStore
 
@@ -200,7 +200,7 @@ def gauge(name: str, label: str, value: float) -> GaugeMetricFamily:
 
 
 def test_merge_makes_one_family_per_name_holding_every_groups_samples() -> None:
-    groups = [
+    groups: list[tuple[GroupKey, list[Metric]]] = [
         (experiment_key("1"), [gauge("mlflow_a", "1", 1.0), gauge("mlflow_b", "1", 2.0)]),
         (experiment_key("2"), [gauge("mlflow_a", "2", 3.0)]),
         (REGISTRY_KEY, [gauge("mlflow_c", "r", 4.0)]),
@@ -231,7 +231,12 @@ def test_the_pull_collector_builds_every_group_fresh_and_closes_its_reader(
     def open_builder() -> tuple[GroupBuilder, Callable[[], None]]:
         reader = state.reader()
         opened.append("open")
-        return builder(state), lambda: (reader.conn.close(), opened.append("closed"))
+
+        def close() -> None:
+            reader.conn.close()
+            opened.append("closed")
+
+        return builder(state), close
 
     families = list(MirrorCollector(open_builder, with_registry=True).collect())
     assert opened == ["open", "closed"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import requests
@@ -54,7 +55,9 @@ def strict_loads(body: bytes) -> Any:
 def sink(post: Any = None, **overrides: Any) -> PramathusSink:
     settings: dict[str, Any] = {"enabled": True, "endpoint": ENDPOINT, "api_key": API_KEY}
     settings.update(overrides)
-    return PramathusSink(PramathusSettings(**settings), post=post or FakePost())
+    # FakePost answers FakeResponse, standing in for `requests.post` and its Response.
+    fake = cast("Callable[..., requests.Response]", post or FakePost())
+    return PramathusSink(PramathusSettings(**settings), post=fake)
 
 
 def batch(body: bytes = b'{"metrics": []}', key: str = "key-1") -> QueuedBatch:

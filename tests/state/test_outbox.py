@@ -28,9 +28,10 @@ def keys(outbox: Outbox) -> list[str]:
 
 
 def spool_row(store: StateStore, batch_id: int) -> tuple[object, ...]:
-    return store.db.conn.execute(
+    row: tuple[object, ...] = store.db.conn.execute(
         "SELECT sink, created_ms, attempts, last_error FROM spool WHERE id = ?", (batch_id,)
     ).fetchone()
+    return row
 
 
 def dead_letters(store: StateStore) -> list[tuple[object, ...]]:

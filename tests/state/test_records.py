@@ -6,6 +6,7 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,8 @@ def store(tmp_path: Path) -> Iterator[StateStore]:
     state.close()
 
 
-def stored(store: StateStore, name: str) -> object:
+def stored(store: StateStore, name: str) -> Any:
+    """The decoded JSON row of record `name` (None when it was never saved)."""
     row = store.db.conn.execute("SELECT value FROM record WHERE name = ?", (name,)).fetchone()
     return None if row is None else json.loads(row[0])
 
