@@ -25,6 +25,7 @@ import requests
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from exporter.config import MlflowSettings
+from exporter.errors import reason
 from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Registry, Run
 
 API = "/api/2.0/mlflow"
@@ -303,7 +304,7 @@ class RestSource:
             ) from None
         except requests.ConnectionError as exc:
             raise MlflowError(
-                f"cannot reach MLflow at {self.settings.tracking_uri} ({_root_cause(exc)}): "
+                f"cannot reach MLflow at {self.settings.tracking_uri} ({reason(exc)}): "
                 "is the server up, and is MLFLOW_TRACKING_URI right?"
             ) from None
         except _HttpStatusError as exc:
@@ -362,12 +363,6 @@ def _parse(endpoint: str, parse: Callable[..., Any], item: Any, *args: Any) -> A
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         raise MlflowError(f"MLflow {endpoint} answered an unexpected shape ({what})") from None
-
-
-def _root_cause(exc: BaseException) -> str:
-    text = str(exc)
-    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    return match.group(1).strip() if match else text.splitlines()[0][:160]
 
 
 def _within(point: MetricPoint, w: HistoryRequest) -> bool:

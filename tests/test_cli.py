@@ -243,7 +243,7 @@ def test_check_config_prints_the_masked_config_and_exits_1_when_backends_are_unr
     report = [line for line in out.splitlines() if line.startswith(("ok  ", "FAIL", "warn"))]
     assert report == [
         (
-            f"FAIL mlflow: cannot reach MLflow at {base} (Connection refused): is the server up, "
+            f"FAIL mlflow: cannot reach MLflow at {base} (connection refused): is the server up, "
             "and is MLFLOW_TRACKING_URI right?"
         ),
         f"FAIL pushgateway: cannot reach Pushgateway at {base}/-/healthy (ConnectionError)",

@@ -281,7 +281,7 @@ def test_connection_errors_are_retried_then_one_line_naming_the_server() -> None
     with pytest.raises(MlflowError) as info:
         s.experiments()
     message = str(info.value)
-    assert message.startswith("cannot reach MLflow at http://mlflow:5000 (Connection refused")
+    assert message.startswith("cannot reach MLflow at http://mlflow:5000 (connection refused)")
     assert "MLFLOW_TRACKING_URI" in message
     assert len(s.session.calls) == 2  # type: ignore[attr-defined]
 

@@ -466,17 +466,19 @@ def test_retry_after_is_read_from_the_answer() -> None:
 
 
 @pytest.mark.parametrize(
-    "error",
+    ("error", "why"),
     [
-        requests.ConnectionError("Connection refused"),
-        requests.Timeout("read timed out"),
-        requests.exceptions.SSLError("certificate verify failed"),
+        (requests.ConnectionError("Connection refused"), "connection refused"),
+        (requests.Timeout("read timed out"), "timed out"),
+        (requests.exceptions.SSLError("certificate verify failed"), "certificate verify failed"),
     ],
 )
-def test_no_answer_is_a_retry_naming_the_url(error: Exception) -> None:
+def test_no_answer_is_a_retry_naming_the_url(error: Exception, why: str) -> None:
     result = client_for(FakePost([error])).send(b"")
     assert (result.verdict, result.status, result.retry_after) == (Verdict.RETRY, None, None)
-    assert result.message == f"POST {URL} failed: {type(error).__name__}: {error}"
+    assert result.message == (
+        f"POST {URL} failed ({why}): is the receiver up, and is REMOTE_WRITE_URL right?"
+    )
 
 
 def test_an_invalid_url_is_rejected_not_retried() -> None:

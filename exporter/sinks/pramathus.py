@@ -18,6 +18,7 @@ from typing import Any
 import requests
 
 from exporter.config import PramathusSettings
+from exporter.errors import reason
 from exporter.logs import MASK
 from exporter.model import MetricPoint, RunContext
 from exporter.sinks.delivery import Encoded, Outcome, Reply, retry_after_seconds
@@ -134,7 +135,7 @@ class PramathusSink:
         except requests.RequestException as exc:
             return Reply(
                 Outcome.RETRY,
-                f"cannot reach Pramathus at {s.endpoint} ({type(exc).__name__}): is it up, "
+                f"cannot reach Pramathus at {s.endpoint} ({reason(exc)}): is it up, "
                 "and is PRAMATHUS_ENDPOINT right?",
             )
         status = response.status_code

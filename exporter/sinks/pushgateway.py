@@ -24,6 +24,7 @@ from prometheus_client.exposition import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import PrometheusSettings
+from exporter.errors import reason
 from exporter.planners.series import FixedCollector, GroupKey
 
 CHECK = "is it running, and is PROMETHEUS_GATEWAY right?"
@@ -93,7 +94,7 @@ class Pushgateway:
             ) from None
         except requests.RequestException as exc:
             raise PushError(
-                f"Pushgateway at {self.settings.gateway} cannot be reached ({_why(exc)}): {CHECK}"
+                f"Pushgateway at {self.settings.gateway} cannot be reached ({reason(exc)}): {CHECK}"
             ) from None
 
     def existing_groups(self) -> list[GroupKey]:
@@ -117,7 +118,7 @@ class Pushgateway:
                         groups.append(tuple(sorted(labels.items())))
         except (requests.RequestException, ValueError) as exc:
             raise PushError(
-                f"Pushgateway at {s.gateway} did not list its groups ({_why(exc)}): {CHECK}"
+                f"Pushgateway at {s.gateway} did not list its groups ({reason(exc)}): {CHECK}"
             ) from None
         return groups
 
@@ -152,21 +153,8 @@ class Pushgateway:
             )
         except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
             raise PushError(
-                f"Pushgateway at {s.gateway}: could not {what} it ({_why(exc)}): {CHECK}"
+                f"Pushgateway at {s.gateway}: could not {what} it ({reason(exc)}): {CHECK}"
             ) from None
-
-
-def _why(exc: BaseException) -> str:
-    """The useful part of an HTTP client error, on one line."""
-    code = getattr(exc, "code", None)
-    if code is not None:  # urllib HTTPError
-        return f"HTTP {code} {getattr(exc, 'reason', '')}".strip()
-    reason = getattr(exc, "reason", None)
-    text = str(reason if reason is not None else exc)
-    for marker in ("Connection refused", "Name or service not known", "timed out"):
-        if marker in text:
-            return marker.lower()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _group_labels(line: str) -> dict[str, str]:

@@ -47,6 +47,7 @@ from google.protobuf import (
 from google.protobuf.message import DecodeError
 
 from exporter.config import RemoteWriteSettings
+from exporter.errors import reason
 from exporter.logs import MASK
 from exporter.sinks.delivery import retry_after_seconds
 
@@ -346,8 +347,9 @@ class RemoteWriteClient:
         return SendResult(verdict, status, message, retry_after)
 
     def _failure(self, exc: Exception) -> str:
-        detail = " ".join(self._mask(str(exc)).split())[:_MESSAGE_LIMIT]
-        return f"POST {self.shown_url} failed: {type(exc).__name__}: {detail}"
+        detail = " ".join(self._mask(reason(exc)).split())[:_MESSAGE_LIMIT]
+        check = "is the receiver up, and is REMOTE_WRITE_URL right?"
+        return f"POST {self.shown_url} failed ({detail}): {check}"
 
     def _mask(self, text: str) -> str:
         for secret in self._secrets:

@@ -312,6 +312,10 @@ def shard_environment(
     env["PRAMATHUS_ENDPOINT"] = f"http://127.0.0.1:{receiver.port}{endpoint_path}"
     env["PRAMATHUS_API_KEY"] = exporter_env.env["PRAMATHUS_API_KEY"]
     env["EXPORT_INTERVAL"] = "1"
+    # The stack's history store is another container; sharding of history deliveries is
+    # the same code path as Pramathus', checked through the receiver above.
+    assert compose_env["REMOTE_WRITE_URL"].startswith("http://victoriametrics:"), compose_env
+    env["REMOTE_WRITE_ENABLED"] = "false"
     return env, endpoint_path
 
 

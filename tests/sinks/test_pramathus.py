@@ -283,23 +283,25 @@ def test_a_timeout_message_names_the_endpoint() -> None:
 
 
 @pytest.mark.parametrize(
-    "error",
+    ("error", "why"),
     [
-        requests.ConnectionError("Max retries exceeded\n[Errno 111] Connection refused"),
-        requests.exceptions.SSLError("certificate verify failed"),
-        requests.exceptions.ChunkedEncodingError("broken"),
+        (
+            requests.ConnectionError("Max retries exceeded\n[Errno 111] Connection refused"),
+            "connection refused",
+        ),
+        (requests.exceptions.SSLError("certificate verify failed"), "certificate verify failed"),
+        (requests.exceptions.ChunkedEncodingError("broken"), "broken"),
     ],
 )
 def test_a_connection_error_is_retried_with_a_one_line_message_naming_the_endpoint(
-    error: requests.RequestException,
+    error: requests.RequestException, why: str
 ) -> None:
     reply = sink(FakePost([error])).send(batch())
 
     assert reply.outcome is Outcome.RETRY
     assert "\n" not in reply.message
     assert reply.message == (
-        f"cannot reach Pramathus at {ENDPOINT} ({type(error).__name__}): is it up, "
-        "and is PRAMATHUS_ENDPOINT right?"
+        f"cannot reach Pramathus at {ENDPOINT} ({why}): is it up, and is PRAMATHUS_ENDPOINT right?"
     )
 
 
