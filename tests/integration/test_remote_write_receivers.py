@@ -271,4 +271,4 @@ def test_a_receiver_that_is_down_is_a_retry_naming_its_url() -> None:
     sender = RemoteWriteClient(RemoteWriteSettings(url=url, timeout_seconds=2))
     result = sender.send(rw.encode([TimeSeries.of("m", {}, [(now_ms(), 1.0)])]))
     assert (result.verdict, result.status) == (Verdict.RETRY, None)
-    assert result.message.startswith(f"POST {url} failed: ConnectionError: ")
+    assert result.message.startswith(f"POST {url} failed (connection refused): ")
