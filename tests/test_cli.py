@@ -8,7 +8,6 @@ tests/test_alert_rules.py.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,17 +35,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     monkeypatch.chdir(tmp_path)
     yield
     structlog.reset_defaults()
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A port on 127.0.0.1 that refuses connections: bound, never listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -173,9 +161,9 @@ def test_invalid_values_from_the_environment_are_listed_without_their_secret_val
     ids=["before", "after", "mixed"],
 )
 def test_global_flags_apply_before_or_after_the_command(
-    tmp_path: Path, closed_port: int, args: list[str]
+    tmp_path: Path, bound_port: int, args: list[str]
 ) -> None:
-    config = unreachable_config(tmp_path, closed_port)
+    config = unreachable_config(tmp_path, bound_port)
     wanted = str(tmp_path / "flagged-state")
 
     result = invoke("--config", config, *[a.format(dir=wanted) for a in args])
@@ -186,9 +174,9 @@ def test_global_flags_apply_before_or_after_the_command(
 
 
 def test_a_flag_after_the_command_wins_over_the_same_flag_before_it(
-    tmp_path: Path, closed_port: int
+    tmp_path: Path, bound_port: int
 ) -> None:
-    config = unreachable_config(tmp_path, closed_port)
+    config = unreachable_config(tmp_path, bound_port)
     result = invoke(
         "--log-level", "DEBUG", "check-config", "--config", config, "--log-level", "error"
     )
@@ -227,10 +215,10 @@ def test_help_says_global_flags_may_come_before_or_after_the_command() -> None:
 
 
 def test_check_config_prints_the_masked_config_and_exits_1_when_backends_are_unreachable(
-    tmp_path: Path, closed_port: int
+    tmp_path: Path, bound_port: int
 ) -> None:
-    config = unreachable_config(tmp_path, closed_port)
-    base = f"http://127.0.0.1:{closed_port}"
+    config = unreachable_config(tmp_path, bound_port)
+    base = f"http://127.0.0.1:{bound_port}"
 
     result = invoke("check-config", "--config", config)
 
@@ -350,9 +338,9 @@ def test_check_config_probes_only_the_enabled_backends(
 # ---------------------------------------------------------------- one-line failures
 
 
-def test_a_state_directory_in_use_fails_with_one_line(tmp_path: Path, closed_port: int) -> None:
+def test_a_state_directory_in_use_fails_with_one_line(tmp_path: Path, bound_port: int) -> None:
     state_dir = tmp_path / "busy"
-    config = unreachable_config(tmp_path, closed_port, state_dir=str(state_dir))
+    config = unreachable_config(tmp_path, bound_port, state_dir=str(state_dir))
     holder = StateStore(state_dir)
     try:
         result = invoke("export-once", "--config", config)
@@ -365,9 +353,9 @@ def test_a_state_directory_in_use_fails_with_one_line(tmp_path: Path, closed_por
 
 
 def test_export_once_against_unreachable_backends_exits_1_naming_them(
-    tmp_path: Path, closed_port: int
+    tmp_path: Path, bound_port: int
 ) -> None:
-    base = f"http://127.0.0.1:{closed_port}"
+    base = f"http://127.0.0.1:{bound_port}"
     config = write(
         tmp_path,
         f"mlflow:\n  tracking_uri: {base}\n  max_retries: 0\n  password: {PASSWORD}\n"

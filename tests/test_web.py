@@ -4,8 +4,6 @@ error when its port is taken (the only test here that binds, and it never listen
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
@@ -130,24 +128,13 @@ def test_other_paths_are_404_listing_the_real_ones(registry: CollectorRegistry, 
     assert body == b"not found: try /metrics, /mlflow/metrics, /healthz, /readyz or /livez\n"
 
 
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    """A port on 127.0.0.1 held by a bound socket (never listening)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
-
-
 def test_serving_on_a_taken_port_names_it_and_export_port(
-    registry: CollectorRegistry, taken_port: int
+    registry: CollectorRegistry, bound_port: int
 ) -> None:
     with pytest.raises(ListenError) as info:
-        serve(router(registry), "127.0.0.1", taken_port)
+        serve(router(registry), "127.0.0.1", bound_port)
 
     message = str(info.value)
-    assert message.startswith(f"cannot listen on 127.0.0.1:{taken_port} (")
+    assert message.startswith(f"cannot listen on 127.0.0.1:{bound_port} (")
     assert "EXPORTER_PORT" in message
     assert "\n" not in message

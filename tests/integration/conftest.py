@@ -11,14 +11,14 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.support import servers
+from tests.support import history_servers, servers
 from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -125,3 +125,27 @@ def exporter_env(
         "LOG_FORMAT": "json",
     }
     return ExporterEnv(prefix, f"job_{tag}", env, tmp_path / "state", mlflow_client)
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
+    """One VictoriaMetrics per test module: tests keep apart by experiment or series."""
+    server = history_servers.start_victoria_metrics(tmp_path_factory.mktemp("victoria-metrics"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prometheus_receiver(tmp_path: Path) -> Iterator[Callable[[str | None], servers.Server]]:
+    """Starts Prometheus remote-write receivers with the given out-of-order window (None:
+    none); stops them after the test."""
+    started: list[servers.Server] = []
+
+    def start(window: str | None) -> servers.Server:
+        workdir = tmp_path / f"prometheus-receiver-{len(started)}"
+        started.append(history_servers.start_prometheus_receiver(workdir, window))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

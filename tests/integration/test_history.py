@@ -384,14 +384,6 @@ def vm_expected(history: History, points: list[Point]) -> dict[Labels, Samples]:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One VictoriaMetrics for the module: tests keep apart by experiment id."""
-    server = hs.start_victoria_metrics(tmp_path_factory.mktemp("victoria-metrics"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def own_vm(tmp_path: Path) -> Iterator[Server]:
     """A VictoriaMetrics of this test's own, to stop and restart."""
@@ -399,20 +391,6 @@ def own_vm(tmp_path: Path) -> Iterator[Server]:
     server = hs.start_victoria_metrics(tmp_path / "own-vm")
     yield server
     server.stop()
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[str | None], Server]]:
-    """Starts Prometheus receivers with the given out-of-order window; stops them after."""
-    started: list[Server] = []
-
-    def start(window: str | None) -> Server:
-        started.append(hs.start_prometheus_receiver(tmp_path / f"prom{len(started)}", window))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 # --------------------------------------------------------------------------- VictoriaMetrics
@@ -500,9 +478,11 @@ def test_a_run_that_logged_infinity_keeps_its_other_values_in_victoria_metrics(
 
 
 def test_prometheus_with_a_60d_out_of_order_window_holds_every_point_at_its_timestamp(
-    exporter_env: ExporterEnv, receiver: Receiver, prometheus: Callable[[str | None], Server]
+    exporter_env: ExporterEnv,
+    receiver: Receiver,
+    prometheus_receiver: Callable[[str | None], Server],
 ) -> None:
-    server = prometheus("60d")
+    server = prometheus_receiver("60d")
     anchor(server)  # old samples then arrive out of order, which the window allows
     history = seed_history(exporter_env)
 
@@ -524,9 +504,11 @@ def test_prometheus_with_a_60d_out_of_order_window_holds_every_point_at_its_time
 
 
 def test_prometheus_without_a_window_gets_recent_points_and_the_old_history_is_set_aside_once(
-    exporter_env: ExporterEnv, receiver: Receiver, prometheus: Callable[[str | None], Server]
+    exporter_env: ExporterEnv,
+    receiver: Receiver,
+    prometheus_receiver: Callable[[str | None], Server],
 ) -> None:
-    server = prometheus(None)
+    server = prometheus_receiver(None)
     anchor(server)
     history = seed_history(exporter_env)
     # A budget far above what the run may take: retrying refused samples would show as a
@@ -586,9 +568,9 @@ def test_prometheus_without_a_window_gets_recent_points_and_the_old_history_is_s
 
 
 def test_max_sample_age_sets_the_old_history_aside_without_sending_it(
-    exporter_env: ExporterEnv, prometheus: Callable[[str | None], Server]
+    exporter_env: ExporterEnv, prometheus_receiver: Callable[[str | None], Server]
 ) -> None:
-    server = prometheus(None)
+    server = prometheus_receiver(None)
     anchor(server)
     history = seed_history(exporter_env)
     configure(exporter_env, max_sample_age="30d")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -78,27 +77,6 @@ def prom_samples(prometheus: Server, ts: TimeSeries, at_ms: int) -> Samples:
     return [(round(float(t) * 1000), float(v)) for t, v in values]
 
 
-@pytest.fixture(scope="module")
-def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = hs.start_victoria_metrics(tmp_path_factory.mktemp("victoria-metrics"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[str | None], Server]]:
-    """Starts Prometheus receivers with the given out-of-order window; stops them after."""
-    started: list[Server] = []
-
-    def start(window: str | None) -> Server:
-        started.append(hs.start_prometheus_receiver(tmp_path / f"p{len(started)}", window))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 # --- VictoriaMetrics --------------------------------------------------------------------------
 
 
@@ -150,9 +128,9 @@ def test_victoria_metrics_stores_a_resent_sample_twice(vm: Server) -> None:
 
 
 def test_prometheus_with_a_60d_out_of_order_window_keeps_a_40_day_old_history(
-    prometheus: Callable[[str | None], Server],
+    prometheus_receiver: Callable[[str | None], Server],
 ) -> None:
-    server, now = prometheus("60d"), now_ms()
+    server, now = prometheus_receiver("60d"), now_ms()
     recent = TimeSeries.of("rw_recent", {}, [(now, 1.0)])
     series = history("rw_prom_history", now - 40 * DAY_MS)
     results = send_all(client(server), [recent, *series])
@@ -162,9 +140,9 @@ def test_prometheus_with_a_60d_out_of_order_window_keeps_a_40_day_old_history(
 
 
 def test_prometheus_without_a_window_answers_old_samples_too_old_and_keeps_none_of_them(
-    prometheus: Callable[[str | None], Server],
+    prometheus_receiver: Callable[[str | None], Server],
 ) -> None:
-    server, now = prometheus(None), now_ms()
+    server, now = prometheus_receiver(None), now_ms()
     [old] = history("rw_prom_no_window", now - 40 * DAY_MS, runs=1)
     recent = TimeSeries(old.labels, ((now, 7.0),))
     sender = client(server)
@@ -176,19 +154,19 @@ def test_prometheus_without_a_window_answers_old_samples_too_old_and_keeps_none_
 
 
 def test_prometheus_without_a_window_takes_an_old_history_when_it_comes_first(
-    prometheus: Callable[[str | None], Server],
+    prometheus_receiver: Callable[[str | None], Server],
 ) -> None:
     # An empty head has no time range yet, so acceptance depends on arrival order.
-    server, now = prometheus(None), now_ms()
+    server, now = prometheus_receiver(None), now_ms()
     [old] = history("rw_prom_first", now - 40 * DAY_MS, runs=1)
     assert client(server).send(rw.encode([old])).verdict is Verdict.ACCEPTED
     assert key(prom_samples(server, old, now + 1000)) == key(list(old.samples))
 
 
 def test_prometheus_with_a_short_window_answers_500_that_is_too_old_not_retry(
-    prometheus: Callable[[str | None], Server],
+    prometheus_receiver: Callable[[str | None], Server],
 ) -> None:
-    server, now = prometheus("1h"), now_ms()
+    server, now = prometheus_receiver("1h"), now_ms()
     recent = TimeSeries.of("rw_prom_1h", {}, [(now, 1.0)])
     sender = client(server)
     assert sender.send(rw.encode([recent])).verdict is Verdict.ACCEPTED
@@ -203,9 +181,9 @@ def test_prometheus_with_a_short_window_answers_500_that_is_too_old_not_retry(
 
 
 def test_prometheus_without_a_window_answers_out_of_order_and_duplicate_samples(
-    prometheus: Callable[[str | None], Server],
+    prometheus_receiver: Callable[[str | None], Server],
 ) -> None:
-    server, now = prometheus(None), now_ms()
+    server, now = prometheus_receiver(None), now_ms()
     labels = TimeSeries.of("rw_prom_order", {}, []).labels
     sender = client(server)
 
@@ -221,9 +199,9 @@ def test_prometheus_without_a_window_answers_out_of_order_and_duplicate_samples(
 
 
 def test_a_mixed_batch_refused_as_a_whole_is_split_until_the_new_samples_land(
-    prometheus: Callable[[str | None], Server],
+    prometheus_receiver: Callable[[str | None], Server],
 ) -> None:
-    server, now = prometheus(None), now_ms()
+    server, now = prometheus_receiver(None), now_ms()
     sender = client(server)
     assert sender.send(rw.encode([TimeSeries.of("rw_anchor", {}, [(now, 0.0)])])).status == 204
     old_part = history("rw_mixed", now - 40 * DAY_MS, points=7)
