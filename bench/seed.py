@@ -13,6 +13,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 METRICS = (
     "accuracy",
@@ -41,7 +42,11 @@ def seed(
     ]
     rng = random.Random(seed_value)
     now = int(time.time() * 1000) - runs * 1000
-    run_rows, metric_rows, latest_rows, tag_rows, ids = [], [], [], [], []
+    run_rows: list[tuple[Any, ...]] = []
+    metric_rows: list[tuple[Any, ...]] = []
+    latest_rows: list[tuple[Any, ...]] = []
+    tag_rows: list[tuple[Any, ...]] = []
+    ids: list[str] = []
     for i in range(runs):
         run_id = uuid.UUID(int=rng.getrandbits(128)).hex
         ids.append(run_id)
@@ -67,8 +72,9 @@ def seed(
         tag_rows.append(("mlflow.runName", f"run-{i}", run_id))
         tag_rows.append(("team", "bench", run_id))
         for key in METRICS:
-            for step in range(steps):
-                metric_rows.append((key, rng.random(), start + step, run_id, step, 0))
+            metric_rows.extend(
+                (key, rng.random(), start + step, run_id, step, 0) for step in range(steps)
+            )
             latest_rows.append((key, metric_rows[-1][1], start + steps - 1, steps - 1, 0, run_id))
     db = sqlite3.connect(db_path)
     with db:

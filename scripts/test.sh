@@ -10,7 +10,7 @@ bash scripts/setup.sh
 echo "== ruff"
 .venv/bin/ruff check exporter tests bench scripts
 .venv/bin/ruff format --check exporter tests bench scripts
-echo "== mypy (strict, exporter and tests)"
+echo "== mypy (strict: exporter, tests, bench, scripts)"
 .venv/bin/mypy
 if [ -x .ci/check-stack.sh ]; then
   echo "== stack files"
