@@ -230,11 +230,27 @@ def test_bulk_reads_take_the_chunk_range_and_keep_each_runs_own_window() -> None
     ]
 
 
-def test_a_whole_read_sends_no_step_range() -> None:
+def test_a_whole_read_sends_a_range_from_the_lowest_int64_step_so_sqlite_uses_its_index() -> None:
     s = source(lambda _e, _p: ok({}))
-    s.histories([HistoryRequest("a", "loss", None, 9)])
+    s.histories([HistoryRequest("a", "loss", None, 9), HistoryRequest("b", "loss", 3, 12)])
     [(_, _, payload)] = s.session.calls  # type: ignore[attr-defined]
-    assert "start_step" not in payload
+    assert (payload["start_step"], payload["end_step"]) == (-(2**63), 12)
+
+
+def test_a_sampled_whole_read_is_read_again_with_get_history() -> None:
+    many = [{"run_id": "a", "step": s, "timestamp": s, "value": 1.0} for s in range(3000)]
+
+    def route(endpoint: str, p: dict[str, Any]) -> FakeHttpResponse:
+        if endpoint == "metrics/get-history":
+            return ok({"metrics": many})
+        held = [m for m in many if p["start_step"] <= m["step"] <= p["end_step"]]
+        return ok({"metrics": held[:BULK_MAX_POINTS]})
+
+    s = source(route)
+    got = s.histories([HistoryRequest("a", "loss", None, 2999)])
+    assert len(got) == 3000
+    endpoints = [endpoint for _, endpoint, _ in s.session.calls]  # type: ignore[attr-defined]
+    assert endpoints.count("metrics/get-history") == 1
 
 
 def test_a_sampled_run_is_read_again_by_halving_its_range_until_nothing_is_sampled() -> None:
