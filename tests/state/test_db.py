@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ def fast_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
     """Wait 0.2 s (not 10 s) for a lock held by another connection."""
     monkeypatch.setattr(db_module, "BUSY_TIMEOUT_SECONDS", 0.2)
     return 0.2
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    state = StateStore(tmp_path / "state")
-    yield state
-    state.close()
 
 
 def populated(directory: Path, batches: int = 300) -> Path:

@@ -3,21 +3,11 @@ and the frozen backfills new sinks get. A real state database under `tmp_path`."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 import exporter.state.ledger as ledger_module
 from exporter.state import Ledger, StateStore
 from exporter.state.ledger import BackfillItem, Series, WindowStats
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    state = StateStore(tmp_path / "state")
-    yield state
-    state.close()
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ the registry. A real state database under `tmp_path`, no servers."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
 import pytest
 
@@ -14,13 +13,6 @@ import exporter.state.mirror as mirror_module
 from exporter.model import Experiment, LatestMetric, ModelVersion, Registry, Run
 from exporter.state import Mirror, StateStore
 from exporter.state.mirror import PENDING_FULL, PENDING_NONE, PENDING_WINDOW, KnownRun
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    state = StateStore(tmp_path / "state")
-    yield state
-    state.close()
 
 
 @pytest.fixture

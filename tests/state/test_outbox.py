@@ -3,20 +3,10 @@ splits, trimming and set-aside batches. A real state database under `tmp_path`."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from exporter.state import StateStore
 from exporter.state.outbox import EncodedBatch, Outbox, QueuedBatch, QueueTotals
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    state = StateStore(tmp_path / "state")
-    yield state
-    state.close()
 
 
 def batch(key: str, points: int = 1) -> EncodedBatch:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,6 @@ from exporter.state.records import (
 )
 
 ALL = (PushRecord, LabelRecord, CaptureRecord, SweepRecord)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    state = StateStore(tmp_path / "state")
-    yield state
-    state.close()
 
 
 def stored(store: StateStore, name: str) -> Any:
