@@ -1,8 +1,8 @@
 """Benchmark: what the exporter costs MLflow and itself, at several N side by side in one run.
 
-For each N (runs; 10 metric keys x 5 steps each, 2% RUNNING) it seeds a fresh SQLite store,
-starts a real lean `mlflow server`, a real Pushgateway and an HTTP receiver standing in for
-Pramathus, all on 127.0.0.1, and measures:
+For each N (runs; 10 metric keys x 5 steps each, 40 of them RUNNING at every N) it seeds a
+fresh SQLite store, starts a real lean `mlflow server`, a real Pushgateway and an HTTP
+receiver standing in for Pramathus, all on 127.0.0.1, and measures:
 
 - cheapest full read: one `runs/search` of every run (50,000 per page);
 - cheapest complete history read: that, plus `get-history-bulk-interval` for every metric key
@@ -20,7 +20,8 @@ Pramathus, all on 127.0.0.1, and measures:
     `mlflow_exporter_cycle_duration_seconds` sum/count; the sweep's own share per cycle and
     the time a whole pass takes (`mlflow_exporter_sweep_passes_total`,
     `mlflow_exporter_last_sweep_completed_timestamp_seconds`);
-  - a delta: 1% of runs (running ones) log one new point while the exporter is paused
+  - a delta: DELTA_RUNS running runs (the same number at every N, so only N differs) log
+    one new point while the exporter is paused
     (SIGSTOP, so one cycle sees them all); the cycle that captures them, every cycle while
     they are in their settle window, and the cycles after it closes;
   - that for `reconcile_interval_seconds` 3600 (the default) and for each shorter setting
@@ -70,6 +71,7 @@ INTERVAL = 2.0  # seconds between continuous cycles
 SETTLE = 60.0
 IDLE_MIN_CYCLES = 8
 AFTER_CYCLES = 4  # idle cycles measured after the delta's settle window closed
+DELTA_RUNS = 20  # runs that log a point in the delta, at every N
 NEW_STEP = 99  # step of the delta's new points
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -408,6 +410,9 @@ def idle_and_sweep(exporter: Continuous, runs: int) -> dict[str, Any]:
     """Idle cycles from one completed sweep pass to the next (at least IDLE_MIN_CYCLES)."""
     exporter.next_cycle_end()  # warm-up: the first cycle of a process
     exporter.next_cycle_end()
+    # Runs first seen by the bootstrap (the running ones) settle for SETTLE from then:
+    # idle starts once nothing settles.
+    exporter.until(lambda s: s.settling == 0, int(SETTLE / INTERVAL) * 3 + 10)
     pass_cycles = math.ceil(runs / 1000) + 2  # at least one page per cycle
     p0 = exporter.snapshot().sweep_passes
     # Start and end at cycles that completed a pass: the window spans whole passes, so it
@@ -455,7 +460,7 @@ def log_new_points(url: str, run_ids: list[str]) -> float:
 
 
 def delta(exporter: Continuous, url: str, run_ids: list[str]) -> dict[str, Any]:
-    """1% of runs log a point while the exporter is paused; follow the cycles after."""
+    """`run_ids` log a point while the exporter is paused; follow the cycles after."""
     before = exporter.next_cycle_end()
     exporter.pause()
     try:
@@ -625,8 +630,8 @@ def measure(
             mlflow.restart("/health", 90)
         received = receiver.snapshot()
         log(f"bootstrap done ({bootstrap['seconds']:.0f}s, {received['points']} points)")
-        # 1% of runs log one new point: running ones (every 50th run was seeded RUNNING).
-        running = cheap["running"][: max(1, n // 100)]
+        # DELTA_RUNS of the seeded RUNNING runs log one new point, at every N.
+        running = cheap["running"][:DELTA_RUNS]
         phases = []
         for i, r in enumerate(reconciles):
             phase_env = {**env, "EXPORTER_CONFIG": str(configs[r])}
@@ -752,7 +757,8 @@ def _continuous_rows(r: dict[str, Any]) -> list[tuple[str, Cells]]:
         )
         d = phase.get("delta")
         if d:
-            rows.append(("delta: cycle capturing 1% of runs' new points", _per_cycle(d["capture"])))
+            label = f"delta: cycle capturing {d['runs']} running runs' new points"
+            rows.append((label, _per_cycle(d["capture"])))
             if d["settle"]:
                 rows.append(("delta: each cycle in their settle window", _per_cycle(d["settle"])))
             rows.append(("delta: each cycle after the window closed", _per_cycle(d["after"])))
@@ -818,7 +824,7 @@ def notes(results: list[dict[str, Any]]) -> list[str]:
         )
         out.append(
             f"N={r['n']}: 1-minute load average: complete history read "
-            f"{r['cheapest_complete_history'].get('load_average_1m')}, bootstrap "
+            f"{(r['cheapest_complete_history'] or {}).get('load_average_1m')}, bootstrap "
             f"{r['bootstrap'].get('load_average_1m')}, idle "
             + ", ".join(f"{p['idle'].get('load_average_1m')}" for p in r["continuous"])
         )

@@ -30,9 +30,17 @@ METRICS = (
 
 
 def seed(
-    db_path: Path, artifacts: Path, runs: int, experiments: int, steps: int = 5, seed_value: int = 7
+    db_path: Path,
+    artifacts: Path,
+    runs: int,
+    experiments: int,
+    steps: int = 5,
+    seed_value: int = 7,
+    running: int = 40,
 ) -> list[str]:
-    """Create `experiments` experiments holding `runs` runs in all; return the run ids."""
+    """Create `experiments` experiments holding `runs` runs in all, `running` of them RUNNING
+    (the same number whatever `runs`, so that what an exporter must poll every cycle does not
+    grow with the store); return the run ids."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db_path}")
@@ -49,11 +57,12 @@ def seed(
     latest_rows: list[tuple[Any, ...]] = []
     tag_rows: list[tuple[Any, ...]] = []
     ids: list[str] = []
+    every = max(1, runs // max(1, running))  # the running runs, spread over the store
     for i in range(runs):
         run_id = uuid.UUID(int=rng.getrandbits(128)).hex
         ids.append(run_id)
         start = now + i * 1000
-        status = "RUNNING" if i % 50 == 0 else "FINISHED"
+        status = "RUNNING" if i % every == 0 and i // every < running else "FINISHED"
         run_rows.append(
             (
                 run_id,
