@@ -134,7 +134,9 @@ class Runner:
             m.sinks[sink].backfill.set(n)
         result.experiments, result.runs = synced.experiments, synced.runs
         result.points_spooled = synced.points_captured
-        log.debug("mlflow.synced", **{k: v for k, v in vars(synced).items() if v})
+        # The new run ids as a count: a first cycle would otherwise log every run id.
+        fields = {k: v for k, v in vars(synced).items() if v and k != "new_run_ids"}
+        log.debug("mlflow.synced", new_runs=len(synced.new_run_ids), **fields)
         return synced
 
     # ------------------------------------------------------------------ push

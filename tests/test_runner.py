@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from exporter.config import Settings
 from exporter.health import Health
@@ -592,3 +593,14 @@ def test_max_experiments_bounds_per_run_series_only_never_the_counts(tmp_path: P
     assert sorted(runs) == [1.0, 1.0]
     assert h.exactly_once()
     h.state.close()
+
+
+def test_the_sync_log_line_counts_new_runs_instead_of_listing_their_ids(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("churn")
+    for _ in range(3):
+        h.mlflow.create_run(exp)
+    with structlog.testing.capture_logs() as logs:
+        h.ok_cycle()
+    [synced] = [e for e in logs if e["event"] == "mlflow.synced"]
+    assert synced["new_runs"] == 3
+    assert "new_run_ids" not in synced

@@ -563,3 +563,28 @@ def test_set_registry_reports_a_change_of_models_alone_with_no_runs(mirror: Mirr
     assert mirror.registry().models == ("m", "new")
     assert mirror.set_registry(Registry()).runs == {"r1"}
     assert mirror.registry() == Registry()
+
+
+def test_the_per_cycle_run_queries_read_indexes_not_the_whole_run_table(
+    store: StateStore,
+) -> None:
+    # Each idle cycle asks which runs settle and which are due for capture: at 20,000 runs a
+    # walk of the whole table in key order costs milliseconds per query, every cycle.
+    mirror = store.mirror
+    conn = mirror.conn
+    asked: list[str] = []
+    conn.set_trace_callback(asked.append)
+    try:
+        mirror.settling(1)
+        mirror.capture_due(1)
+    finally:
+        conn.set_trace_callback(None)
+    plans = {
+        sql: [row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        for sql in asked
+        if sql.startswith("SELECT")
+    }
+    assert len(plans) == 2
+    for sql, steps in plans.items():
+        whole_table = [s for s in steps if s == "SCAN run" or "autoindex_run" in s]
+        assert not whole_table, (sql, steps)
