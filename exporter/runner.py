@@ -130,6 +130,9 @@ class Runner:
             m.last_sweep.set(self.clock())
         for sink, n in synced.dropped.items():
             m.sinks[sink].dropped.labels("queue_overflow").inc(n)
+        for sink, n in synced.waiting.items():
+            # Backpressure, not loss: these points are read from MLflow once it drains.
+            log.warning("queue.full_capture_waits", sink=sink, points_owed=n)
         for sink, n in synced.backfill_remaining.items():
             m.sinks[sink].backfill.set(n)
         result.experiments, result.runs = synced.experiments, synced.runs

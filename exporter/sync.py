@@ -62,6 +62,7 @@ class SyncResult:
     sweep_completed: bool = False
     backfill_remaining: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # sink -> points dropped by bounds
+    waiting: dict[str, int] = field(default_factory=dict)  # sink -> points owed while full
     new_run_ids: list[str] = field(default_factory=list)  # runs the mirror did not know
     stopped: bool = False
 
@@ -323,6 +324,10 @@ class Sync:
                 mirror.captured([r for r, n in remaining.items() if n == 0])
             for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
                 self._check_stop()
+                if all(self._full(sink) for sink in self.sinks):
+                    # Every queue is full: reading more would only be read again later.
+                    # The runs stay due; capture resumes as delivery drains.
+                    raise _StoppedError
                 read = self.source.histories(chunk)
                 result.points_captured += self._record(
                     chunk, read, series, remaining, now_ms, result
@@ -358,10 +363,24 @@ class Sync:
                 remaining[w.run_id] -= 1
                 if remaining[w.run_id] == 0:
                     done_runs.append(w.run_id)
-            tails = self._enqueue(self.sinks, new, now_ms, result)
+            full = [sink for sink in self.sinks if self._full(sink)]
+            if full and new:
+                owed = [(series[(p.run_id, p.key)].series_id, p.identity) for p in new]
+                for sink in full:
+                    ledger.owe(sink.name, owed)
+                    result.waiting[sink.name] = result.waiting.get(sink.name, 0) + len(new)
+            open_sinks = [sink for sink in self.sinks if sink not in full]
+            tails = self._enqueue(open_sinks, new, now_ms, result)
             mirror.captured(done_runs)
         self._keep_tails(tails)
         return len(new)
+
+    def _full(self, sink: DeliverySink) -> bool:
+        """True when capture for this sink must wait: its queue is at its bound and its
+        policy is to wait rather than drop."""
+        if sink.overflow != "wait":
+            return False
+        return self.state.outbox(sink.name).totals().points >= sink.queue_max_points
 
     def _keep_tails(self, tails: dict[str, _Tail | None]) -> None:
         """Adopt the open tails of a committed transaction (a rolled back one keeps the
@@ -404,9 +423,14 @@ class Sync:
             for reason, bodies in encoded.refused.items():
                 for body in bodies:
                     outbox.set_aside_new(body, now_ms, reason, f"{sink.name} cannot take these")
-            dropped = outbox.trim(sink.queue_max_points, sink.drop_oldest)
+            if sink.overflow == "wait":
+                continue
+            dropped = outbox.trim(sink.queue_max_points, sink.overflow == "drop_oldest")
             if dropped:
-                log.warning("queue.overflow", sink=sink.name, dropped_points=dropped)
+                # An opt-in policy: these points are lost for this sink, say so.
+                log.warning(
+                    "queue.overflow_lost", sink=sink.name, policy=sink.overflow, lost_points=dropped
+                )
                 result.dropped[sink.name] = result.dropped.get(sink.name, 0) + dropped
         return tails
 
@@ -414,6 +438,9 @@ class Sync:
         """Send a later-registered sink what was captured before it registered."""
         ledger, mirror = self.state.ledger, self.state.mirror
         for sink in self.sinks:
+            if self._full(sink):
+                result.backfill_remaining[sink.name] = ledger.backfill_remaining(sink.name)
+                continue
             items = {
                 (i.series.run_id, i.series.key): i
                 for i in ledger.backfill_pending(sink.name, BACKFILL_SERIES_PER_CYCLE)
@@ -433,6 +460,8 @@ class Sync:
             )
             for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
                 self._check_stop()
+                if self._full(sink):
+                    break  # the rest of its backfill waits for the queue to drain
                 by_series: dict[tuple[str, str], list[MetricPoint]] = {}
                 for p in self.source.histories(chunk):
                     by_series.setdefault((p.run_id, p.key), []).append(p)

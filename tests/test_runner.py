@@ -671,3 +671,77 @@ def test_set_aside_points_make_health_degraded_not_a_plain_ok(h: Harness) -> Non
     assert (view.status, view.ready, view.healthy) == ("degraded", True, True)
     assert "pramathus rejected: 2" in view.reason
     assert "exporter dead-letters replay" in view.reason
+
+
+def _seed_1320(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("bounded")
+    run_a, run_b = h.mlflow.create_run(exp), h.mlflow.create_run(exp)
+    for k in range(3):
+        h.mlflow.log_many(run_a, f"a{k}", [float(s) for s in range(40)])
+    for k in range(600):
+        h.mlflow.log_many(run_b, f"b{k:03d}", [1.0, 2.0])
+    h.mlflow.finish(run_a)
+    h.mlflow.finish(run_b)
+
+
+def test_a_full_queue_is_backpressure_every_point_arrives_once_over_later_cycles(
+    tmp_path: Path,
+) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+    down = Reply(Outcome.RETRY, "HTTP 503", 503)
+    sink.script = [down] * 1000  # the endpoint is down for the whole first cycle
+
+    h.cycle()
+    queued = h.state.outbox(sink.name).totals().points
+    assert 500 <= queued < 500 + 2 * 100  # waited at the bound (a read may overshoot it)
+    assert sink.accepted == []
+
+    sink.script = []
+    for _ in range(6):
+        h.cycle()
+    assert len(sink.accepted) == 1320
+    assert h.exactly_once(sink)
+    assert (
+        sample(h.metrics, "mlflow_exporter_pramathus_dropped_points_total", reason="queue_overflow")
+        == 0
+    )
+    h.state.close()
+
+
+def test_a_full_sink_waits_while_the_other_sink_gets_everything(tmp_path: Path) -> None:
+    stuck = RecordingSink(name="pramathus", batch_size=100, queue_max_points=200)
+    other = RecordingSink(name="remote_write", batch_size=100)
+    h = Harness(tmp_path, sinks=[stuck, other])
+    _seed_1320(h)
+    stuck.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 1000
+
+    h.cycle()
+
+    assert len(other.accepted) == 1320
+    assert h.exactly_once(other)
+    assert stuck.accepted == []
+    stuck.script = []
+    for _ in range(8):
+        h.cycle()
+    assert h.exactly_once(stuck)
+    assert h.exactly_once(other)  # nothing sent twice to the sink that went on
+    h.state.close()
+
+
+def test_an_opt_in_drop_policy_counts_what_it_drops_as_lost(tmp_path: Path) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500, overflow="drop_oldest")
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+    sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 1000
+
+    with structlog.testing.capture_logs() as logs:
+        h.cycle()
+
+    dropped = sample(
+        h.metrics, "mlflow_exporter_pramathus_dropped_points_total", reason="queue_overflow"
+    )
+    assert dropped == 1320 - h.state.outbox(sink.name).totals().points > 0
+    assert any(e["event"] == "queue.overflow_lost" for e in logs)
+    h.state.close()

@@ -114,8 +114,8 @@ class PramathusSink:
         return self.settings.spool_max_points
 
     @property
-    def drop_oldest(self) -> bool:
-        return self.settings.spool_overflow == "drop_oldest"
+    def overflow(self) -> str:
+        return self.settings.spool_overflow
 
     def encode(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
