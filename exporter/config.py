@@ -321,8 +321,13 @@ class Settings(Section):
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     def masked(self) -> dict[str, Any]:
-        """The effective config as plain data, every secret replaced by asterisks."""
-        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        """The effective config as plain data, every secret replaced by asterisks (request
+        header values too: any of them may be a credential)."""
+        data = self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        for section in data.values():
+            if isinstance(section, dict) and isinstance(section.get("headers"), dict):
+                section["headers"] = dict.fromkeys(section["headers"], "**********")
+        return data
 
     @property
     def state_path(self) -> Path:

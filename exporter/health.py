@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
-from exporter.logs import MASK
+from exporter.logs import redact
 
 # degraded: cycles succeed, but something waits for an operator (points set aside).
 Status = Literal["starting", "ok", "degraded", "failing", "crashed"]
@@ -37,8 +37,7 @@ class Health:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set(self, status: Status, reason: str) -> None:
-        for secret in self.secrets:
-            reason = reason.replace(secret, MASK)
+        reason = redact(reason, self.secrets)
         with self._lock:
             ready = self._view.ready or status in ("ok", "degraded")
             self._view = HealthView(status, reason, ready)
