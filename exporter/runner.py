@@ -43,8 +43,8 @@ class CycleResult:
 
     errors: dict[str, str] = field(default_factory=dict)
     crashed: str | None = None  # an unexpected exception (a bug), one line
-    experiments: int = 0
-    runs: int = 0
+    experiments: int | None = None  # None: MLflow was not read this far
+    runs: int | None = None
     pushed_series: int = 0
     points_spooled: int = 0  # new points captured and queued for the history sinks
     points_sent: int = 0
@@ -81,6 +81,8 @@ class Runner:
         started = self.clock()
         result = CycleResult()
         try:
+            if not self._stage(result, "state", self._ensure_state):
+                return result
             synced = self._stage(result, "mlflow", self._sync, result)
             if self.settings.prometheus.enabled:
                 new_runs = synced.new_run_ids if synced is not None else []
@@ -102,13 +104,25 @@ class Runner:
             result.errors[stage] = str(exc)
         except (sqlite3.Error, StateError) as exc:
             # Busy, locked, disk full: the state is kept as it is; the next cycle retries.
-            result.errors["state"] = f"state database ({stage} stage): {exc}"
+            result.errors["state"] = f"state database {self.state.path} ({stage} stage): {exc}"
         except Exception as exc:
             result.crashed = f"{stage} stage: {type(exc).__name__}: {exc}"
             log.exception("cycle.crashed", stage=stage)
         if stage == "mlflow":
             self.metrics.up.set(0)
         return None
+
+    def _ensure_state(self) -> bool:
+        """True when the state file is this process's own (written back if it was
+        deleted or replaced; StateError when another process holds it now)."""
+        if self.state.ensure_file():
+            log.warning(
+                "state.written_back",
+                path=str(self.state.path),
+                detail="state.db was deleted or replaced while running; written back from "
+                "the open database, nothing will be sent again",
+            )
+        return True
 
     # ------------------------------------------------------------------ capture
 
@@ -314,10 +328,11 @@ class Runner:
             self.health.set("degraded", f"ok, but {aside}")
         else:
             self.health.set(status, "ok" if result.ok else result.reason())
+        counted = {"experiments": result.experiments, "runs": result.runs}
         fields: dict[str, Any] = {
             "duration_seconds": round(result.duration_seconds, 3),
-            "experiments": result.experiments,
-            "runs": result.runs,
+            # What was not counted is left out, never logged as 0.
+            **{k: v for k, v in counted.items() if v is not None},
             "series": result.pushed_series,
             "points_spooled": result.points_spooled,
             "points_sent": result.points_sent,

@@ -22,6 +22,7 @@ from exporter.runner import CycleResult, Runner
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import Outcome, Reply
 from exporter.state import StateStore
+from exporter.state.outbox import Outbox
 from tests.fake_mlflow import FakeMlflow
 from tests.fake_sinks import FakeGateway, RecordingSink
 from tests.fakes import FakeClock, SleepRecorder
@@ -745,3 +746,57 @@ def test_an_opt_in_drop_policy_counts_what_it_drops_as_lost(tmp_path: Path) -> N
     assert dropped == 1320 - h.state.outbox(sink.name).totals().points > 0
     assert any(e["event"] == "queue.overflow_lost" for e in logs)
     h.state.close()
+
+
+def test_a_state_that_cannot_record_a_delivery_sends_nothing_and_names_the_path(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = h.mlflow.create_experiment("disk-full")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0])
+    h.sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 100
+    h.cycle()  # queued while the endpoint is down
+    h.sink.script = []
+
+    def full(*_: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Outbox, "claim", full)
+    posts = h.sink.posts
+    result = h.cycle()
+
+    assert h.sink.posts == posts  # nothing sent that could not be marked delivered
+    assert str(h.state.path) in result.errors["state"]
+    assert "database or disk is full" in result.errors["state"]
+    monkeypatch.undo()
+    h.ok_cycle()
+    assert h.exactly_once()
+
+
+def test_a_deleted_state_file_is_written_back_and_nothing_is_sent_again(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("deleted-state")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0, 3.0])
+    h.ok_cycle()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{h.state.path}{suffix}").unlink(missing_ok=True)
+
+    with structlog.testing.capture_logs() as logs:
+        h.ok_cycle()
+    h.reopen()  # a restart reads the written-back file
+    h.ok_cycle()
+
+    warning = next(e for e in logs if e["event"] == "state.written_back")
+    assert warning["path"] == str(h.state.path)
+    assert h.exactly_once()
+
+
+def test_a_failed_cycle_never_logs_counts_it_did_not_take(h: Harness) -> None:
+    h.mlflow.broken["experiments/search"] = MlflowError("cannot reach MLflow at http://x")
+
+    with structlog.testing.capture_logs() as logs:
+        h.cycle()
+
+    failed = next(e for e in logs if e["event"] == "cycle.failed")
+    assert "experiments" not in failed
+    assert "runs" not in failed
