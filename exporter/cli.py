@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import requests
@@ -15,6 +15,9 @@ import yaml
 
 from exporter import __version__, logs
 from exporter.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 log = structlog.get_logger("exporter.cli")
 
@@ -305,10 +308,17 @@ def generate_sample(
     is_flag=True,
     help="Write nothing; exit 1 if --output differs from what would be rendered.",
 )
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Replace a rule file even when the config has no alert rules.",
+)
 @global_options
 @click.pass_context
 @_guarded
-def alert_rules(ctx: click.Context, output: str | None, check: bool, **flags: Any) -> None:
+def alert_rules(
+    ctx: click.Context, output: str | None, check: bool, allow_empty: bool, **flags: Any
+) -> None:
     """Render the config's `alerts:` section as a Prometheus rule file."""
     import shlex
     from pathlib import Path
@@ -324,8 +334,10 @@ def alert_rules(ctx: click.Context, output: str | None, check: bool, **flags: An
         click.echo(text, nl=False)
         return
     target = Path(output)
+    config = flags.get("config") or ctx.find_root().params.get("config")
+    config = config or os.environ.get("EXPORTER_CONFIG") or None
+    count = len(alerts.thresholds) + len(alerts.regressions)
     if check:
-        config = flags.get("config") or ctx.find_root().params.get("config")
         flag = f"--config {shlex.quote(config)} " if config else ""
         again = f"exporter {flag}alert-rules -o {shlex.quote(output)}"
         if not target.is_file():
@@ -334,10 +346,26 @@ def alert_rules(ctx: click.Context, output: str | None, check: bool, **flags: An
             _fail(f"{output} is out of date with the alerts config; regenerate it with: {again}")
         click.echo(f"{output} is up to date")
         return
+    if count == 0 and not allow_empty and _holds_other_text(target, text):
+        # An `alerts:` section left out (or no --config at all) must not wipe shipped rules.
+        source = f"config {config} has" if config else "no --config or EXPORTER_CONFIG given, so"
+        _fail(
+            f"refusing to replace {output} with 0 alert rules ({source} no `alerts:` rules); "
+            "name the config holding them, e.g. exporter --config "
+            f"prometheus/model-alerts.example.yaml alert-rules -o {shlex.quote(output)}, "
+            "or pass --allow-empty"
+        )
     # Written beside the target and renamed over it, so Prometheus reloading its rules never
     # reads half a file; the temporary name does not match the usual rules/*.yml glob.
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text(text, encoding="utf-8")
     partial.replace(target)
-    count = len(alerts.thresholds) + len(alerts.regressions)
     click.echo(f"wrote {count} alert rule{'s' * (count != 1)} to {output}")
+
+
+def _holds_other_text(path: Path, text: str) -> bool:
+    """True when `path` is a file whose content is not `text` (rewriting it changes it)."""
+    try:
+        return path.read_text(encoding="utf-8") != text
+    except FileNotFoundError:
+        return False
