@@ -226,19 +226,27 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
             return False, str(exc)
         return True, f"{settings.mlflow.tracking_uri} answers"
 
-    def http(name: str, url: str, method: str = "GET", **kw: Any) -> tuple[bool, str]:
+    def http(
+        name: str, variable: str, url: str, method: str = "GET", **kw: Any
+    ) -> tuple[bool, str]:
+        from exporter.errors import reason
+
+        check = f"is it running, and is {variable} right?"
         try:
             response = requests.request(method, url, timeout=5, **kw)
         except requests.RequestException as exc:
-            return False, f"cannot reach {name} at {url} ({type(exc).__name__})"
-        if response.status_code >= 500 or response.status_code in (401, 403):
-            return False, f"{name} at {url} answered HTTP {response.status_code}"
+            return False, f"cannot reach {name} at {url} ({reason(exc)}): {check}"
+        if response.status_code in (401, 403):
+            return False, f"{name} at {url} answered HTTP {response.status_code}: check its key"
+        if response.status_code >= 500:
+            return False, f"{name} at {url} answered HTTP {response.status_code}: {check}"
         return True, f"{name} answers (HTTP {response.status_code})"
 
     probes: list[tuple[str, Callable[[], tuple[bool, str]]]] = [("mlflow", mlflow)]
     prom = settings.prometheus
     if prom.enabled and prom.mode in ("push", "both"):
-        probes.append(("pushgateway", lambda: http("Pushgateway", f"{prom.gateway}/-/healthy")))
+        health = f"{prom.gateway}/-/healthy"
+        probes.append(("pushgateway", lambda: http("Pushgateway", "PROMETHEUS_GATEWAY", health)))
     if settings.pramathus.enabled:
         p = settings.pramathus
         headers = {"Authorization": f"Bearer {p.api_key.get_secret_value()}"} if p.api_key else {}
@@ -246,12 +254,22 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
         probes.append(
             (
                 "pramathus",
-                lambda: http("Pramathus", str(p.endpoint), "HEAD", headers=headers, verify=verify),
+                lambda: http(
+                    "Pramathus",
+                    "PRAMATHUS_ENDPOINT",
+                    str(p.endpoint),
+                    "HEAD",
+                    headers=headers,
+                    verify=verify,
+                ),
             )
         )
     if settings.remote_write.enabled:
         rw = settings.remote_write
-        probes.append(("remote_write", lambda: http("remote write", str(rw.url), "HEAD")))
+        url = str(rw.url)
+        probes.append(
+            ("remote_write", lambda: http("remote write", "REMOTE_WRITE_URL", url, "HEAD"))
+        )
     return probes
 
 
@@ -285,11 +303,27 @@ def generate_sample(
     spec = SampleSpec(
         experiments=experiments, runs=runs, steps=steps, seed=seed, model_name=model_name
     )
+    # The server is probed first, with the exporter's own words for why it cannot be reached.
+    ok, detail = dict(_probes(settings))["mlflow"]()
+    if not ok:
+        _fail(f"generate-sample: {detail}")
     try:
         summary = generate(settings, spec, progress=sys.stdout.isatty())
     except Exception as exc:  # noqa: BLE001 - MLflow's client raises many types; one line is enough
-        _fail(f"generate-sample failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        _fail(
+            f"generate-sample failed against MLflow at {settings.mlflow.tracking_uri}: "
+            f"{type(exc).__name__}: {_shortened(str(exc))}; see the MLflow server's log, then "
+            "run it again (it adds only what is missing)"
+        )
     click.echo(summary)
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    """The first line of `text`, cut at a word boundary to at most `limit` characters."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 # ----------------------------------------------------------------------------- alert-rules

@@ -28,6 +28,7 @@ from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
 from exporter.sinks.pushgateway import PushError, PushTarget
 from exporter.state import StateError, StateStore, records
+from exporter.state import explain as explain_state
 from exporter.state.mirror import Mirror
 from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
 from exporter.sync import Sync, SyncResult
@@ -100,9 +101,13 @@ class Runner:
             return fn(*args)
         except (MlflowError, PushError) as exc:
             result.errors[stage] = str(exc)
-        except (sqlite3.Error, StateError) as exc:
+        except StateError as exc:
+            result.errors.setdefault("state", f"{exc} ({stage} stage)")
+        except sqlite3.Error as exc:
             # Busy, locked, disk full: the state is kept as it is; the next cycle retries.
-            result.errors["state"] = f"state database ({stage} stage): {exc}"
+            # The first stage that met it is reported: later ones meet the same cause.
+            reason = f"{explain_state(self.state.path, exc)} ({stage} stage)"
+            result.errors.setdefault("state", reason)
         except Exception as exc:
             result.crashed = f"{stage} stage: {type(exc).__name__}: {exc}"
             log.exception("cycle.crashed", stage=stage)

@@ -518,8 +518,29 @@ def test_a_locked_state_database_fails_the_cycle_and_is_kept(h: Harness) -> None
         other.close()
 
     assert "database is locked" in result.errors["state"]
+    assert "another program holds it" in result.errors["state"]
     assert h.state.set_aside is None
     assert sample(h.metrics, "mlflow_exporter_errors_total", stage="state") >= 1
+    h.ok_cycle()
+
+
+def test_a_read_only_state_database_names_the_file_and_how_to_fix_it(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("read-only")
+    h.mlflow.create_run(exp)
+    h.ok_cycle()
+    # SQLite's own refusal (SQLITE_READONLY), as a file without write permission gives a
+    # non-root user; query_only makes it happen for root too.
+    h.state.db.conn.execute("PRAGMA query_only = ON")
+    h.mlflow.create_run(exp)
+
+    result = h.cycle()
+
+    assert result.errors["state"] == (
+        f"state database {h.tmp / 'state' / 'state.db'}: attempt to write a readonly database; "
+        "make the file and its directory writable by the exporter's user (chown/chmod), or "
+        "set EXPORTER_STATE_DIR to a writable directory (mlflow stage)"
+    )
+    h.state.db.conn.execute("PRAGMA query_only = OFF")
     h.ok_cycle()
 
 
