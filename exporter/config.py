@@ -36,6 +36,7 @@ ENV_KEYS: dict[str, str] = {
     "PROMETHEUS_GATEWAY": "prometheus.gateway",
     "PROMETHEUS_JOB_NAME": "prometheus.job_name",
     "PROMETHEUS_MODE": "prometheus.mode",
+    "PROMETHEUS_ENABLED": "prometheus.enabled",
     "PRAMATHUS_ENDPOINT": "pramathus.endpoint",
     "PRAMATHUS_API_KEY": "pramathus.api_key",
     "PRAMATHUS_ENABLED": "pramathus.enabled",

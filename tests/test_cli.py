@@ -345,6 +345,18 @@ def test_check_config_probes_only_the_enabled_backends(
     ]
 
 
+def test_prometheus_enabled_false_in_the_environment_turns_the_pushgateway_off(
+    backends: FakeRequests,
+) -> None:
+    result = invoke("check-config", env={"PROMETHEUS_ENABLED": "false"})
+
+    assert result.exit_code == 0, result.output
+    assert "  enabled: false\n  mode: push\n" in result.stdout
+    report = [line for line in result.stdout.splitlines() if line.startswith(("ok  ", "FAIL"))]
+    assert report == ["ok   mlflow: http://localhost:5000 answers"]
+    assert not [url for _, url, _ in backends.calls if "healthy" in url]
+
+
 # ---------------------------------------------------------------- one-line failures
 
 

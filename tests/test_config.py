@@ -96,8 +96,10 @@ def test_env_strings_are_coerced_to_typed_values() -> None:
         "MAX_EXPERIMENTS": "0",
         "MLFLOW_TRACKING_INSECURE_TLS": "1",
         "EXPORTER_PORT": "0",
+        "PROMETHEUS_ENABLED": "false",
     }
     s = load_settings(env=env)
+    assert s.prometheus.enabled is False
     assert s.pramathus.enabled is True
     assert s.export.max_experiments == 0
     assert s.mlflow.insecure_tls is True
