@@ -154,9 +154,12 @@ def export_once(ctx: click.Context, **flags: Any) -> None:
         requests_made = getattr(runner.source, "requests_made", 0)
     if not result.ok:
         _fail(result.reason())
+    from exporter.runner import unit
+
+    sent = "".join(f"{n} {unit(sink)} sent to {sink}, " for sink, n in result.sent.items())
     click.echo(
         f"exported {result.experiments} experiments, {result.runs} runs, "
-        f"{result.pushed_series} series, {result.points_sent} points sent, "
+        f"{result.pushed_series} series, {sent}"
         f"{requests_made} MLflow requests in {result.duration_seconds:.2f}s"
     )
 

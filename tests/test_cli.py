@@ -447,7 +447,11 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
 
     calls: list[tuple[Any, ...]] = []
     result = CycleResult(
-        experiments=2, runs=5, pushed_series=40, points_sent=9, duration_seconds=1.234
+        experiments=2,
+        runs=5,
+        pushed_series=40,
+        sent={"pramathus": 9, "remote_write": 18},
+        duration_seconds=1.234,
     )
 
     @contextlib.contextmanager
@@ -464,7 +468,8 @@ def test_export_once_reports_what_a_successful_cycle_did(opened: list[tuple[Any,
 
     assert result.exit_code == 0
     assert result.stdout == (
-        "exported 2 experiments, 5 runs, 40 series, 9 points sent, 17 MLflow requests in 1.23s\n"
+        "exported 2 experiments, 5 runs, 40 series, 9 points sent to pramathus, 18 samples sent "
+        "to remote_write, 17 MLflow requests in 1.23s\n"
     )
 
 

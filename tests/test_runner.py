@@ -625,3 +625,31 @@ def test_the_sync_log_line_counts_new_runs_instead_of_listing_their_ids(h: Harne
     [synced] = [e for e in logs if e["event"] == "mlflow.synced"]
     assert synced["new_runs"] == 3
     assert "new_run_ids" not in synced
+
+
+def test_delivery_logs_name_what_they_count_and_no_error_on_a_success(tmp_path: Path) -> None:
+    # Remote write counts samples (a value and a step per point): never added to points.
+    h = Harness(tmp_path, sinks=[RecordingSink(), RecordingSink(name="remote_write")])
+    h.mlflow.log(h.mlflow.create_run(h.mlflow.create_experiment("logs")), "loss", 1.0)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            h.ok_cycle()
+    finally:
+        h.state.close()
+
+    drained = {e["sink"]: e for e in logs if e["event"] == "delivery.drained"}
+    assert drained["pramathus"] == {
+        "event": "delivery.drained",
+        "log_level": "info",
+        "sink": "pramathus",
+        "batches": 1,
+        "points": 1,
+    }
+    assert "samples" in drained["remote_write"]
+    assert "points" not in drained["remote_write"]
+    [done] = [e for e in logs if e["event"] == "cycle.succeeded"]
+    assert done["points_spooled"] == 1
+    assert done["pramathus_points_sent"] == 1
+    assert "remote_write_samples_sent" in done
+    assert "points_sent" not in done

@@ -455,7 +455,7 @@ def test_victoria_metrics_holds_every_mlflow_point_at_its_timestamp_once_even_af
     assert set_aside(exporter_env) == {
         "duplicate_timestamp": history.samples(history.same_timestamp_losers())
     }
-    assert first.drained("remote_write")["points"] == history.samples(kept)
+    assert first.drained("remote_write")["samples"] == history.samples(kept)
     assert queued(exporter_env, "remote_write") == 0
     pramathus_got_everything_once(receiver, history)
 
@@ -644,7 +644,7 @@ def test_remote_write_down_keeps_its_queue_while_pramathus_gets_everything_then_
     back = export_once(exporter_env, own_vm)
 
     assert back.returncode == 0, back.stderr
-    assert back.drained("remote_write")["points"] == history.samples(kept)
+    assert back.drained("remote_write")["samples"] == history.samples(kept)
     assert mismatches(vm_stored(own_vm, history), vm_expected(history, kept), VM_RELATIVE) == []
     assert queued(exporter_env, "remote_write") == 0
     assert len(receiver.requests) == pramathus_requests
@@ -670,6 +670,6 @@ def test_enabling_remote_write_later_backfills_the_whole_history_and_resends_not
 
     assert joined.returncode == 0, joined.stderr
     kept = history.stored_points()
-    assert joined.drained("remote_write")["points"] == history.samples(kept), joined.stderr
+    assert joined.drained("remote_write")["samples"] == history.samples(kept), joined.stderr
     assert mismatches(vm_stored(vm, history), vm_expected(history, kept), VM_RELATIVE) == []
     assert len(receiver.requests) == pramathus_requests
