@@ -57,6 +57,7 @@ ENV_KEYS: dict[str, str] = {
     "PRAMATHUS_BATCH_SIZE": "pramathus.batch_size",
     "EXPORTER_HOST": "server.host",
     "EXPORTER_PORT": "server.port",
+    "EXPORTER_WEB_CONFIG_FILE": "server.web_config_file",
     "EXPORTER_SHARD_INDEX": "export.shard_index",
     "EXPORTER_SHARD_COUNT": "export.shard_count",
     "LOG_LEVEL": "logging.level",
@@ -294,6 +295,9 @@ class ServerSettings(Section):
     # Loopback by default; containers set EXPORTER_HOST=0.0.0.0 so Prometheus can scrape them.
     host: str = "127.0.0.1"
     port: int = Field(9877, ge=0, le=65535)
+    # An exporter-toolkit web config file: TLS and basic auth for /metrics and
+    # /mlflow/metrics (the probes stay open). None: plain HTTP, no auth.
+    web_config_file: str | None = None
 
 
 class LoggingSettings(Section):
