@@ -212,13 +212,9 @@ def test_the_rendered_statefulset_exports_every_point_once_and_reshards_losing_n
     for ordinal in range(3):
         mine = {e for e in seeded.runs if shard_of(e, 3) == ordinal}
         assert sent[ordinal] == len(seeded.points(exporter_env, mine)), (ordinal, sent)
-    groups = requests.get(f"{pushgateway.url}/api/v1/metrics", timeout=10).json()["data"]
-    held = Counter(
-        g["labels"].get("experiment_id", g["labels"].get("group"))
-        for g in groups
-        if g["labels"].get("job") == exporter_env.job
+    assert held_groups(pushgateway, exporter_env) == Counter(
+        {**dict.fromkeys(seeded.runs, 1), "registry": 1}
     )
-    assert held == Counter({**dict.fromkeys(seeded.runs, 1), "registry": 1})
 
     # ---- upgrade to shards: 4 on the same volumes, with new points while it happens
     before = len(receiver.accepted_points())
@@ -246,3 +242,17 @@ def test_the_rendered_statefulset_exports_every_point_once_and_reshards_losing_n
     assert again <= moved_points, sorted(again - moved_points)[:5]
     after = Counter(point_of(m) for m in receiver.accepted_points()[before:])
     assert {p for p in after if after[p] > 1} == set(), "a point sent twice after the reshard"
+    # Every experiment's Pushgateway group is still there, once: the old shards leave the
+    # moved groups alone, the new shard pushed them.
+    assert held_groups(pushgateway, exporter_env) == Counter(
+        {**dict.fromkeys(seeded.runs, 1), "registry": 1}
+    )
+
+
+def held_groups(pushgateway: servers.Server, exporter_env: ExporterEnv) -> Counter[str]:
+    groups = requests.get(f"{pushgateway.url}/api/v1/metrics", timeout=10).json()["data"]
+    return Counter(
+        g["labels"].get("experiment_id", g["labels"].get("group"))
+        for g in groups
+        if g["labels"].get("job") == exporter_env.job
+    )
