@@ -19,6 +19,8 @@ from exporter.config import ConfigError, Settings, load_settings
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from exporter.web import WebConfig
+
 log = structlog.get_logger("exporter.cli")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -176,17 +178,21 @@ def continuous(ctx: click.Context, interval: float | None, port: int | None, **f
     from exporter.health import Health
     from exporter.scheduler import run_forever
     from exporter.selfmetrics import SelfMetrics
-    from exporter.web import Router, serve
+    from exporter.web import Router, serve, with_headers
 
     settings = _settings(ctx, flags, **{"export.interval_seconds": interval, "server.port": port})
+    web = _web_config(settings)
     metrics, health, stop = SelfMetrics(), Health(secrets=_secret_values), threading.Event()
     with open_runner(settings, stop, metrics, health) as runner:
         address = None
         if settings.server.enabled:
             pull = settings.prometheus.enabled and settings.prometheus.mode in ("pull", "both")
-            router = Router(metrics.registry, health, pull_collector(runner) if pull else None)
-            server = serve(router, settings.server.host, settings.server.port)
-            address = f"http://{settings.server.host}:{server.server_port}"
+            collector = pull_collector(runner) if pull else None
+            router = Router(metrics.registry, health, collector, users=web.users)
+            app = with_headers(router, web.headers)
+            server = serve(app, settings.server.host, settings.server.port, web.tls)
+            scheme = "https" if web.tls else "http"
+            address = f"{scheme}://{settings.server.host}:{server.server_port}"
             log.info("http.listening", host=settings.server.host, port=server.server_port)
         finished = run_forever(runner, settings.export.interval_seconds, stop, address)
         if not finished:
@@ -194,6 +200,24 @@ def continuous(ctx: click.Context, interval: float | None, port: int | None, **f
             # so leaving now loses nothing.
             sys.stderr.flush()
             os._exit(0)
+
+
+def _web_config(settings: Settings) -> WebConfig:
+    """The web config file `server.web_config_file` names, checked (TLS files load, every
+    hash is bcrypt); exit 2 listing every problem, as for the rest of the configuration."""
+    from exporter.web import WebConfig, WebConfigError, load_web_config
+
+    path = settings.server.web_config_file
+    if not path or not settings.server.enabled:
+        return WebConfig()
+    try:
+        return load_web_config(path)
+    except WebConfigError as exc:
+        count = len(exc.problems)
+        click.echo(f"error: invalid configuration ({count} problem{'s' * (count != 1)}):", err=True)
+        for problem in exc.problems:
+            click.echo(f"  - server.web_config_file {path}: {problem}", err=True)
+        sys.exit(2)
 
 
 @main.command("check-config")
@@ -205,6 +229,7 @@ def check_config(ctx: click.Context, **flags: Any) -> None:
     from exporter.config import plain_http_credentials
 
     settings = _settings(ctx, flags)
+    _web_config(settings)
     click.echo(yaml.safe_dump(settings.masked(), sort_keys=False).rstrip())
     failed = 0
     click.echo("")

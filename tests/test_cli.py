@@ -500,7 +500,8 @@ def test_continuous_serves_the_probes_and_runs_cycles_at_the_interval_given(
     ran: list[tuple[float, str | None]] = []
     monkeypatch.setattr(exporter.app, "pull_collector", lambda runner: "pull-collector")
 
-    def fake_serve(app: Any, host: str, port: int) -> Any:
+    def fake_serve(app: Any, host: str, port: int, tls: Any = None) -> Any:
+        assert tls is None
         served.append((app, host, port))
         return type("Server", (), {"server_port": 40123})()
 
@@ -640,3 +641,43 @@ def test_a_state_dir_that_is_a_file_fails_in_one_line_saying_so(tmp_path: Path) 
         f"error: state directory {path} is a file, not a directory: move it away, or set "
         "EXPORTER_STATE_DIR (or --state-dir) to a directory\n"
     )
+
+
+# ---------------------------------------------------------------- web config (TLS, basic auth)
+
+
+@pytest.mark.parametrize("command", ["continuous", "check-config"])
+def test_a_web_config_naming_a_missing_file_or_a_bad_hash_stops_start_up_with_exit_2(
+    tmp_path: Path, command: str
+) -> None:
+    web = write(
+        tmp_path,
+        "tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n"
+        "basic_auth_users:\n  prometheus: hunter2-in-clear\n",
+        "web.yml",
+    )
+    result = invoke(command, env={"EXPORTER_WEB_CONFIG_FILE": web})
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: invalid configuration (3 problems):",
+        (
+            f"  - server.web_config_file {web}: basic_auth_users.prometheus: not a bcrypt hash "
+            "($2b$...); make one with `htpasswd -nBC 10 USER` or Python's bcrypt.hashpw"
+        ),
+        (
+            f"  - server.web_config_file {web}: tls_server_config.cert_file: no such file "
+            f"{tmp_path / 'nope.crt'}"
+        ),
+        (
+            f"  - server.web_config_file {web}: tls_server_config.key_file: no such file "
+            f"{tmp_path / 'nope.key'}"
+        ),
+    ]
+    assert "hunter2" not in result.output
+
+
+def test_a_missing_web_config_file_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    result = invoke("continuous", env={"EXPORTER_WEB_CONFIG_FILE": str(tmp_path / "w.yml")})
+    assert result.exit_code == 2
+    assert f"server.web_config_file {tmp_path / 'w.yml'}: cannot read" in result.stderr
