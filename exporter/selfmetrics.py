@@ -108,6 +108,12 @@ class SelfMetrics:
         self.pushed_series = Gauge(
             f"{P}pushed_series", "Series pushed by the last cycle.", registry=r
         )
+        self.exported_series = Gauge(
+            f"{P}series",
+            "MLflow series the exporter exposes: on the Pushgateway as of the last push "
+            "(push mode), or in the last scrape of /mlflow/metrics (pull mode).",
+            registry=r,
+        )
         self.last_push_success = Gauge(
             f"{P}last_push_success_timestamp_seconds",
             "When a cycle last brought the Pushgateway fully up to date with the mirror.",

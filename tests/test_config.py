@@ -378,3 +378,20 @@ def test_credentials_over_plain_http_to_a_remote_host_are_warned_about() -> None
         "the network between is trusted"
     )
     assert plain_http_credentials(s) == [expected]
+
+
+def test_series_window_and_mlflow_concurrency_come_from_their_env_variables() -> None:
+    s = load_settings(
+        env={
+            "EXPORTER_SERIES_RUN_WINDOW": "30d",
+            "EXPORTER_SERIES_MIN_RUNS_PER_EXPERIMENT": "5",
+            "EXPORTER_MLFLOW_CONCURRENCY": "1",
+        }
+    )
+    assert s.series.run_window == 30 * 86400
+    assert s.series.min_runs_per_experiment == 5
+    assert s.mlflow.concurrency == 1
+    assert Settings().series.run_window == 7 * 86400
+    problems = problems_of(env={"EXPORTER_MLFLOW_CONCURRENCY": "0"})
+    assert problems[0].startswith("mlflow.concurrency:")
+    assert "EXPORTER_MLFLOW_CONCURRENCY" in problems[0]

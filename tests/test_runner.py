@@ -38,8 +38,15 @@ def sample(metrics: SelfMetrics, name: str, **labels: str) -> float:
 class Harness:
     """A runner over fakes; `cycle()` moves the clock one interval and runs a cycle."""
 
-    def __init__(self, tmp: Path, sinks: list[RecordingSink] | None = None, **export: Any) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        sinks: list[RecordingSink] | None = None,
+        series: dict[str, Any] | None = None,
+        **export: Any,
+    ) -> None:
         self.tmp = tmp
+        self.series = series or {}
         self.clock = FakeClock(1_700_000_000.0)
         self.mlflow = FakeMlflow(self.clock)
         self.gateway = FakeGateway()
@@ -58,7 +65,7 @@ class Harness:
 
     def _runner(self) -> Runner:
         return Runner(
-            settings=Settings.model_validate({"export": self.export}),
+            settings=Settings.model_validate({"export": self.export, "series": self.series}),
             source=self.mlflow,
             state=self.state,
             metrics=self.metrics,
@@ -592,6 +599,76 @@ def test_max_experiments_bounds_per_run_series_only_never_the_counts(tmp_path: P
     runs = h.gateway.value("mlflow_experiment_runs", status="RUNNING")
     assert sorted(runs) == [1.0, 1.0]
     assert h.exactly_once()
+    h.state.close()
+
+
+DAY_MS = 86_400_000
+
+
+def test_per_run_series_cover_recent_runs_and_the_newest_few_and_old_ones_leave_the_gateway(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, series={"run_window": "7d", "min_runs_per_experiment": 1})
+    now = int(h.clock() * 1000)
+    busy, quiet = h.mlflow.create_experiment("busy"), h.mlflow.create_experiment("quiet")
+    runs: dict[str, str] = {}
+    for name, exp, start_days, end_days in (
+        ("old", busy, 30, 29),  # ended long ago, not the newest: no per-run series
+        ("long", busy, 12, 1),  # started long ago, ended yesterday: in the window
+        ("newest", busy, 10, 9),  # ended long ago but the newest of its experiment
+        ("running", busy, 40, None),  # unfinished: always
+        ("quiet-older", quiet, 60, 59),
+        ("quiet-newest", quiet, 50, 49),
+    ):
+        runs[name] = h.mlflow.create_run(exp, name=name, start_ms=now - start_days * DAY_MS)
+        h.mlflow.log(runs[name], "loss", 0.5)
+        if end_days is not None:
+            h.mlflow.finish(runs[name], end_ms=now - end_days * DAY_MS)
+    h.mlflow.register("churn", runs["old"], aliases=("champion",))
+    h.ok_cycle()
+
+    def exported() -> set[str]:
+        return {
+            s.labels["run_name"]
+            for fams in h.gateway.groups.values()
+            for f in fams
+            if f.name == "mlflow_run_info"
+            for s in f.samples
+        }
+
+    assert exported() == {"long", "newest", "running", "quiet-newest"}
+    assert len(h.gateway.value("mlflow_loss")) == 4
+    # The run behind an alias keeps its registry series; counts cover every run.
+    assert h.gateway.value("mlflow_model_alias_metric", alias="champion") == [0.5]
+    assert sorted(h.gateway.value("mlflow_experiment_runs", status="FINISHED")) == [2.0, 3.0]
+    pushed = sum(len(f.samples) for fams in h.gateway.groups.values() for f in fams)
+    assert sample(h.metrics, "mlflow_exporter_series") == pushed
+    assert sample(h.metrics, "mlflow_exporter_excluded", kind="runs") == 2
+
+    pushes = len(h.gateway.pushes)
+    h.ok_cycle(advance=6.5 * 86400)  # "long" ended 7.5 days ago now
+    assert exported() == {"newest", "running", "quiet-newest"}
+    assert h.gateway.pushes[pushes:] == [(("experiment_id", busy),)]  # only where runs left
+    fresh = h.mlflow.create_run(quiet, name="fresh")
+    h.mlflow.log(fresh, "loss", 0.1)
+    h.ok_cycle()
+    assert exported() == {"newest", "running", "fresh"}
+    assert sample(h.metrics, "mlflow_exporter_series") == sum(
+        len(f.samples) for fams in h.gateway.groups.values() for f in fams
+    )
+    assert h.exactly_once()  # the history sinks got every point of every run
+    h.state.close()
+
+
+def test_a_run_window_of_zero_gives_every_run_its_series(tmp_path: Path) -> None:
+    h = Harness(tmp_path, series={"run_window": 0, "min_runs_per_experiment": 0})
+    exp = h.mlflow.create_experiment("all")
+    for age in (100, 200):
+        run = h.mlflow.create_run(exp, start_ms=int(h.clock() * 1000) - age * DAY_MS)
+        h.mlflow.log(run, "loss", 1.0)
+        h.mlflow.finish(run, end_ms=int(h.clock() * 1000) - (age - 1) * DAY_MS)
+    h.ok_cycle()
+    assert len(h.gateway.value("mlflow_loss")) == 2
     h.state.close()
 
 
