@@ -27,7 +27,7 @@ from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
 from exporter.sinks.pushgateway import PushError, PushTarget
-from exporter.state import StateError, StateStore, records
+from exporter.state import StateError, StateStore, is_corruption, records
 from exporter.state.mirror import Mirror
 from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
 from exporter.sync import Sync, SyncResult
@@ -103,6 +103,8 @@ class Runner:
         except (sqlite3.Error, StateError) as exc:
             # Busy, locked, disk full: the state is kept as it is; the next cycle retries.
             result.errors["state"] = f"state database ({stage} stage): {exc}"
+            if isinstance(exc, sqlite3.Error) and is_corruption(exc):
+                self.state.suspect()  # the next start checks the whole file
         except Exception as exc:
             result.crashed = f"{stage} stage: {type(exc).__name__}: {exc}"
             log.exception("cycle.crashed", stage=stage)

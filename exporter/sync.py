@@ -242,16 +242,31 @@ class Sync:
         ids = [e.experiment_id for e in mirror.experiments()]
         if not ids:
             return False
-        export = self.settings.export
-        pages = sweep.pages_per_cycle(
-            mirror.run_count(),
-            self.settings.mlflow.page_size,
-            export.interval_seconds,
-            export.reconcile_interval_seconds,
-        )
-        experiment_chunks = sweep.chunks(ids, EXPERIMENTS_PER_SEARCH)
-        completed = False
-        for _ in range(pages):
+        export, page_size = self.settings.export, self.settings.mlflow.page_size
+        runs = mirror.run_count()  # kept by triggers: no scan
+        due_at = self.state.load(SweepRecord).next_page_ms
+        interval, reconcile = export.interval_seconds, export.reconcile_interval_seconds
+        pages = sweep.pages_due(due_at, now_ms, runs, page_size, interval, reconcile)
+        chunks = sweep.chunks(ids, EXPERIMENTS_PER_SEARCH)
+        completed, read = self._sweep_pages(pages, chunks, now_ms, result)
+        spacing = sweep.page_spacing_ms(runs, page_size, reconcile)
+        after = sweep.next_page_after(due_at, now_ms, read, spacing, interval)
+        if after != due_at:
+            with self.state.transaction():
+                record = self.state.load(SweepRecord)
+                self.state.save(replace(record, next_page_ms=after))
+        return completed
+
+    def _sweep_pages(
+        self,
+        pages: int,
+        experiment_chunks: Sequence[Sequence[str]],
+        now_ms: int,
+        result: SyncResult,
+    ) -> tuple[bool, int]:
+        """Read up to `pages` pages; (whether a pass completed, pages read)."""
+        mirror = self.state.mirror
+        for read in range(pages):
             self._check_stop()
             record = self.state.load(SweepRecord)
             step = sweep.next_step(record, experiment_chunks)
@@ -275,11 +290,10 @@ class Sync:
             for kind, n in found.items():
                 result.reconcile_found[kind] = result.reconcile_found.get(kind, 0) + n
             with self.state.transaction():
-                self.state.save(advance.record)
+                self.state.save(replace(advance.record, next_page_ms=record.next_page_ms))
             if advance.pass_completed:
-                completed = True
-                break
-        return completed
+                return True, read + 1
+        return False, pages
 
     def _retention(self, now_ms: int) -> None:
         before = now_ms - int(self.settings.export.deleted_retention_seconds * 1000)

@@ -310,7 +310,7 @@ def test_a_sink_enabled_later_gets_the_whole_history_and_the_first_gets_nothing_
     h.reopen(sinks=[first, history])
     h.mlflow.log(run, "loss", 99.0, step=30)
     h.ok_cycle()
-    h.ok_cycle()
+    h.ok_cycle(advance=3700)  # only the sweep sees a point added to a long-settled run
 
     assert h.exactly_once(first)
     assert h.exactly_once(history)
@@ -351,6 +351,32 @@ def test_an_idle_cycle_makes_the_same_few_requests_whatever_the_number_of_runs(
         counts.append(h.mlflow.requests() - before)
         h.state.close()
     assert counts[0] == counts[1] <= 10
+
+
+def test_the_sweep_spreads_a_pass_over_the_reconcile_interval_and_idles_in_between(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, reconcile_interval_seconds=600)
+    h.mlflow.page_size = 10
+    h.runner.settings = Settings.model_validate({"export": h.export, "mlflow": {"page_size": 10}})
+    exp = h.mlflow.create_experiment("many")
+    for _ in range(50):  # five pages: one due every 120 s, every 12th cycle
+        h.mlflow.finish(h.mlflow.create_run(exp))
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 2)
+    before = h.mlflow.calls["runs/search"]
+    per_cycle = []
+    for _ in range(60):  # 600 s: one whole pass
+        searched = h.mlflow.calls["runs/search"]
+        h.ok_cycle()
+        per_cycle.append(h.mlflow.calls["runs/search"] - searched)
+    deltas = 4  # the three delta searches and the deleted-runs probe, every cycle
+    sweep_pages = [n - deltas for n in per_cycle]
+    assert sum(sweep_pages) in (5, 6)
+    assert sweep_pages.count(0) >= 54
+    assert h.mlflow.calls["runs/search"] - before == sum(per_cycle)
+    assert sample(h.metrics, "mlflow_exporter_sweep_passes_total") >= 1
+    h.state.close()
 
 
 def test_a_settling_run_costs_history_reads_and_a_settled_one_does_not(h: Harness) -> None:
@@ -527,7 +553,24 @@ def test_a_locked_state_database_fails_the_cycle_and_is_kept(h: Harness) -> None
     assert "database is locked" in result.errors["state"]
     assert h.state.set_aside is None
     assert sample(h.metrics, "mlflow_exporter_errors_total", stage="state") >= 1
+    assert not (h.tmp / "state" / "state.db.check").exists()  # busy is not damage
     h.ok_cycle()
+
+
+def test_a_cycle_that_meets_corruption_has_the_next_start_check_the_whole_file(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    damaged = sqlite3.DatabaseError("database disk image is malformed")
+    damaged.sqlite_errorname = "SQLITE_CORRUPT"
+
+    def broken(*_: Any) -> None:
+        raise damaged
+
+    monkeypatch.setattr(h.state.mirror, "experiments", broken)
+    result = h.cycle()
+
+    assert "malformed" in result.errors["state"]
+    assert (h.tmp / "state" / "state.db.check").exists()
 
 
 # ---------------------------------------------------------------------- Pushgateway

@@ -63,6 +63,7 @@ class SweepRecord:
     started_ms: int | None = None
     last_completed_ms: int | None = None
     passes: int = 0
+    next_page_ms: int | None = None  # when the next page is due (pages are spaced in time)
 
 
 R = TypeVar("R")
