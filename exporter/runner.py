@@ -23,6 +23,7 @@ from exporter.naming import short_id_length
 from exporter.planners import push as push_plan
 from exporter.planners.scope import metric_filter, owns_group, with_run_series
 from exporter.planners.series import REGISTRY_KEY, ServerCounts, experiment_key
+from exporter.progress import CaptureProgress, ProgressView
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
@@ -75,6 +76,18 @@ class Runner:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     should_stop: Callable[[], bool] = lambda: False
+    progress: CaptureProgress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = CaptureProgress(self.clock, self._show_progress)
+
+    def _show_progress(self, view: ProgressView) -> None:
+        m = self.metrics
+        m.capture_runs.labels("due").set(view.runs_total)
+        m.capture_runs.labels("done").set(view.runs_done)
+        m.capture_points_estimated.set(view.points_estimated)
+        m.capture_eta.set(view.eta_seconds or 0.0)
+        self.health.set_progress(view.as_dict())
 
     def run_cycle(self) -> CycleResult:
         """Run one cycle and record its outcome, whatever happens."""
@@ -116,7 +129,13 @@ class Runner:
 
     def _sync(self, result: CycleResult) -> SyncResult:
         sync = Sync(
-            self.source, self.state, self.settings, self.sinks, self.clock, self.should_stop
+            self.source,
+            self.state,
+            self.settings,
+            self.sinks,
+            self.clock,
+            self.should_stop,
+            self.progress,
         )
         synced = sync.run()
         m = self.metrics

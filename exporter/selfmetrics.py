@@ -138,6 +138,22 @@ class SelfMetrics:
         self.pending = Gauge(
             f"{P}pending_runs", "Runs whose new points are not read yet.", registry=r
         )
+        self.capture_runs = Gauge(
+            f"{P}capture_runs",
+            "Runs whose histories the running (or last) capture reads, by state (due, done).",
+            ["state"],
+            registry=r,
+        )
+        self.capture_points_estimated = Gauge(
+            f"{P}capture_points_estimated",
+            "Points the running (or last) capture is expected to read, extrapolated so far.",
+            registry=r,
+        )
+        self.capture_eta = Gauge(
+            f"{P}capture_eta_seconds",
+            "Estimated seconds left in the running capture (0 when none runs).",
+            registry=r,
+        )
         self.reconcile_found = Counter(
             f"{P}reconcile_found",
             "Changes only the background sweep saw (deltas could not), by kind.",
@@ -165,3 +181,5 @@ class SelfMetrics:
             self.excluded.labels(kind)
         for kind in RECONCILE_KINDS:
             self.reconcile_found.labels(kind)
+        for state in ("due", "done"):
+            self.capture_runs.labels(state)

@@ -8,6 +8,7 @@ Time is a `FakeClock` the tests move; a cycle is "10 s later".
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -376,6 +377,95 @@ def test_the_sweep_spreads_a_pass_over_the_reconcile_interval_and_idles_in_betwe
     assert sweep_pages.count(0) >= 54
     assert h.mlflow.calls["runs/search"] - before == sum(per_cycle)
     assert sample(h.metrics, "mlflow_exporter_sweep_passes_total") >= 1
+    h.state.close()
+
+
+class InFlight:
+    """The fake MLflow with history reads that count how many are in flight at once. Each
+    read waits (up to `gate` seconds) for another to start, as reads overlap on a real
+    server with several workers; alone, it goes on when the wait runs out."""
+
+    def __init__(self, mlflow: FakeMlflow, gate: float) -> None:
+        self.mlflow, self.gate = mlflow, gate
+        self.lock = threading.Lock()
+        self.overlap = threading.Event()
+        self.now = self.most = 0
+
+    def histories(self, wanted: Any) -> Any:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            if self.now > 1:
+                self.overlap.set()
+        try:
+            self.overlap.wait(self.gate)
+            return self.mlflow.histories(wanted)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.mlflow, name)
+
+
+@pytest.mark.parametrize(("concurrency", "gate"), [(1, 0.2), (4, 10.0)])
+def test_history_reads_in_flight_follow_mlflow_concurrency(
+    tmp_path: Path, concurrency: int, gate: float
+) -> None:
+    h = Harness(tmp_path)
+    h.runner.settings = Settings.model_validate(
+        {"export": h.export, "mlflow": {"concurrency": concurrency}}
+    )
+    reads = InFlight(h.mlflow, gate)
+    h.runner.source = reads
+    exp = h.mlflow.create_experiment("boot")
+    for _ in range(300):  # three reads of 100 runs
+        run = h.mlflow.create_run(exp)
+        h.mlflow.log_many(run, "loss", [1.0, 0.5])
+        h.mlflow.finish(run)
+
+    h.ok_cycle()
+
+    assert h.exactly_once()
+    if concurrency == 1:
+        assert reads.most == 1  # never two requests at a time
+    else:
+        assert reads.most >= 2
+    h.state.close()
+
+
+def test_a_capture_shows_its_progress_in_readyz_gauges_and_a_log_line(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path)
+    h.runner.settings = Settings.model_validate({"export": h.export, "mlflow": {"concurrency": 1}})
+    exp = h.mlflow.create_experiment("boot")
+    runs = [h.mlflow.create_run(exp) for _ in range(250)]
+    for run in runs:
+        h.mlflow.log_many(run, "loss", [1.0, 0.5, 0.25])
+        h.mlflow.finish(run)
+    histories = h.mlflow.histories
+
+    def slow(wanted: Any) -> Any:
+        h.clock.advance(6.0)  # each read of 100 runs takes 6 s
+        return histories(wanted)
+
+    h.mlflow.histories = slow  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        h.ok_cycle()
+
+    lines = [e for e in logs if e["event"] == "capture.progress"]
+    assert [(e["runs_done"], e["runs_total"]) for e in lines] == [(200, 250), (250, 250)]
+    assert lines[0]["points_done"] == 600
+    assert lines[0]["eta_seconds"] == 3.0  # 50 runs left at 200 runs / 12 s
+    assert lines[-1]["finished"] is True
+    progress = h.health.progress()
+    assert progress is not None
+    assert (progress["runs_done"], progress["points_done"]) == (250, 750)
+    assert progress["points_estimated"] == 750
+    assert sample(h.metrics, "mlflow_exporter_capture_runs", state="due") == 250
+    assert sample(h.metrics, "mlflow_exporter_capture_runs", state="done") == 250
+    assert sample(h.metrics, "mlflow_exporter_capture_eta_seconds") == 0
     h.state.close()
 
 

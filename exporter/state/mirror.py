@@ -242,16 +242,18 @@ class Mirror:
 
     def capture_due(self, now_ms: int) -> dict[str, bool]:
         """Active runs whose histories must be read (changed and not yet captured, or still
-        settling), each with whether it must be read whole."""
+        settling), each with whether it must be read whole; newest start first, so a long
+        first capture fills dashboards where users look first."""
         # Two indexed lookups (`run_pending`, `run_by_settle`) instead of one OR, and the
-        # order made here: given `ORDER BY run_id`, SQLite walks the whole table in key order.
+        # order made here: given `ORDER BY`, SQLite walks the whole table in key order.
         rows = self.conn.execute(
-            "SELECT run_id, pending FROM run WHERE pending != 0 AND deleted_ms IS NULL "
-            "UNION SELECT run_id, pending FROM run WHERE settle_until_ms > ? "
-            "AND deleted_ms IS NULL",
+            "SELECT run_id, pending, start_time_ms FROM run WHERE pending != 0 "
+            "AND deleted_ms IS NULL UNION SELECT run_id, pending, start_time_ms FROM run "
+            "WHERE settle_until_ms > ? AND deleted_ms IS NULL",
             (now_ms,),
         )
-        return {r: p == PENDING_FULL for r, p in sorted(rows)}
+        ordered = sorted(rows, key=lambda row: (-(row[2] if row[2] is not None else -1), row[0]))
+        return {r: p == PENDING_FULL for r, p, _start in ordered}
 
     def captured(self, run_ids: Iterable[str]) -> None:
         """Every series of these runs was read and its new points queued."""

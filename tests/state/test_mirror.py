@@ -654,3 +654,15 @@ def test_the_per_cycle_run_queries_read_indexes_not_the_whole_run_table(
     for sql, steps in plans.items():
         whole_table = [s for s in steps if s == "SCAN run" or "autoindex_run" in s]
         assert not whole_table, (sql, steps)
+
+
+def test_capture_due_lists_the_newest_runs_first(mirror: Mirror) -> None:
+    write(
+        mirror,
+        make_run("old", start=10),
+        make_run("new-b", start=30),
+        make_run("new-a", start=30),
+        make_run("none", start=None),
+        make_run("mid", start=20),
+    )
+    assert list(mirror.capture_due(now_ms=0)) == ["new-a", "new-b", "mid", "old", "none"]
