@@ -74,5 +74,9 @@ class StateStore:
         """A mirror over a separate read-only connection, for another thread (pull scrapes)."""
         return Mirror(self.db.reader())
 
+    def suspect(self) -> None:
+        """A cycle met corruption: the next start checks every page of the file."""
+        self.db.suspect()
+
     def close(self) -> None:
         self.db.close()

@@ -575,3 +575,48 @@ def test_every_passing_sqlite_error_is_explained_with_the_file_and_a_next_step(
     line = explain(tmp_path / "state.db", sqlite3.OperationalError(error))
     assert line.startswith(f"state database {tmp_path / 'state.db'}: {error}; ")
     assert step in line
+
+
+def test_a_large_state_gets_a_cheap_start_check_and_a_full_one_after_a_cycle_met_corruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "state"
+    path = populated(directory)
+    damage(path)
+    monkeypatch.setattr(db_module, "FULL_CHECK_MAX_BYTES", 1024)  # "large" from 1 KiB on
+
+    cheap = StateStore(directory)  # header and schema are sound: no page-by-page check
+    assert cheap.set_aside is None
+    cheap.suspect()  # what the runner does when a cycle meets SQLITE_CORRUPT
+    cheap.close()
+    assert (directory / db_module.SUSPECT).exists()
+
+    checked = StateStore(directory, clock=FakeClock(1_700_000_000.0))
+    checked.close()
+    assert checked.set_aside == directory / f"{FILE}.corrupt-1700000000000"
+    assert not (directory / db_module.SUSPECT).exists()
+
+
+def test_a_sound_state_checked_in_full_clears_the_suspicion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "state"
+    populated(directory)
+    monkeypatch.setattr(db_module, "FULL_CHECK_MAX_BYTES", 1024)
+    (directory / db_module.SUSPECT).touch()
+    state = StateStore(directory)
+    state.close()
+    assert state.set_aside is None
+    assert not (directory / db_module.SUSPECT).exists()
+
+
+def test_a_garbage_header_is_found_by_the_cheap_check_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "state"
+    directory.mkdir()
+    (directory / FILE).write_bytes(b"not a database" * 1000)
+    monkeypatch.setattr(db_module, "FULL_CHECK_MAX_BYTES", 1024)
+    state = StateStore(directory, clock=FakeClock(1_700_000_000.0))
+    state.close()
+    assert state.set_aside == directory / f"{FILE}.corrupt-1700000000000"
