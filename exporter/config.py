@@ -184,6 +184,8 @@ class PramathusSettings(Section):
     endpoint: str | None = None
     api_key: SecretStr | None = None
     batch_size: int = Field(500, ge=1, le=50000)
+    # Largest request body; below nginx's default client_max_body_size of 1 MiB.
+    max_body_bytes: int = Field(1_000_000, ge=1024)
     timeout_seconds: float = Field(10.0, gt=0)
     # Longest a cycle spends delivering (retries included); the rest waits in the queue.
     delivery_budget_seconds: float = Field(30.0, gt=0)

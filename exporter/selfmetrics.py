@@ -20,7 +20,9 @@ RECONCILE_KINDS = ("new", "changed", "restored", "removed")
 SINKS = ("pramathus", "remote_write")
 # Why points are set aside for good: refused by the receiver (4xx), older than it (or
 # max_sample_age) takes, out of order for it, or sharing a timestamp with another point.
-SET_ASIDE_REASONS = ("rejected", "too_old", "out_of_order", "duplicate_timestamp")
+SET_ASIDE_REASONS = ("rejected", "too_large", "too_old", "out_of_order", "duplicate_timestamp")
+# Why delivery is stopped until a setting is fixed (points stay queued).
+BLOCKED_CAUSES = ("credentials", "redirect", "endpoint")
 
 
 class SinkMetrics:
@@ -61,9 +63,18 @@ class SinkMetrics:
             f"Series still to backfill into {what} (it was enabled after points were captured).",
             registry=r,
         )
+        self.blocked = Gauge(
+            f"{p}delivery_blocked",
+            f"1 while {what} delivery is stopped by a setting to fix, by cause (credentials: "
+            "401/403; redirect: 301/302/303; endpoint: 404/405/410); points stay queued.",
+            ["cause"],
+            registry=r,
+        )
         self.dropped.labels("queue_overflow")
         for reason in SET_ASIDE_REASONS:
             self.set_aside.labels(reason)
+        for cause in BLOCKED_CAUSES:
+            self.blocked.labels(cause)
 
 
 class SelfMetrics:
