@@ -143,7 +143,7 @@ def test_create_makes_every_table_and_stamps_the_version(tmp_path: Path) -> None
     create(conn)
     create(conn)  # idempotent
     names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
     expected = {
         "record", "experiment", "run", "latest", "metric_key", "registered_model",
@@ -244,11 +244,11 @@ def test_a_version_1_database_that_delivered_nothing_registers_no_sink(tmp_path:
         state.close()
 
 
-def test_meta_and_watermark_are_dropped_and_the_version_is_2(migrated: StateStore) -> None:
+def test_meta_and_watermark_are_dropped_and_the_version_is_current(migrated: StateStore) -> None:
     names = table_names(migrated.db.path)
     assert "meta" not in names
     assert "watermark" not in names
-    assert raw(migrated, "PRAGMA user_version") == [(2,)]
+    assert raw(migrated, "PRAGMA user_version") == [(3,)]
 
 
 def test_the_migrated_database_has_every_table_and_column_a_fresh_one_has(
