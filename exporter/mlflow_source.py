@@ -12,7 +12,6 @@ error page read as "no experiments" would empty the mirror and delete every push
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import re
@@ -563,9 +562,3 @@ def parse_trace_point(raw: dict[str, Any]) -> TracePoint:
     if bucket is not None:
         bucket_ms = int(datetime.fromisoformat(bucket).timestamp() * 1000)
     return TracePoint(dimensions, values, bucket_ms)
-
-
-def shard_of(experiment_id: str, shard_count: int) -> int:
-    """The shard owning an experiment: a stable hash, the same in every process and release."""
-    digest = hashlib.sha256(experiment_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % shard_count
