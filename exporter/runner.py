@@ -33,6 +33,7 @@ from exporter.state import explain as explain_state
 from exporter.state.mirror import Mirror
 from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
 from exporter.sync import Sync, SyncResult
+from exporter.traces import TraceStage
 
 log = structlog.get_logger("exporter.runner")
 
@@ -93,6 +94,7 @@ class Runner:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     should_stop: Callable[[], bool] = lambda: False
+    traces: TraceStage | None = field(default=None, init=False, repr=False)
     progress: CaptureProgress = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +114,8 @@ class Runner:
         result = CycleResult()
         try:
             synced = self._stage(result, "mlflow", self._sync, result)
+            if synced is not None and self.settings.traces.enabled:
+                self._stage(result, "traces", self._traces)
             if self.settings.prometheus.enabled:
                 new_runs = synced.new_run_ids if synced is not None else []
                 self._stage(result, "state", self._prepare_series, new_runs)
@@ -180,6 +184,14 @@ class Runner:
         fields = {k: v for k, v in vars(synced).items() if v and k != "new_run_ids"}
         log.debug("mlflow.synced", new_runs=len(synced.new_run_ids), **fields)
         return synced
+
+    def _traces(self) -> None:
+        if self.traces is None:
+            self.traces = TraceStage(self.source, self.state, self.settings, self.sinks, self.clock)
+        done = self.traces.run()
+        self.metrics.traces.record(done)
+        if done is not None and (done.moved or done.samples or done.late):
+            log.info("traces.read", **{k: v for k, v in vars(done).items() if v})
 
     # ------------------------------------------------------------------ push
 
