@@ -29,6 +29,9 @@ from exporter.alert_rules import AlertsSettings
 from exporter.sections import Section
 
 DEFAULT_CONFIG_ENV = "EXPORTER_CONFIG"
+# A StatefulSet pod's name; its ordinal is the shard index when EXPORTER_SHARD_INDEX is unset
+# or empty (the Helm chart sets both: the pod-index label is missing before Kubernetes 1.28).
+POD_NAME_ENV = "EXPORTER_POD_NAME"
 
 # Environment variable -> dotted config key. The first block is the seed's contract.
 ENV_KEYS: dict[str, str] = {
@@ -36,6 +39,7 @@ ENV_KEYS: dict[str, str] = {
     "PROMETHEUS_GATEWAY": "prometheus.gateway",
     "PROMETHEUS_JOB_NAME": "prometheus.job_name",
     "PROMETHEUS_MODE": "prometheus.mode",
+    "PROMETHEUS_ENABLED": "prometheus.enabled",
     "PRAMATHUS_ENDPOINT": "pramathus.endpoint",
     "PRAMATHUS_API_KEY": "pramathus.api_key",
     "PRAMATHUS_ENABLED": "pramathus.enabled",
@@ -54,6 +58,7 @@ ENV_KEYS: dict[str, str] = {
     "PRAMATHUS_BATCH_SIZE": "pramathus.batch_size",
     "EXPORTER_HOST": "server.host",
     "EXPORTER_PORT": "server.port",
+    "EXPORTER_WEB_CONFIG_FILE": "server.web_config_file",
     "EXPORTER_SHARD_INDEX": "export.shard_index",
     "EXPORTER_SHARD_COUNT": "export.shard_count",
     "LOG_LEVEL": "logging.level",
@@ -63,6 +68,14 @@ ENV_KEYS: dict[str, str] = {
     "REMOTE_WRITE_USERNAME": "remote_write.username",
     "REMOTE_WRITE_PASSWORD": "remote_write.password",
     "REMOTE_WRITE_BEARER_TOKEN": "remote_write.bearer_token",
+    "EXPORTER_MLFLOW_CONCURRENCY": "mlflow.concurrency",
+    "EXPORTER_SERIES_RUN_WINDOW": "series.run_window",
+    "EXPORTER_SERIES_MIN_RUNS_PER_EXPERIMENT": "series.min_runs_per_experiment",
+    "TRACES_ENABLED": "traces.enabled",
+    "TRACES_WINDOW_SECONDS": "traces.window_seconds",
+    "TRACES_BUCKET_SECONDS": "traces.bucket_seconds",
+    "TRACES_SETTLE_SECONDS": "traces.settle_seconds",
+    "TRACES_MAX_TRACE_NAMES": "traces.max_trace_names",
 }
 
 
@@ -146,6 +159,8 @@ class MlflowSettings(Section):
     timeout_seconds: float = Field(30.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     page_size: int = Field(1000, ge=1, le=50000)
+    # History reads in flight at once (1: never two requests at a time).
+    concurrency: int = Field(4, ge=1, le=64)
     insecure_tls: bool = False
     ca_bundle: str | None = None
     username: SecretStr | None = None
@@ -291,11 +306,46 @@ class ExportSettings(Section):
         return patterns
 
 
+class SeriesSettings(Section):
+    """Which runs get per-run latest-value series on the Pushgateway and the pull page.
+
+    Runs that are unfinished or ended within `run_window`, plus the newest
+    `min_runs_per_experiment` of each experiment whatever their age. Counts, registry and
+    experiment series, and the history sinks, are not bounded by this.
+    """
+
+    run_window: float = Field(7 * 86400.0, ge=0)  # seconds or 90s/15m/12h/7d/2w; 0: no window
+    min_runs_per_experiment: int = Field(100, ge=0)
+
+    _window = field_validator("run_window", mode="before")(_duration_seconds)
+
+
+class TracesSettings(Section):
+    """MLflow 3 traces (GenAI): live series per experiment and bucketed history."""
+
+    # On by default; a server without the trace metrics API turns it off (one warning).
+    enabled: bool = True
+    # Latency quantiles and assessment means cover the traces of this last window.
+    window_seconds: int = Field(300, ge=10)
+    # History: one sample per closed bucket of this size, at the bucket's start.
+    bucket_seconds: int = Field(60, ge=1)
+    # A closed bucket is written once this long after it closed (late traces and scores).
+    settle_seconds: int = Field(300, ge=0)
+    # First sight of an experiment: history starts this far back.
+    backfill_seconds: int = Field(3600, ge=0)
+    # Trace and assessment names with their own series, the most frequent first.
+    max_trace_names: int = Field(20, ge=0, le=1000)
+    max_assessment_names: int = Field(20, ge=0, le=1000)
+
+
 class ServerSettings(Section):
     enabled: bool = True
     # Loopback by default; containers set EXPORTER_HOST=0.0.0.0 so Prometheus can scrape them.
     host: str = "127.0.0.1"
     port: int = Field(9877, ge=0, le=65535)
+    # An exporter-toolkit web config file: TLS and basic auth for /metrics and
+    # /mlflow/metrics (the probes stay open). None: plain HTTP, no auth.
+    web_config_file: str | None = None
 
 
 class LoggingSettings(Section):
@@ -316,6 +366,8 @@ class Settings(Section):
     pramathus: PramathusSettings = Field(default_factory=PramathusSettings)
     remote_write: RemoteWriteSettings = Field(default_factory=RemoteWriteSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
+    traces: TracesSettings = Field(default_factory=TracesSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
@@ -427,15 +479,7 @@ def load_settings(
     if path:
         tree = _read_yaml(Path(path), problems)
         sources.update(_leaf_sources(tree, f"file {path}"))
-    for name, dotted in ENV_KEYS.items():
-        if name in env and env[name] != "":
-            _set_dotted(tree, dotted, env[name])
-            sources[dotted] = f"env {name}"
-        elif name in SECRET_ENV and env.get(f"{name}_FILE"):
-            secret = _read_secret_file(env[f"{name}_FILE"], f"{name}_FILE", problems)
-            if secret is not None:
-                _set_dotted(tree, dotted, secret)
-                sources[dotted] = f"env {name}_FILE"
+    _apply_env(env, tree, sources, problems)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, dotted, value)
@@ -449,6 +493,40 @@ def load_settings(
     if problems or settings is None:
         raise ConfigError(problems)
     return settings
+
+
+def _apply_env(
+    env: Mapping[str, str], tree: dict[str, Any], sources: dict[str, str], problems: list[str]
+) -> None:
+    """Environment variables over the file's values: each variable, a secret's `_FILE`,
+    and a StatefulSet pod's name for its shard index."""
+    for name, dotted in ENV_KEYS.items():
+        if name in env and env[name] != "":
+            _set_dotted(tree, dotted, env[name])
+            sources[dotted] = f"env {name}"
+        elif name in SECRET_ENV and env.get(f"{name}_FILE"):
+            secret = _read_secret_file(env[f"{name}_FILE"], f"{name}_FILE", problems)
+            if secret is not None:
+                _set_dotted(tree, dotted, secret)
+                sources[dotted] = f"env {name}_FILE"
+    if not env.get("EXPORTER_SHARD_INDEX") and env.get(POD_NAME_ENV):
+        _shard_from_pod_name(env[POD_NAME_ENV], tree, sources, problems)
+
+
+def _shard_from_pod_name(
+    pod_name: str, tree: dict[str, Any], sources: dict[str, str], problems: list[str]
+) -> None:
+    """A StatefulSet pod's ordinal (`<statefulset>-<ordinal>`) as its shard index: what a
+    cluster without the `apps.kubernetes.io/pod-index` label (before 1.28) gives."""
+    match = re.fullmatch(r".*-(\d+)", pod_name)
+    if match is None:
+        problems.append(
+            f"{POD_NAME_ENV}: {pod_name!r} does not end in -<ordinal> like a StatefulSet pod's "
+            "name; set EXPORTER_SHARD_INDEX instead"
+        )
+        return
+    _set_dotted(tree, "export.shard_index", int(match.group(1)))
+    sources["export.shard_index"] = f"env {POD_NAME_ENV}"
 
 
 def _read_secret_file(path: str, variable: str, problems: list[str]) -> str | None:

@@ -7,15 +7,16 @@ alerts see zeros instead of nothing.
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from exporter import __version__
 
 P = "mlflow_exporter_"
-STAGES = ("mlflow", "pushgateway", "pramathus", "remote_write", "state", "internal")
+STAGES = ("mlflow", "traces", "pushgateway", "pramathus", "remote_write", "state", "internal")
 CYCLE_RESULTS = ("success", "failure", "crash")
-EXCLUDED_KINDS = ("experiments", "runs", "metrics")
+EXCLUDED_KINDS = ("experiments", "runs", "metrics", "trace_names")
 RECONCILE_KINDS = ("new", "changed", "restored", "removed")
 SINKS = ("pramathus", "remote_write")
 # Why points are set aside for good: refused by the receiver (4xx), older than it (or
@@ -77,6 +78,48 @@ class SinkMetrics:
             self.blocked.labels(cause)
 
 
+class TraceMetrics:
+    """What the traces stage did (`record` takes its result; None: the stage is off)."""
+
+    def __init__(self, registry: CollectorRegistry, excluded: Gauge) -> None:
+        r = registry
+        self.excluded = excluded
+        self.enabled = Gauge(
+            f"{P}traces_enabled",
+            "1 while the traces stage reads MLflow's trace metrics API; 0 when it is off "
+            "(disabled, or the server has no such API).",
+            registry=r,
+        )
+        self.experiments = Gauge(
+            f"{P}trace_experiments", "Experiments in scope holding traces.", registry=r
+        )
+        self.late = Counter(
+            f"{P}trace_late_changes",
+            "Traces or assessments that changed in history buckets already written (they "
+            "move the live series only), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.samples = Counter(
+            f"{P}trace_history_samples",
+            "Trace history samples (one per closed bucket and series) queued for remote write.",
+            registry=r,
+        )
+        for kind in ("traces", "assessments"):
+            self.late.labels(kind)
+
+    def record(self, result: Any) -> None:
+        if result is None:
+            self.enabled.set(0)
+            return
+        self.enabled.set(1)
+        self.experiments.set(result.experiments)
+        self.samples.inc(result.samples)
+        self.excluded.labels("trace_names").set(result.names_cut)
+        for kind, n in result.late.items():
+            self.late.labels(kind).inc(n)
+
+
 class SelfMetrics:
     """Every self-metric, registered in its own `CollectorRegistry`."""
 
@@ -119,6 +162,12 @@ class SelfMetrics:
         self.pushed_series = Gauge(
             f"{P}pushed_series", "Series pushed by the last cycle.", registry=r
         )
+        self.exported_series = Gauge(
+            f"{P}series",
+            "MLflow series the exporter exposes: on the Pushgateway as of the last push "
+            "(push mode), or in the last scrape of /mlflow/metrics (pull mode).",
+            registry=r,
+        )
         self.last_push_success = Gauge(
             f"{P}last_push_success_timestamp_seconds",
             "When a cycle last brought the Pushgateway fully up to date with the mirror.",
@@ -143,6 +192,22 @@ class SelfMetrics:
         self.pending = Gauge(
             f"{P}pending_runs", "Runs whose new points are not read yet.", registry=r
         )
+        self.capture_runs = Gauge(
+            f"{P}capture_runs",
+            "Runs whose histories the running (or last) capture reads, by state (due, done).",
+            ["state"],
+            registry=r,
+        )
+        self.capture_points_estimated = Gauge(
+            f"{P}capture_points_estimated",
+            "Points the running (or last) capture is expected to read, extrapolated so far.",
+            registry=r,
+        )
+        self.capture_eta = Gauge(
+            f"{P}capture_eta_seconds",
+            "Estimated seconds left in the running capture (0 when none runs).",
+            registry=r,
+        )
         self.reconcile_found = Counter(
             f"{P}reconcile_found",
             "Changes only the background sweep saw (deltas could not), by kind.",
@@ -162,6 +227,7 @@ class SelfMetrics:
         )
         info.labels(__version__, platform.python_version()).set(1)
         self.sinks = {sink: SinkMetrics(sink, r) for sink in SINKS}
+        self.traces = TraceMetrics(r, self.excluded)
         for stage in STAGES:
             self.errors.labels(stage)
         for result in CYCLE_RESULTS:
@@ -170,3 +236,5 @@ class SelfMetrics:
             self.excluded.labels(kind)
         for kind in RECONCILE_KINDS:
             self.reconcile_found.labels(kind)
+        for state in ("due", "done"):
+            self.capture_runs.labels(state)
