@@ -2,6 +2,8 @@
 
 It listens on 127.0.0.1, records every request (headers and parsed JSON body), and answers
 with whatever `script` says: a queue of (status, headers, delay) replies, then `default`.
+`judge`, when set, decides first from each request (method, path, headers, raw body): a
+body limit, a key check, a redirect on one path, a refusal of some points.
 Tests use it to check payloads and to play outages (503, 429, 400, slow, stopped).
 """
 
@@ -11,6 +13,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -42,6 +45,7 @@ class Receiver:
         self.arrivals: list[float] = []  # monotonic arrival time of every request, at once
         self.script: deque[Reply] = deque()
         self.default = Reply()
+        self.judge: Callable[[str, str, dict[str, str], bytes], Reply | None] | None = None
         self._lock = threading.Lock()
         receiver = self
 
@@ -52,8 +56,14 @@ class Receiver:
                     receiver.arrivals.append(arrived)
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
+                judged = None
+                if receiver.judge is not None:
+                    judged = receiver.judge(self.command, self.path, dict(self.headers), raw)
                 with receiver._lock:
-                    reply = receiver.script.popleft() if receiver.script else receiver.default
+                    if judged is not None:
+                        reply = judged
+                    else:
+                        reply = receiver.script.popleft() if receiver.script else receiver.default
                 if reply.delay:
                     time.sleep(reply.delay)
                 try:
