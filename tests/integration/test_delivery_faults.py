@@ -64,7 +64,7 @@ def _secret_forms(key: str) -> list[str]:
 
 def _run(env: ExporterEnv, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     """Run the exporter and check that no output shows the configured key, in any form."""
-    done = env.run(*args, **extra)
+    done = env.run(*args, timeout=120, **extra)
     key = extra.get("PRAMATHUS_API_KEY", env.env["PRAMATHUS_API_KEY"])
     for form in _secret_forms(key):
         assert form not in done.stdout
