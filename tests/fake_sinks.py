@@ -59,7 +59,7 @@ class RecordingSink:
         last = len(points) % self.batch_size
         return Encoded(batches, open_tail=points[len(points) - last :] if last else [])
 
-    def send(self, batch: QueuedBatch) -> Reply:
+    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
         self.posts += 1
         reply = self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
         if reply.outcome is Outcome.ACCEPTED:

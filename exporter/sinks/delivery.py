@@ -46,6 +46,7 @@ class Outcome(enum.Enum):
 # Why a sink's delivery is blocked (a self-metric label value): which setting to fix.
 BLOCKED_CAUSES = ("credentials", "redirect", "endpoint")
 MAX_REDIRECTS = 5
+MIN_ATTEMPT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +104,9 @@ class DeliverySink(Protocol):
         """Request bodies for these points (each with a stable idempotency key)."""
         ...
 
-    def send(self, batch: QueuedBatch) -> Reply:
-        """One attempt to deliver one batch."""
+    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+        """One attempt to deliver one batch, waiting at most `timeout` seconds (what is
+        left of the delivery budget) when it is shorter than the sink's own timeout."""
         ...
 
     def split(self, body: bytes) -> list[EncodedBatch]:
@@ -215,7 +217,12 @@ class Drainer:
             sleep=self.sleep,
             retry_error_callback=_last_reply,
         )
-        reply: Reply = retrying(self.sink.send, batch)
+
+        def attempt() -> Reply:
+            # An attempt never outlasts the budget (a floor keeps a last one meaningful).
+            return self.sink.send(batch, timeout=max(MIN_ATTEMPT_SECONDS, deadline - self.clock()))
+
+        reply: Reply = retrying(attempt)
         return reply
 
 

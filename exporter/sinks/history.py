@@ -118,9 +118,9 @@ class RemoteWriteSink:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, batch: QueuedBatch) -> Reply:
+    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
         assert self.client is not None
-        sent = self.client.send(batch.body)
+        sent = self.client.send(batch.body, timeout)
         if sent.verdict is wire.Verdict.ACCEPTED:
             return Reply(Outcome.ACCEPTED, status=sent.status)
         if sent.verdict is wire.Verdict.RETRY:

@@ -158,8 +158,9 @@ class PramathusSink:
             for part in (entries[:half], entries[half:])
         ]
 
-    def send(self, batch: QueuedBatch) -> Reply:
+    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
         s = self.settings
+        wait = s.timeout_seconds if timeout is None else min(s.timeout_seconds, timeout)
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": batch.idempotency_key,
@@ -173,13 +174,11 @@ class PramathusSink:
                 str(s.endpoint),
                 data=batch.body,
                 headers=headers,
-                timeout=s.timeout_seconds,
+                timeout=wait,
                 verify=s.ca_bundle or s.verify_tls,
             )
         except requests.Timeout:
-            return Reply(
-                Outcome.RETRY, f"Pramathus timed out after {s.timeout_seconds:g}s at {s.endpoint}"
-            )
+            return Reply(Outcome.RETRY, f"Pramathus timed out after {wait:g}s at {s.endpoint}")
         except requests.RequestException as exc:
             return Reply(
                 Outcome.RETRY,

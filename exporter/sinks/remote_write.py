@@ -323,16 +323,18 @@ class RemoteWriteClient:
         """The URL as messages show it: without query or fragment (they may carry a key)."""
         return _shown(str(self.settings.url))
 
-    def send(self, body: bytes) -> SendResult:
-        """POST `body` once and classify the answer; connection errors become RETRY."""
+    def send(self, body: bytes, timeout: float | None = None) -> SendResult:
+        """POST `body` once (waiting at most `timeout` when shorter than the configured
+        timeout) and classify the answer; connection errors become RETRY."""
         s = self.settings
+        wait = s.timeout_seconds if timeout is None else min(s.timeout_seconds, timeout)
         try:
             response, url = post_without_redirects(
                 self.post,
                 str(s.url),
                 data=body,
                 headers=dict(self.headers),
-                timeout=s.timeout_seconds,
+                timeout=wait,
                 verify=s.ca_bundle or s.verify_tls,
             )
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader) as exc:

@@ -438,7 +438,7 @@ class ScriptedSink:
     def encode(self, pts: Any, contexts: Any, now_ms: int) -> Encoded:
         raise NotImplementedError
 
-    def send(self, batch: QueuedBatch) -> Reply:
+    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
         self.sent.append(json.loads(batch.body))
         return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
 

@@ -310,7 +310,7 @@ class Scripted:
     def encode(self, pts: Any, contexts: Any, now_ms: int) -> Encoded:
         raise NotImplementedError
 
-    def send(self, batch: QueuedBatch) -> Reply:
+    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
         self.sent.append(batch.body)
         return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
 
@@ -391,3 +391,23 @@ def test_the_limit_is_the_largest_body_accepted_after_a_413_in_that_drain(
     # Before the 413 nothing is learnt; after it [1] (3 bytes), [2, 300] (8), [10, 2] (7).
     assert s.sent[2:] == [b"[1]", b"[2, 300]", b"[10, 2]"]
     assert state.outbox(s.name).body_limit() == len(b"[2, 300]")
+
+
+def test_each_attempt_waits_at_most_what_is_left_of_the_budget(state: StateStore) -> None:
+    timeouts: list[float] = []
+    clock = FakeClock()
+
+    def slow(url: str, timeout: float = 0.0, **_: Any) -> FakeResponse:
+        timeouts.append(timeout)
+        clock.advance(timeout)  # the endpoint never answers in time
+        return FakeResponse(503, "busy")
+
+    s = sink(slow, batch_size=10, timeout_seconds=10, delivery_budget_seconds=25)
+    queue(state, s, 3)
+
+    Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+
+    assert timeouts[:2] == [10, 10]
+    assert all(t <= 10 for t in timeouts)
+    assert sum(timeouts) <= 25 + 1.0  # never past the budget but for the last second's floor
+    assert min(timeouts) >= 1.0
