@@ -22,7 +22,7 @@ from exporter.mlflow_source import MlflowError, MlflowSource
 from exporter.naming import short_id_length
 from exporter.planners import push as push_plan
 from exporter.planners.scope import metric_filter, owns_group, with_run_series
-from exporter.planners.series import REGISTRY_KEY, ServerCounts, experiment_key
+from exporter.planners.series import REGISTRY_KEY, GroupKey, ServerCounts, experiment_key
 from exporter.progress import CaptureProgress, ProgressView
 from exporter.selfmetrics import BLOCKED_CAUSES, SelfMetrics
 from exporter.sinks.delivery import DeliverySink, Drainer
@@ -232,11 +232,18 @@ class Runner:
             verify=synced is not None and synced.sweep_completed,
         )
         counts = dict(record.series)
+        # Groups this exporter pushed (from its state): the only ones its sweep may delete,
+        # so exporters of other scopes can share a job.
+        ours = {experiment_key(e) if e else REGISTRY_KEY for e in counts}
+        ours |= set(record.groups or ())
         try:
-            pushed = self._push_groups(plan, counts)
+            pushed = self._push_groups(plan, counts, ours)
         except PushError:
             with self.state.transaction():
-                self.state.save(replace(record, groups=None))  # unsure what is there now
+                # Unsure what is there now; what was pushed before the error is ours.
+                self.state.save(
+                    replace(record, groups=None, series=tuple(sorted(counts.items())))
+                )
             raise
         with self.state.transaction():
             mirror.mark_clean(plan.experiments)
@@ -340,7 +347,7 @@ class Runner:
         )
 
     def _push_groups(
-        self, plan: push_plan.PushPlan, counts: dict[str, int]
+        self, plan: push_plan.PushPlan, counts: dict[str, int], ours: set[GroupKey]
     ) -> tuple[int, int, int, int]:
         """(groups, series, non-finite values, groups deleted); `counts` (series per group
         left on the Pushgateway, "" for the registry) is updated as groups are pushed."""
@@ -366,7 +373,9 @@ class Runner:
             for exp_id, cut in cuts.items():
                 mirror.set_cut_runs(exp_id, cut)
         present = self.pushgateway.existing_groups() if plan.known is None else plan.known
-        stale = push_plan.stale_groups(present, plan.keep, lambda k: owns_group(k, export))
+        stale = push_plan.stale_groups(
+            present, plan.keep, lambda k: k in ours and owns_group(k, export)
+        )
         for key in stale:
             self.pushgateway.delete(key)
         kept = {dict(k).get("experiment_id", "") for k in plan.keep}

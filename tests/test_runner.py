@@ -1059,3 +1059,32 @@ def test_a_failed_cycle_never_logs_counts_it_did_not_take(h: Harness) -> None:
     failed = next(e for e in logs if e["event"] == "cycle.failed")
     assert "experiments" not in failed
     assert "runs" not in failed
+
+
+def test_two_exporters_of_different_scopes_share_a_job_without_deleting_each_others_groups(
+    tmp_path: Path,
+) -> None:
+    """Each exporter's sweep deletes only groups it pushed itself (from its own state)."""
+    first = Harness(tmp_path / "a", include_experiments=["team-a.*"])
+    second = Harness(tmp_path / "b", include_experiments=["team-b.*"])
+    second.gateway = first.gateway  # one Pushgateway, one job
+    second.mlflow = first.mlflow  # one MLflow
+    second.runner = second._runner()
+    a, b = first.mlflow.create_experiment("team-a-x"), first.mlflow.create_experiment("team-b-y")
+    first.mlflow.create_run(a)
+    first.mlflow.create_run(b)
+
+    first.ok_cycle()
+    second.ok_cycle()
+    first.gateway.restart()  # everything is pushed again and the gateway's list is swept
+    first.ok_cycle()
+    second.ok_cycle()
+    first.ok_cycle()
+
+    assert (("experiment_id", a),) in first.gateway.groups
+    assert (("experiment_id", b),) in first.gateway.groups
+    first.mlflow.delete_experiment(b)
+    second.ok_cycle()
+    assert (("experiment_id", b),) not in first.gateway.groups  # its own group goes
+    first.state.close()
+    second.state.close()
