@@ -411,3 +411,23 @@ def test_each_attempt_waits_at_most_what_is_left_of_the_budget(state: StateStore
     assert all(t <= 10 for t in timeouts)
     assert sum(timeouts) <= 25 + 1.0  # never past the budget but for the last second's floor
     assert min(timeouts) >= 1.0
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(13.5, [10.0, 3.5]), (10.5, [10.0, 1.0])])
+def test_the_last_attempt_gets_what_is_left_of_the_budget_or_one_second(
+    state: StateStore, budget: float, expected: list[float]
+) -> None:
+    timeouts: list[float] = []
+    clock = FakeClock()
+
+    def slow(url: str, timeout: float = 0.0, **_: Any) -> FakeResponse:
+        timeouts.append(timeout)
+        clock.advance(timeout)  # answers only when the client gives up
+        return FakeResponse(503, "busy", {"Retry-After": "0"})
+
+    s = sink(slow, batch_size=10, timeout_seconds=10, delivery_budget_seconds=budget)
+    queue(state, s, 1)
+
+    Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+
+    assert timeouts == pytest.approx(expected)
