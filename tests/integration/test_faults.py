@@ -235,12 +235,14 @@ def test_429_retry_after_is_honoured_and_nothing_is_lost(
     assert receiver.received_points() == mlflow_points(exporter_env.client, runs)
 
 
-def test_400_dead_letters_that_batch_only_and_later_batches_are_delivered(
+def test_a_4xx_refusing_a_whole_batch_dead_letters_it_only_and_later_batches_are_delivered(
     exporter_env: ExporterEnv, receiver: Receiver, tmp_path: Path
 ) -> None:
+    # 409 refuses the batch as a whole; 400 and 422 are bisected to set aside only the
+    # refused points (tests/integration/test_delivery_faults.py).
     runs = _seed(exporter_env)  # 40 points in batches of 7: 6 batches
     receiver.script.extend(
-        [Reply(), Reply(status=400, body=b'{"error": "metric value out of range"}\n')]
+        [Reply(), Reply(status=409, body=b'{"error": "metric value out of range"}\n')]
     )
 
     done = exporter_env.run("export-once", timeout=60)
@@ -248,14 +250,14 @@ def test_400_dead_letters_that_batch_only_and_later_batches_are_delivered(
     assert done.returncode == 1
     last = _last_line(done)
     assert last.startswith("error: pramathus: ")
-    assert "HTTP 400" in last
+    assert "HTTP 409" in last
     assert "metric value out of range" in last
     assert "Traceback" not in done.stderr
-    assert [r.status for r in receiver.requests] == [200, 400, 200, 200, 200, 200]  # no retry
+    assert [r.status for r in receiver.requests] == [200, 409, 200, 200, 200, 200]  # no retry
     dead = _dead_letters(exporter_env)
     assert len(dead) == 1
     status, dead_points = dead[0]
-    assert status == 400
+    assert status == 409
     assert dead_points == {point_of(m) for m in receiver.requests[1].body["metrics"]}
     expected = mlflow_points(exporter_env.client, runs)
     received = receiver.received_points()
@@ -632,6 +634,10 @@ def test_secrets_never_appear_in_output_logs_or_metrics_even_when_backends_fail(
         _assert_clean("/metrics", c.metrics())
         assert c.terminate() < 10
     _assert_clean("continuous stderr", c.stderr())
-    # Refused batches are dead letters, kept on disk; with what was accepted, that is all.
-    dead = set().union(*(points for _status, points in _dead_letters(exporter_env)))
-    assert receiver.received_points() | dead == mlflow_points(exporter_env.client, runs)
+    # A refused key keeps the points queued (nothing set aside); with what was accepted,
+    # that is all.
+    assert _dead_letters(exporter_env) == []
+    with closing(_db(exporter_env)) as db:
+        bodies = [row[0] for row in db.execute("SELECT body FROM spool")]
+    queued = {point_of(m) for body in bodies for m in json.loads(body)["metrics"]}
+    assert receiver.received_points() | queued == mlflow_points(exporter_env.client, runs)
