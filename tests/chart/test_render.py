@@ -247,8 +247,14 @@ def test_the_service_monitor_scrapes_every_shard_with_https_and_basic_auth() -> 
         assert e["scheme"] == "https"
         assert e["basicAuth"]["password"] == {"name": "scrape-auth", "key": "password"}
         assert e["tlsConfig"] == {"ca": {"secret": {"name": "exporter-tls", "key": "ca.crt"}}}
-    relabel = endpoints["/mlflow/metrics"]["relabelings"]
-    assert relabel == [{"targetLabel": "job", "replacement": "mlflow_metrics"}]
+    pulled = endpoints["/mlflow/metrics"]
+    assert pulled["relabelings"] == [{"targetLabel": "job", "replacement": "mlflow_metrics"}]
+    assert "honorLabels" not in pulled  # the instance tells shards apart, as in prometheus.yml
+    assert (pulled["interval"], pulled["scrapeTimeout"]) == ("60s", "30s")
+    assert (endpoints["/metrics"]["interval"], endpoints["/metrics"]["scrapeTimeout"]) == (
+        "30s",
+        "10s",
+    )
 
 
 def test_in_push_mode_the_service_monitor_scrapes_only_self_metrics() -> None:
