@@ -99,4 +99,5 @@ def pull_collector(runner: Runner) -> Callable[[], MirrorCollector]:
         return runner.builder(mirror), mirror.conn.close
 
     with_registry = runner.settings.export.shard_index == 0
-    return lambda: MirrorCollector(open_builder, with_registry)
+    gauge = runner.metrics.exported_series
+    return lambda: MirrorCollector(open_builder, with_registry, gauge.set)

@@ -39,6 +39,7 @@ ENV_KEYS: dict[str, str] = {
     "PROMETHEUS_GATEWAY": "prometheus.gateway",
     "PROMETHEUS_JOB_NAME": "prometheus.job_name",
     "PROMETHEUS_MODE": "prometheus.mode",
+    "PROMETHEUS_ENABLED": "prometheus.enabled",
     "PRAMATHUS_ENDPOINT": "pramathus.endpoint",
     "PRAMATHUS_API_KEY": "pramathus.api_key",
     "PRAMATHUS_ENABLED": "pramathus.enabled",
@@ -67,6 +68,9 @@ ENV_KEYS: dict[str, str] = {
     "REMOTE_WRITE_USERNAME": "remote_write.username",
     "REMOTE_WRITE_PASSWORD": "remote_write.password",
     "REMOTE_WRITE_BEARER_TOKEN": "remote_write.bearer_token",
+    "EXPORTER_MLFLOW_CONCURRENCY": "mlflow.concurrency",
+    "EXPORTER_SERIES_RUN_WINDOW": "series.run_window",
+    "EXPORTER_SERIES_MIN_RUNS_PER_EXPERIMENT": "series.min_runs_per_experiment",
 }
 
 
@@ -150,6 +154,8 @@ class MlflowSettings(Section):
     timeout_seconds: float = Field(30.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     page_size: int = Field(1000, ge=1, le=50000)
+    # History reads in flight at once (1: never two requests at a time).
+    concurrency: int = Field(4, ge=1, le=64)
     insecure_tls: bool = False
     ca_bundle: str | None = None
     username: SecretStr | None = None
@@ -290,6 +296,20 @@ class ExportSettings(Section):
         return patterns
 
 
+class SeriesSettings(Section):
+    """Which runs get per-run latest-value series on the Pushgateway and the pull page.
+
+    Runs that are unfinished or ended within `run_window`, plus the newest
+    `min_runs_per_experiment` of each experiment whatever their age. Counts, registry and
+    experiment series, and the history sinks, are not bounded by this.
+    """
+
+    run_window: float = Field(7 * 86400.0, ge=0)  # seconds or 90s/15m/12h/7d/2w; 0: no window
+    min_runs_per_experiment: int = Field(100, ge=0)
+
+    _window = field_validator("run_window", mode="before")(_duration_seconds)
+
+
 class ServerSettings(Section):
     enabled: bool = True
     # Loopback by default; containers set EXPORTER_HOST=0.0.0.0 so Prometheus can scrape them.
@@ -318,6 +338,7 @@ class Settings(Section):
     pramathus: PramathusSettings = Field(default_factory=PramathusSettings)
     remote_write: RemoteWriteSettings = Field(default_factory=RemoteWriteSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from exporter.logs import MASK
 
@@ -34,6 +34,16 @@ class Health:
     secrets: list[str] = field(default_factory=list)
     _view: HealthView = HealthView("starting", "starting", ready=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _progress: dict[str, Any] | None = None
+
+    def set_progress(self, progress: dict[str, Any]) -> None:
+        """The running (or last) capture's progress, shown in `/readyz`'s body."""
+        with self._lock:
+            self._progress = dict(progress)
+
+    def progress(self) -> dict[str, Any] | None:
+        with self._lock:
+            return None if self._progress is None else dict(self._progress)
 
     def set(self, status: Status, reason: str) -> None:
         for secret in self.secrets:

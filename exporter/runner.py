@@ -23,11 +23,13 @@ from exporter.naming import short_id_length
 from exporter.planners import push as push_plan
 from exporter.planners.scope import metric_filter, owns_group, with_run_series
 from exporter.planners.series import REGISTRY_KEY, ServerCounts, experiment_key
+from exporter.progress import CaptureProgress, ProgressView
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
 from exporter.sinks.pushgateway import PushError, PushTarget
-from exporter.state import StateError, StateStore, records
+from exporter.state import StateError, StateStore, is_corruption, records
+from exporter.state import explain as explain_state
 from exporter.state.mirror import Mirror
 from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
 from exporter.sync import Sync, SyncResult
@@ -35,6 +37,16 @@ from exporter.sync import Sync, SyncResult
 log = structlog.get_logger("exporter.runner")
 
 T = TypeVar("T")
+
+
+# A Pramathus point is one logged value; remote write sends two samples per point (the value
+# and its step), so its counts are samples and are never added to points.
+_UNITS = {"remote_write": "samples"}
+
+
+def unit(sink: str) -> str:
+    """What a sink's counts count: `points`, or `samples` for remote write."""
+    return _UNITS.get(sink, "points")
 
 
 @dataclass
@@ -47,12 +59,18 @@ class CycleResult:
     runs: int = 0
     pushed_series: int = 0
     points_spooled: int = 0  # new points captured and queued for the history sinks
-    points_sent: int = 0
+    # What each sink had acknowledged, in its own unit (see `unit`): sink name -> count.
+    sent: dict[str, int] = field(default_factory=dict)
     duration_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.errors and self.crashed is None
+
+    def sent_fields(self) -> dict[str, int]:
+        """Log fields that say what was counted: `pramathus_points_sent`,
+        `remote_write_samples_sent`."""
+        return {f"{sink}_{unit(sink)}_sent": count for sink, count in self.sent.items()}
 
     def reason(self) -> str:
         parts = [f"{stage}: {msg}" for stage, msg in self.errors.items()]
@@ -75,6 +93,18 @@ class Runner:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     should_stop: Callable[[], bool] = lambda: False
+    progress: CaptureProgress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = CaptureProgress(self.clock, self._show_progress)
+
+    def _show_progress(self, view: ProgressView) -> None:
+        m = self.metrics
+        m.capture_runs.labels("due").set(view.runs_total)
+        m.capture_runs.labels("done").set(view.runs_done)
+        m.capture_points_estimated.set(view.points_estimated)
+        m.capture_eta.set(view.eta_seconds or 0.0)
+        self.health.set_progress(view.as_dict())
 
     def run_cycle(self) -> CycleResult:
         """Run one cycle and record its outcome, whatever happens."""
@@ -100,9 +130,15 @@ class Runner:
             return fn(*args)
         except (MlflowError, PushError) as exc:
             result.errors[stage] = str(exc)
-        except (sqlite3.Error, StateError) as exc:
+        except StateError as exc:
+            result.errors.setdefault("state", f"{exc} ({stage} stage)")
+        except sqlite3.Error as exc:
             # Busy, locked, disk full: the state is kept as it is; the next cycle retries.
-            result.errors["state"] = f"state database ({stage} stage): {exc}"
+            # The first stage that met it is reported: later ones meet the same cause.
+            reason = f"{explain_state(self.state.path, exc)} ({stage} stage)"
+            result.errors.setdefault("state", reason)
+            if is_corruption(exc):
+                self.state.suspect()  # the next start checks the whole file
         except Exception as exc:
             result.crashed = f"{stage} stage: {type(exc).__name__}: {exc}"
             log.exception("cycle.crashed", stage=stage)
@@ -114,7 +150,13 @@ class Runner:
 
     def _sync(self, result: CycleResult) -> SyncResult:
         sync = Sync(
-            self.source, self.state, self.settings, self.sinks, self.clock, self.should_stop
+            self.source,
+            self.state,
+            self.settings,
+            self.sinks,
+            self.clock,
+            self.should_stop,
+            self.progress,
         )
         synced = sync.run()
         m = self.metrics
@@ -160,8 +202,9 @@ class Runner:
             owns_registry=export.shard_index == 0,
             verify=synced is not None and synced.sweep_completed,
         )
+        counts = dict(record.series)
         try:
-            pushed = self._push_groups(plan)
+            pushed = self._push_groups(plan, counts)
         except PushError:
             with self.state.transaction():
                 self.state.save(replace(record, groups=None))  # unsure what is there now
@@ -175,11 +218,14 @@ class Runner:
                     registry_dirty=False,
                     last_success_ms=int(self.clock() * 1000),
                     selected=record.selected,
+                    window_since_ms=record.window_since_ms,
+                    series=tuple(sorted(counts.items())),
                 )
             )
         m = self.metrics
         m.pushed_groups.set(pushed[0])
         m.pushed_series.set(pushed[1])
+        m.exported_series.set(sum(counts.values()))
         m.nonfinite.set(pushed[2])
         m.last_push_success.set(self.clock())
         m.excluded.labels("runs").set(mirror.cut_runs())
@@ -192,25 +238,47 @@ class Runner:
             )
 
     def _prepare_series(self, new_runs: Sequence[str]) -> None:
-        """Mark dirty what changes every series of a group: a longer run_id label, or an
-        experiment entering or leaving the per-run selection (`MAX_EXPERIMENTS`)."""
+        """Mark dirty what changes every series of a group: a longer run_id label, an
+        experiment entering or leaving the per-run selection (`MAX_EXPERIMENTS`), or runs
+        moving across the edge of the run window since the last cycle."""
         mirror = self.state.mirror
         experiment_ids = [e.experiment_id for e in mirror.experiments()]
         selected = with_run_series(mirror.activity(), self.settings.export.max_experiments)
         record = self.state.load(PushRecord)
         length = self._run_id_length(new_runs)
+        since = self._window_since_ms()
         with self.state.transaction():
             moved = selected.symmetric_difference(record.selected or ())
             if record.selected is None:
                 moved = set(experiment_ids)
             mirror.mark_dirty(moved & set(experiment_ids))
-            if moved:
-                self.state.save(replace(record, selected=tuple(sorted(selected))))
+            crossed = self._window_moves(record.window_since_ms, since)
+            mirror.mark_dirty(set(experiment_ids) if crossed is None else crossed)
+            if moved or since != record.window_since_ms:
+                self.state.save(
+                    replace(record, selected=tuple(sorted(selected)), window_since_ms=since)
+                )
             old = self.state.load(LabelRecord).run_id_length
             if length != old:
                 self.state.save(LabelRecord(length))
                 mirror.mark_dirty()
                 self.state.save(replace(self.state.load(PushRecord), registry_dirty=True))
+
+    def _window_since_ms(self) -> int | None:
+        """Where the run window starts now (None: no window)."""
+        window = self.settings.series.run_window
+        return int((self.clock() - window) * 1000) if window else None
+
+    def _window_moves(self, before: int | None, now: int | None) -> set[str] | None:
+        """Experiments with runs that crossed the window's edge as it moved from `before`
+        to `now` (None: every experiment, the window was turned on or off)."""
+        if before == now:
+            return set()
+        if before is None or now is None:
+            return None
+        return self.state.mirror.experiments_with_runs_ended_between(
+            min(before, now), max(before, now)
+        )
 
     def _run_id_length(self, new_runs: Sequence[str]) -> int:
         """The run_id label length: grows only when two exported runs would collide, so a
@@ -238,10 +306,15 @@ class Runner:
             ServerCounts(
                 {"active": capture.active_experiments, "deleted": capture.deleted_experiments}
             ),
+            ended_since_ms=self._window_since_ms(),
+            min_runs=self.settings.series.min_runs_per_experiment,
         )
 
-    def _push_groups(self, plan: push_plan.PushPlan) -> tuple[int, int, int, int]:
-        """(groups, series, non-finite values, groups deleted)."""
+    def _push_groups(
+        self, plan: push_plan.PushPlan, counts: dict[str, int]
+    ) -> tuple[int, int, int, int]:
+        """(groups, series, non-finite values, groups deleted); `counts` (series per group
+        left on the Pushgateway, "" for the registry) is updated as groups are pushed."""
         assert self.pushgateway is not None
         mirror, export = self.state.mirror, self.settings.export
         builder = self.builder()
@@ -250,6 +323,7 @@ class Runner:
         for exp_id in plan.experiments:
             families = builder.experiment(exp_id, on_cut=cuts.__setitem__)
             pushed = self.pushgateway.push(experiment_key(exp_id), families)
+            counts[exp_id] = pushed.series
             groups, series, nonfinite = (
                 groups + 1,
                 series + pushed.series,
@@ -257,6 +331,7 @@ class Runner:
             )
         if plan.registry:
             pushed = self.pushgateway.push(REGISTRY_KEY, builder.registry_group())
+            counts[""] = pushed.series
             groups, series = groups + 1, series + pushed.series
         with self.state.transaction():
             for exp_id, cut in cuts.items():
@@ -265,6 +340,9 @@ class Runner:
         stale = push_plan.stale_groups(present, plan.keep, lambda k: owns_group(k, export))
         for key in stale:
             self.pushgateway.delete(key)
+        kept = {dict(k).get("experiment_id", "") for k in plan.keep}
+        for group in set(counts) - kept:
+            del counts[group]
         return groups, series, nonfinite, len(stale)
 
     # ------------------------------------------------------------------ deliver
@@ -275,18 +353,17 @@ class Runner:
         m = self.metrics.sinks[sink.name]
         m.points_sent.inc(drained.points)
         m.batches_sent.inc(drained.batches)
-        result.points_sent += drained.points
+        result.sent[sink.name] = result.sent.get(sink.name, 0) + drained.points
         if drained.error:
             result.errors[sink.name] = drained.error
         if drained.batches or drained.error or drained.set_aside:
-            log.info(
-                "delivery.drained",
-                sink=sink.name,
-                batches=drained.batches,
-                points=drained.points,
-                set_aside=drained.set_aside,
-                error=drained.error,
-            )
+            # Only what happened: no `error=None` on a success, no empty `set_aside`.
+            fields: dict[str, Any] = {"batches": drained.batches, unit(sink.name): drained.points}
+            if drained.set_aside:
+                fields["set_aside"] = drained.set_aside
+            if drained.error:
+                fields["error"] = drained.error
+            log.info("delivery.drained", sink=sink.name, **fields)
 
     # ------------------------------------------------------------------ record
 
@@ -311,7 +388,7 @@ class Runner:
             "runs": result.runs,
             "series": result.pushed_series,
             "points_spooled": result.points_spooled,
-            "points_sent": result.points_sent,
+            **result.sent_fields(),
             "spool_points": queued,
         }
         if result.ok:

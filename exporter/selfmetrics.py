@@ -108,6 +108,12 @@ class SelfMetrics:
         self.pushed_series = Gauge(
             f"{P}pushed_series", "Series pushed by the last cycle.", registry=r
         )
+        self.exported_series = Gauge(
+            f"{P}series",
+            "MLflow series the exporter exposes: on the Pushgateway as of the last push "
+            "(push mode), or in the last scrape of /mlflow/metrics (pull mode).",
+            registry=r,
+        )
         self.last_push_success = Gauge(
             f"{P}last_push_success_timestamp_seconds",
             "When a cycle last brought the Pushgateway fully up to date with the mirror.",
@@ -131,6 +137,22 @@ class SelfMetrics:
         )
         self.pending = Gauge(
             f"{P}pending_runs", "Runs whose new points are not read yet.", registry=r
+        )
+        self.capture_runs = Gauge(
+            f"{P}capture_runs",
+            "Runs whose histories the running (or last) capture reads, by state (due, done).",
+            ["state"],
+            registry=r,
+        )
+        self.capture_points_estimated = Gauge(
+            f"{P}capture_points_estimated",
+            "Points the running (or last) capture is expected to read, extrapolated so far.",
+            registry=r,
+        )
+        self.capture_eta = Gauge(
+            f"{P}capture_eta_seconds",
+            "Estimated seconds left in the running capture (0 when none runs).",
+            registry=r,
         )
         self.reconcile_found = Counter(
             f"{P}reconcile_found",
@@ -159,3 +181,5 @@ class SelfMetrics:
             self.excluded.labels(kind)
         for kind in RECONCILE_KINDS:
             self.reconcile_found.labels(kind)
+        for state in ("due", "done"):
+            self.capture_runs.labels(state)

@@ -18,8 +18,11 @@ its own, so a failure part-way keeps what was done and the rest is redone next c
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -37,6 +40,7 @@ from exporter.mlflow_source import (
 from exporter.model import MetricPoint, Run
 from exporter.planners import capture, sweep
 from exporter.planners.scope import in_scope, metric_filter
+from exporter.progress import CaptureProgress
 from exporter.sinks.delivery import DeliverySink
 from exporter.state import StateStore
 from exporter.state.ledger import Series
@@ -80,6 +84,7 @@ class Sync:
     sinks: Sequence[DeliverySink]
     clock: Callable[[], float] = time.time
     should_stop: Callable[[], bool] = lambda: False
+    progress: CaptureProgress = field(default_factory=CaptureProgress)
 
     @property
     def _settle_ms(self) -> int:
@@ -242,16 +247,31 @@ class Sync:
         ids = [e.experiment_id for e in mirror.experiments()]
         if not ids:
             return False
-        export = self.settings.export
-        pages = sweep.pages_per_cycle(
-            mirror.run_count(),
-            self.settings.mlflow.page_size,
-            export.interval_seconds,
-            export.reconcile_interval_seconds,
-        )
-        experiment_chunks = sweep.chunks(ids, EXPERIMENTS_PER_SEARCH)
-        completed = False
-        for _ in range(pages):
+        export, page_size = self.settings.export, self.settings.mlflow.page_size
+        runs = mirror.run_count()  # kept by triggers: no scan
+        due_at = self.state.load(SweepRecord).next_page_ms
+        interval, reconcile = export.interval_seconds, export.reconcile_interval_seconds
+        pages = sweep.pages_due(due_at, now_ms, runs, page_size, interval, reconcile)
+        chunks = sweep.chunks(ids, EXPERIMENTS_PER_SEARCH)
+        completed, read = self._sweep_pages(pages, chunks, now_ms, result)
+        spacing = sweep.page_spacing_ms(runs, page_size, reconcile)
+        after = sweep.next_page_after(due_at, now_ms, read, spacing, interval)
+        if after != due_at:
+            with self.state.transaction():
+                record = self.state.load(SweepRecord)
+                self.state.save(replace(record, next_page_ms=after))
+        return completed
+
+    def _sweep_pages(
+        self,
+        pages: int,
+        experiment_chunks: Sequence[Sequence[str]],
+        now_ms: int,
+        result: SyncResult,
+    ) -> tuple[bool, int]:
+        """Read up to `pages` pages; (whether a pass completed, pages read)."""
+        mirror = self.state.mirror
+        for read in range(pages):
             self._check_stop()
             record = self.state.load(SweepRecord)
             step = sweep.next_step(record, experiment_chunks)
@@ -275,11 +295,10 @@ class Sync:
             for kind, n in found.items():
                 result.reconcile_found[kind] = result.reconcile_found.get(kind, 0) + n
             with self.state.transaction():
-                self.state.save(advance.record)
+                self.state.save(replace(advance.record, next_page_ms=record.next_page_ms))
             if advance.pass_completed:
-                completed = True
-                break
-        return completed
+                return True, read + 1
+        return False, pages
 
     def _retention(self, now_ms: int) -> None:
         before = now_ms - int(self.settings.export.deleted_retention_seconds * 1000)
@@ -295,27 +314,61 @@ class Sync:
         if not self.sinks:
             return  # nothing to deliver to: runs stay pending until a sink is enabled
         mirror, ledger = self.state.mirror, self.state.ledger
-        due = mirror.capture_due(now_ms)
+        due = mirror.capture_due(now_ms)  # newest runs first
         allowed = metric_filter(self.settings.export)
         ordered = list(due)
-        for start in range(0, len(ordered), BULK_MAX_RUNS * 10):
-            run_ids = ordered[start : start + BULK_MAX_RUNS * 10]
-            latest = mirror.latest(run_ids)
-            with self.state.transaction():
-                series = ledger.series((r, m.key) for r, ms in latest.items() for m in ms)
-            whole = [r for r in run_ids if due[r]]
-            wanted = capture.history_requests(latest, series, allowed, whole)
-            remaining: dict[str, int] = dict.fromkeys(run_ids, 0)
-            for w in wanted:
-                remaining[w.run_id] += 1
-            with self.state.transaction():
-                mirror.captured([r for r, n in remaining.items() if n == 0])
-            for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
+        self.progress.begin(len(ordered))
+        try:
+            for start in range(0, len(ordered), BULK_MAX_RUNS * 10):
+                run_ids = ordered[start : start + BULK_MAX_RUNS * 10]
+                latest = mirror.latest(run_ids)
+                with self.state.transaction():
+                    series = ledger.series((r, m.key) for r, ms in latest.items() for m in ms)
+                whole = [r for r in run_ids if due[r]]
+                wanted = capture.history_requests(latest, series, allowed, whole)
+                remaining: dict[str, int] = dict.fromkeys(run_ids, 0)
+                for w in wanted:
+                    remaining[w.run_id] += 1
+                idle = [r for r, n in remaining.items() if n == 0]
+                with self.state.transaction():
+                    mirror.captured(idle)
+                self.progress.planned(len(run_ids), capture.points_bound(wanted))
+                self.progress.advance(len(idle), 0)
+                chunks = capture.group_by_key(wanted, BULK_MAX_RUNS)
+                for chunk, read in self._read_histories(chunks):
+                    new, done = self._record(chunk, read, series, remaining, now_ms, result)
+                    result.points_captured += new
+                    self.progress.advance(done, new)
+        finally:
+            self.progress.end()
+
+    def _read_histories(
+        self, chunks: Sequence[Sequence[HistoryRequest]]
+    ) -> Iterator[tuple[Sequence[HistoryRequest], list[MetricPoint]]]:
+        """Each chunk with its points, in order, with up to `mlflow.concurrency` reads in
+        flight (one at a time when it is 1); a stop or an error cancels what is queued."""
+        workers = self.settings.mlflow.concurrency
+        if workers <= 1 or len(chunks) <= 1:
+            for chunk in chunks:
                 self._check_stop()
-                read = self.source.histories(chunk)
-                result.points_captured += self._record(
-                    chunk, read, series, remaining, now_ms, result
-                )
+                yield chunk, self.source.histories(chunk)
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="mlflow-read")
+        try:
+            queued: deque[tuple[Sequence[HistoryRequest], Future[list[MetricPoint]]]] = deque()
+            pending = iter(chunks)
+            for chunk in itertools.islice(pending, workers):
+                queued.append((chunk, pool.submit(self.source.histories, chunk)))
+            while queued:
+                self._check_stop()
+                chunk, future = queued.popleft()
+                points = future.result()
+                following = next(pending, None)
+                if following is not None:
+                    queued.append((following, pool.submit(self.source.histories, following)))
+                yield chunk, points
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _record(
         self,
@@ -325,8 +378,9 @@ class Sync:
         remaining: dict[str, int],
         now_ms: int,
         result: SyncResult,
-    ) -> int:
-        """Queue the new points of one read for every sink, record them, move windows."""
+    ) -> tuple[int, int]:
+        """Queue the new points of one read for every sink, record them, move windows;
+        (new points, runs whose every series is now read)."""
         ledger, mirror = self.state.ledger, self.state.mirror
         by_series: dict[tuple[str, str], list[MetricPoint]] = {}
         for p in read:
@@ -349,7 +403,7 @@ class Sync:
                     done_runs.append(w.run_id)
             self._enqueue(self.sinks, new, now_ms, result)
             mirror.captured(done_runs)
-        return len(new)
+        return len(new), len(done_runs)
 
     def _enqueue(
         self,
@@ -395,10 +449,9 @@ class Sync:
                 (HistoryRequest(r, k, None, tops[(r, k)]) for r, k in items if (r, k) in tops),
                 key=lambda w: (w.key, w.run_id),
             )
-            for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
-                self._check_stop()
+            for chunk, read in self._read_histories(capture.group_by_key(wanted, BULK_MAX_RUNS)):
                 by_series: dict[tuple[str, str], list[MetricPoint]] = {}
-                for p in self.source.histories(chunk):
+                for p in read:
                     by_series.setdefault((p.run_id, p.key), []).append(p)
                 needed = [
                     p

@@ -91,8 +91,13 @@ class Router:
             body = {"status": view.status, "reason": view.reason}
             return _json(start_response, 200 if view.healthy else 503, body)
         if path == "/readyz":
-            body = {"status": "ready" if view.ready else "not ready", "reason": view.reason}
-            return _json(start_response, 200 if view.ready else 503, body)
+            ready: dict[str, Any] = {
+                "status": "ready" if view.ready else "not ready",
+                "reason": view.reason,
+            }
+            if (progress := self.health.progress()) is not None:
+                ready["progress"] = progress  # a long first capture shows how far it got
+            return _json(start_response, 200 if view.ready else 503, ready)
         if path == "/livez":
             return _json(start_response, 200, {"status": "alive"})
         text = b"not found: try /metrics, /mlflow/metrics, /healthz, /readyz or /livez\n"

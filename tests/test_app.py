@@ -89,5 +89,7 @@ def test_the_pull_collector_serves_the_mirror_over_its_own_connection(tmp_path: 
         registry = CollectorRegistry()
         registry.register(pull_collector(runner)())
         text = generate_latest(registry).decode()
+        served = runner.metrics.registry.get_sample_value("mlflow_exporter_series")
     assert 'mlflow_experiments{lifecycle_stage="active"} 1.0' in text
     assert "mlflow_experiment_runs" in text
+    assert served == sum(1 for line in text.splitlines() if not line.startswith("#"))

@@ -96,8 +96,10 @@ def test_env_strings_are_coerced_to_typed_values() -> None:
         "MAX_EXPERIMENTS": "0",
         "MLFLOW_TRACKING_INSECURE_TLS": "1",
         "EXPORTER_PORT": "0",
+        "PROMETHEUS_ENABLED": "false",
     }
     s = load_settings(env=env)
+    assert s.prometheus.enabled is False
     assert s.pramathus.enabled is True
     assert s.export.max_experiments == 0
     assert s.mlflow.insecure_tls is True
@@ -409,3 +411,20 @@ def test_a_pod_name_without_an_ordinal_is_a_problem_naming_the_variable() -> Non
 def test_an_ordinal_beyond_the_shard_count_is_refused() -> None:
     [problem] = problems_of(env={"EXPORTER_POD_NAME": "mm-3", "EXPORTER_SHARD_COUNT": "3"})
     assert "shard_index 3 must be below shard_count 3" in problem
+
+
+def test_series_window_and_mlflow_concurrency_come_from_their_env_variables() -> None:
+    s = load_settings(
+        env={
+            "EXPORTER_SERIES_RUN_WINDOW": "30d",
+            "EXPORTER_SERIES_MIN_RUNS_PER_EXPERIMENT": "5",
+            "EXPORTER_MLFLOW_CONCURRENCY": "1",
+        }
+    )
+    assert s.series.run_window == 30 * 86400
+    assert s.series.min_runs_per_experiment == 5
+    assert s.mlflow.concurrency == 1
+    assert Settings().series.run_window == 7 * 86400
+    problems = problems_of(env={"EXPORTER_MLFLOW_CONCURRENCY": "0"})
+    assert problems[0].startswith("mlflow.concurrency:")
+    assert "EXPORTER_MLFLOW_CONCURRENCY" in problems[0]

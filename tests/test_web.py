@@ -123,6 +123,20 @@ def test_readyz_is_503_until_a_cycle_succeeds_and_stays_ready_after(
     ]
 
 
+def test_readyz_shows_the_capture_progress_while_the_first_capture_runs(
+    registry: CollectorRegistry,
+) -> None:
+    health = Health()
+    app = router(registry, health)
+    assert "progress" not in json.loads(call_wsgi(app, "/readyz")[1])
+
+    health.set_progress({"runs_done": 10, "runs_total": 100})
+    start, body = call_wsgi(app, "/readyz")
+
+    assert start.code == 503
+    assert json.loads(body)["progress"] == {"runs_done": 10, "runs_total": 100}
+
+
 def test_livez_is_always_200(registry: CollectorRegistry) -> None:
     health = Health()
     health.set("crashed", "boom")

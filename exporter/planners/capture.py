@@ -136,6 +136,12 @@ def history_requests(
     )
 
 
+def points_bound(wanted: Iterable[HistoryRequest]) -> int:
+    """About how many points these reads return at most: one per step in each range (a
+    whole read from step 0; steps are usually dense from 0), for progress estimates."""
+    return sum(max(0, w.end_step - (w.start_step or 0)) + 1 for w in wanted)
+
+
 def group_by_key(wanted: Sequence[HistoryRequest], per_request: int) -> list[list[HistoryRequest]]:
     """Cut the (sorted) reads into chunks of one key and at most `per_request` runs."""
     chunks: list[list[HistoryRequest]] = []
