@@ -8,6 +8,7 @@ CA file, and a real Prometheus scrapes `/metrics` with `scheme: https`, `tls_con
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -130,6 +131,18 @@ def test_a_client_trusting_another_ca_or_speaking_plain_http_is_refused(
         requests.get(url.replace("https://", "http://") + "/livez", timeout=10)
     # The server survives both and still answers a good client.
     assert requests.get(url + "/livez", verify=str(certs.ca), timeout=10).status_code == 200
+
+
+def test_a_silent_client_does_not_hold_up_the_others(tls_exporter: tuple[str, Certs]) -> None:
+    """The TLS handshake happens in the connection's own thread: a client that connects and
+    says nothing (a stalled handshake) does not block the accept loop."""
+    url, certs = tls_exporter
+    host, port = url.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10):
+        started = time.monotonic()
+        answer = requests.get(url + "/livez", verify=str(certs.ca), timeout=10)
+        assert answer.status_code == 200
+        assert time.monotonic() - started < 5
 
 
 def test_curl_with_the_ca_file_and_basic_auth(tls_exporter: tuple[str, Certs]) -> None:
