@@ -8,6 +8,7 @@ CA file, and a real Prometheus scrapes `/metrics` with `scheme: https`, `tls_con
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -219,3 +220,30 @@ def test_prometheus_scrapes_with_basic_auth_and_tls_config(
         prometheus.stop()
     assert up == want
     assert cycles, "Prometheus scraped no exporter self-metric over TLS"
+
+
+def test_a_bad_web_config_stops_the_real_process_with_exit_2(tmp_path: Path, certs: Certs) -> None:
+    path = tmp_path / "web-config.yml"
+    path.write_text(
+        f"tls_server_config:\n  cert_file: {certs.server_cert}\n  key_file: {tmp_path}/gone.key\n"
+        "basic_auth_users:\n  prometheus: clear-text-pw\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "EXPORTER_WEB_CONFIG_FILE": str(path),
+        "EXPORTER_STATE_DIR": str(tmp_path / "state"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "continuous"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "basic_auth_users.prometheus: not a bcrypt hash" in done.stderr
+    assert f"tls_server_config.key_file: no such file {tmp_path}/gone.key" in done.stderr
+    assert "clear-text-pw" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "state").exists()  # stopped before anything started
