@@ -90,6 +90,12 @@ check "promtool test rules prometheus/tests/*.yml" \
 check "amtool check-config prometheus/alertmanager.yml" \
     amtool check-config prometheus/alertmanager.yml
 
+# --- Helm chart ----------------------------------------------------------------
+# The chart carries copies of prometheus/rules and grafana/dashboards (Helm reads only files
+# inside a chart); tests/chart/ renders and validates it with the real Helm engine.
+check "chart rules and dashboards match the stack's (scripts/sync_chart.py --check)" \
+    "$PYTHON" scripts/sync_chart.py --check
+
 # --- Grafana -----------------------------------------------------------------
 # No Grafana server can run here: tests/integration/test_stack.py evaluates every panel
 # query on a real Prometheus and VictoriaMetrics; this checks what can be read statically.

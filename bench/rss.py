@@ -163,7 +163,7 @@ def _instrument(log_path: Path, profile_path: str | None) -> None:
             process_cpu_s=_process_cpu() - p0,
             requests=self.source.requests_made - r0,
             ok=result.ok,
-            points_sent=result.points_sent,
+            sent=dict(result.sent),
             pushed_series=result.pushed_series,
             vm_hwm_kb=_vm_hwm_kb(),
         )

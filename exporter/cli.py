@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import requests
@@ -15,6 +15,11 @@ import yaml
 
 from exporter import __version__, logs
 from exporter.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from exporter.web import WebConfig
 
 log = structlog.get_logger("exporter.cli")
 
@@ -151,9 +156,12 @@ def export_once(ctx: click.Context, **flags: Any) -> None:
         requests_made = getattr(runner.source, "requests_made", 0)
     if not result.ok:
         _fail(result.reason())
+    from exporter.runner import unit
+
+    sent = "".join(f"{n} {unit(sink)} sent to {sink}, " for sink, n in result.sent.items())
     click.echo(
         f"exported {result.experiments} experiments, {result.runs} runs, "
-        f"{result.pushed_series} series, {result.points_sent} points sent, "
+        f"{result.pushed_series} series, {sent}"
         f"{requests_made} MLflow requests in {result.duration_seconds:.2f}s"
     )
 
@@ -170,17 +178,21 @@ def continuous(ctx: click.Context, interval: float | None, port: int | None, **f
     from exporter.health import Health
     from exporter.scheduler import run_forever
     from exporter.selfmetrics import SelfMetrics
-    from exporter.web import Router, serve
+    from exporter.web import Router, serve, with_headers
 
     settings = _settings(ctx, flags, **{"export.interval_seconds": interval, "server.port": port})
+    web = _web_config(settings)
     metrics, health, stop = SelfMetrics(), Health(secrets=_secret_values), threading.Event()
     with open_runner(settings, stop, metrics, health) as runner:
         address = None
         if settings.server.enabled:
             pull = settings.prometheus.enabled and settings.prometheus.mode in ("pull", "both")
-            router = Router(metrics.registry, health, pull_collector(runner) if pull else None)
-            server = serve(router, settings.server.host, settings.server.port)
-            address = f"http://{settings.server.host}:{server.server_port}"
+            collector = pull_collector(runner) if pull else None
+            router = Router(metrics.registry, health, collector, users=web.users)
+            app = with_headers(router, web.headers)
+            server = serve(app, settings.server.host, settings.server.port, web.tls)
+            scheme = "https" if web.tls else "http"
+            address = f"{scheme}://{settings.server.host}:{server.server_port}"
             log.info("http.listening", host=settings.server.host, port=server.server_port)
         finished = run_forever(runner, settings.export.interval_seconds, stop, address)
         if not finished:
@@ -188,6 +200,24 @@ def continuous(ctx: click.Context, interval: float | None, port: int | None, **f
             # so leaving now loses nothing.
             sys.stderr.flush()
             os._exit(0)
+
+
+def _web_config(settings: Settings) -> WebConfig:
+    """The web config file `server.web_config_file` names, checked (TLS files load, every
+    hash is bcrypt); exit 2 listing every problem, as for the rest of the configuration."""
+    from exporter.web import WebConfig, WebConfigError, load_web_config
+
+    path = settings.server.web_config_file
+    if not path or not settings.server.enabled:
+        return WebConfig()
+    try:
+        return load_web_config(path)
+    except WebConfigError as exc:
+        count = len(exc.problems)
+        click.echo(f"error: invalid configuration ({count} problem{'s' * (count != 1)}):", err=True)
+        for problem in exc.problems:
+            click.echo(f"  - server.web_config_file {path}: {problem}", err=True)
+        sys.exit(2)
 
 
 @main.command("check-config")
@@ -199,6 +229,7 @@ def check_config(ctx: click.Context, **flags: Any) -> None:
     from exporter.config import plain_http_credentials
 
     settings = _settings(ctx, flags)
+    _web_config(settings)
     click.echo(yaml.safe_dump(settings.masked(), sort_keys=False).rstrip())
     failed = 0
     click.echo("")
@@ -223,19 +254,27 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
             return False, str(exc)
         return True, f"{settings.mlflow.tracking_uri} answers"
 
-    def http(name: str, url: str, method: str = "GET", **kw: Any) -> tuple[bool, str]:
+    def http(
+        name: str, variable: str, url: str, method: str = "GET", **kw: Any
+    ) -> tuple[bool, str]:
+        from exporter.errors import reason
+
+        check = f"is it running, and is {variable} right?"
         try:
             response = requests.request(method, url, timeout=5, **kw)
         except requests.RequestException as exc:
-            return False, f"cannot reach {name} at {url} ({type(exc).__name__})"
-        if response.status_code >= 500 or response.status_code in (401, 403):
-            return False, f"{name} at {url} answered HTTP {response.status_code}"
+            return False, f"cannot reach {name} at {url} ({reason(exc)}): {check}"
+        if response.status_code in (401, 403):
+            return False, f"{name} at {url} answered HTTP {response.status_code}: check its key"
+        if response.status_code >= 500:
+            return False, f"{name} at {url} answered HTTP {response.status_code}: {check}"
         return True, f"{name} answers (HTTP {response.status_code})"
 
     probes: list[tuple[str, Callable[[], tuple[bool, str]]]] = [("mlflow", mlflow)]
     prom = settings.prometheus
     if prom.enabled and prom.mode in ("push", "both"):
-        probes.append(("pushgateway", lambda: http("Pushgateway", f"{prom.gateway}/-/healthy")))
+        health = f"{prom.gateway}/-/healthy"
+        probes.append(("pushgateway", lambda: http("Pushgateway", "PROMETHEUS_GATEWAY", health)))
     if settings.pramathus.enabled:
         p = settings.pramathus
         headers = {"Authorization": f"Bearer {p.api_key.get_secret_value()}"} if p.api_key else {}
@@ -243,12 +282,22 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
         probes.append(
             (
                 "pramathus",
-                lambda: http("Pramathus", str(p.endpoint), "HEAD", headers=headers, verify=verify),
+                lambda: http(
+                    "Pramathus",
+                    "PRAMATHUS_ENDPOINT",
+                    str(p.endpoint),
+                    "HEAD",
+                    headers=headers,
+                    verify=verify,
+                ),
             )
         )
     if settings.remote_write.enabled:
         rw = settings.remote_write
-        probes.append(("remote_write", lambda: http("remote write", str(rw.url), "HEAD")))
+        url = str(rw.url)
+        probes.append(
+            ("remote_write", lambda: http("remote write", "REMOTE_WRITE_URL", url, "HEAD"))
+        )
     return probes
 
 
@@ -282,11 +331,27 @@ def generate_sample(
     spec = SampleSpec(
         experiments=experiments, runs=runs, steps=steps, seed=seed, model_name=model_name
     )
+    # The server is probed first, with the exporter's own words for why it cannot be reached.
+    ok, detail = dict(_probes(settings))["mlflow"]()
+    if not ok:
+        _fail(f"generate-sample: {detail}")
     try:
         summary = generate(settings, spec, progress=sys.stdout.isatty())
     except Exception as exc:  # noqa: BLE001 - MLflow's client raises many types; one line is enough
-        _fail(f"generate-sample failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        _fail(
+            f"generate-sample failed against MLflow at {settings.mlflow.tracking_uri}: "
+            f"{type(exc).__name__}: {_shortened(str(exc))}; see the MLflow server's log, then "
+            "run it again (it adds only what is missing)"
+        )
     click.echo(summary)
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    """The first line of `text`, cut at a word boundary to at most `limit` characters."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 # ----------------------------------------------------------------------------- alert-rules
@@ -305,10 +370,17 @@ def generate_sample(
     is_flag=True,
     help="Write nothing; exit 1 if --output differs from what would be rendered.",
 )
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Replace a rule file even when the config has no alert rules.",
+)
 @global_options
 @click.pass_context
 @_guarded
-def alert_rules(ctx: click.Context, output: str | None, check: bool, **flags: Any) -> None:
+def alert_rules(
+    ctx: click.Context, output: str | None, check: bool, allow_empty: bool, **flags: Any
+) -> None:
     """Render the config's `alerts:` section as a Prometheus rule file."""
     import shlex
     from pathlib import Path
@@ -324,8 +396,10 @@ def alert_rules(ctx: click.Context, output: str | None, check: bool, **flags: An
         click.echo(text, nl=False)
         return
     target = Path(output)
+    config = flags.get("config") or ctx.find_root().params.get("config")
+    config = config or os.environ.get("EXPORTER_CONFIG") or None
+    count = len(alerts.thresholds) + len(alerts.regressions)
     if check:
-        config = flags.get("config") or ctx.find_root().params.get("config")
         flag = f"--config {shlex.quote(config)} " if config else ""
         again = f"exporter {flag}alert-rules -o {shlex.quote(output)}"
         if not target.is_file():
@@ -334,10 +408,26 @@ def alert_rules(ctx: click.Context, output: str | None, check: bool, **flags: An
             _fail(f"{output} is out of date with the alerts config; regenerate it with: {again}")
         click.echo(f"{output} is up to date")
         return
+    if count == 0 and not allow_empty and _holds_other_text(target, text):
+        # An `alerts:` section left out (or no --config at all) must not wipe shipped rules.
+        source = f"config {config} has" if config else "no --config or EXPORTER_CONFIG given, so"
+        _fail(
+            f"refusing to replace {output} with 0 alert rules ({source} no `alerts:` rules); "
+            "name the config holding them, e.g. exporter --config "
+            f"prometheus/model-alerts.example.yaml alert-rules -o {shlex.quote(output)}, "
+            "or pass --allow-empty"
+        )
     # Written beside the target and renamed over it, so Prometheus reloading its rules never
     # reads half a file; the temporary name does not match the usual rules/*.yml glob.
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text(text, encoding="utf-8")
     partial.replace(target)
-    count = len(alerts.thresholds) + len(alerts.regressions)
     click.echo(f"wrote {count} alert rule{'s' * (count != 1)} to {output}")
+
+
+def _holds_other_text(path: Path, text: str) -> bool:
+    """True when `path` is a file whose content is not `text` (rewriting it changes it)."""
+    try:
+        return path.read_text(encoding="utf-8") != text
+    except FileNotFoundError:
+        return False

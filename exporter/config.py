@@ -29,6 +29,9 @@ from exporter.alert_rules import AlertsSettings
 from exporter.sections import Section
 
 DEFAULT_CONFIG_ENV = "EXPORTER_CONFIG"
+# A StatefulSet pod's name; its ordinal is the shard index when EXPORTER_SHARD_INDEX is unset
+# or empty (the Helm chart sets both: the pod-index label is missing before Kubernetes 1.28).
+POD_NAME_ENV = "EXPORTER_POD_NAME"
 
 # Environment variable -> dotted config key. The first block is the seed's contract.
 ENV_KEYS: dict[str, str] = {
@@ -36,6 +39,7 @@ ENV_KEYS: dict[str, str] = {
     "PROMETHEUS_GATEWAY": "prometheus.gateway",
     "PROMETHEUS_JOB_NAME": "prometheus.job_name",
     "PROMETHEUS_MODE": "prometheus.mode",
+    "PROMETHEUS_ENABLED": "prometheus.enabled",
     "PRAMATHUS_ENDPOINT": "pramathus.endpoint",
     "PRAMATHUS_API_KEY": "pramathus.api_key",
     "PRAMATHUS_ENABLED": "pramathus.enabled",
@@ -54,6 +58,7 @@ ENV_KEYS: dict[str, str] = {
     "PRAMATHUS_BATCH_SIZE": "pramathus.batch_size",
     "EXPORTER_HOST": "server.host",
     "EXPORTER_PORT": "server.port",
+    "EXPORTER_WEB_CONFIG_FILE": "server.web_config_file",
     "EXPORTER_SHARD_INDEX": "export.shard_index",
     "EXPORTER_SHARD_COUNT": "export.shard_count",
     "LOG_LEVEL": "logging.level",
@@ -310,6 +315,9 @@ class ServerSettings(Section):
     # Loopback by default; containers set EXPORTER_HOST=0.0.0.0 so Prometheus can scrape them.
     host: str = "127.0.0.1"
     port: int = Field(9877, ge=0, le=65535)
+    # An exporter-toolkit web config file: TLS and basic auth for /metrics and
+    # /mlflow/metrics (the probes stay open). None: plain HTTP, no auth.
+    web_config_file: str | None = None
 
 
 class LoggingSettings(Section):
@@ -437,15 +445,7 @@ def load_settings(
     if path:
         tree = _read_yaml(Path(path), problems)
         sources.update(_leaf_sources(tree, f"file {path}"))
-    for name, dotted in ENV_KEYS.items():
-        if name in env and env[name] != "":
-            _set_dotted(tree, dotted, env[name])
-            sources[dotted] = f"env {name}"
-        elif name in SECRET_ENV and env.get(f"{name}_FILE"):
-            secret = _read_secret_file(env[f"{name}_FILE"], f"{name}_FILE", problems)
-            if secret is not None:
-                _set_dotted(tree, dotted, secret)
-                sources[dotted] = f"env {name}_FILE"
+    _apply_env(env, tree, sources, problems)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, dotted, value)
@@ -459,6 +459,40 @@ def load_settings(
     if problems or settings is None:
         raise ConfigError(problems)
     return settings
+
+
+def _apply_env(
+    env: Mapping[str, str], tree: dict[str, Any], sources: dict[str, str], problems: list[str]
+) -> None:
+    """Environment variables over the file's values: each variable, a secret's `_FILE`,
+    and a StatefulSet pod's name for its shard index."""
+    for name, dotted in ENV_KEYS.items():
+        if name in env and env[name] != "":
+            _set_dotted(tree, dotted, env[name])
+            sources[dotted] = f"env {name}"
+        elif name in SECRET_ENV and env.get(f"{name}_FILE"):
+            secret = _read_secret_file(env[f"{name}_FILE"], f"{name}_FILE", problems)
+            if secret is not None:
+                _set_dotted(tree, dotted, secret)
+                sources[dotted] = f"env {name}_FILE"
+    if not env.get("EXPORTER_SHARD_INDEX") and env.get(POD_NAME_ENV):
+        _shard_from_pod_name(env[POD_NAME_ENV], tree, sources, problems)
+
+
+def _shard_from_pod_name(
+    pod_name: str, tree: dict[str, Any], sources: dict[str, str], problems: list[str]
+) -> None:
+    """A StatefulSet pod's ordinal (`<statefulset>-<ordinal>`) as its shard index: what a
+    cluster without the `apps.kubernetes.io/pod-index` label (before 1.28) gives."""
+    match = re.fullmatch(r".*-(\d+)", pod_name)
+    if match is None:
+        problems.append(
+            f"{POD_NAME_ENV}: {pod_name!r} does not end in -<ordinal> like a StatefulSet pod's "
+            "name; set EXPORTER_SHARD_INDEX instead"
+        )
+        return
+    _set_dotted(tree, "export.shard_index", int(match.group(1)))
+    sources["export.shard_index"] = f"env {POD_NAME_ENV}"
 
 
 def _read_secret_file(path: str, variable: str, problems: list[str]) -> str | None:

@@ -12,7 +12,6 @@ error page read as "no experiments" would empty the mirror and delete every push
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import re
@@ -475,9 +474,3 @@ def parse_point(m: dict[str, Any], run_id: str | None, key: str) -> MetricPoint:
         step=int(m.get("step") or 0),
         timestamp_ms=int(m.get("timestamp") or 0),
     )
-
-
-def shard_of(experiment_id: str, shard_count: int) -> int:
-    """The shard owning an experiment: a stable hash, the same in every process and release."""
-    digest = hashlib.sha256(experiment_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % shard_count

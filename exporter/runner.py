@@ -29,6 +29,7 @@ from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
 from exporter.sinks.pushgateway import PushError, PushTarget
 from exporter.state import StateError, StateStore, is_corruption, records
+from exporter.state import explain as explain_state
 from exporter.state.mirror import Mirror
 from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
 from exporter.sync import Sync, SyncResult
@@ -36,6 +37,16 @@ from exporter.sync import Sync, SyncResult
 log = structlog.get_logger("exporter.runner")
 
 T = TypeVar("T")
+
+
+# A Pramathus point is one logged value; remote write sends two samples per point (the value
+# and its step), so its counts are samples and are never added to points.
+_UNITS = {"remote_write": "samples"}
+
+
+def unit(sink: str) -> str:
+    """What a sink's counts count: `points`, or `samples` for remote write."""
+    return _UNITS.get(sink, "points")
 
 
 @dataclass
@@ -48,12 +59,18 @@ class CycleResult:
     runs: int = 0
     pushed_series: int = 0
     points_spooled: int = 0  # new points captured and queued for the history sinks
-    points_sent: int = 0
+    # What each sink had acknowledged, in its own unit (see `unit`): sink name -> count.
+    sent: dict[str, int] = field(default_factory=dict)
     duration_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.errors and self.crashed is None
+
+    def sent_fields(self) -> dict[str, int]:
+        """Log fields that say what was counted: `pramathus_points_sent`,
+        `remote_write_samples_sent`."""
+        return {f"{sink}_{unit(sink)}_sent": count for sink, count in self.sent.items()}
 
     def reason(self) -> str:
         parts = [f"{stage}: {msg}" for stage, msg in self.errors.items()]
@@ -113,10 +130,14 @@ class Runner:
             return fn(*args)
         except (MlflowError, PushError) as exc:
             result.errors[stage] = str(exc)
-        except (sqlite3.Error, StateError) as exc:
+        except StateError as exc:
+            result.errors.setdefault("state", f"{exc} ({stage} stage)")
+        except sqlite3.Error as exc:
             # Busy, locked, disk full: the state is kept as it is; the next cycle retries.
-            result.errors["state"] = f"state database ({stage} stage): {exc}"
-            if isinstance(exc, sqlite3.Error) and is_corruption(exc):
+            # The first stage that met it is reported: later ones meet the same cause.
+            reason = f"{explain_state(self.state.path, exc)} ({stage} stage)"
+            result.errors.setdefault("state", reason)
+            if is_corruption(exc):
                 self.state.suspect()  # the next start checks the whole file
         except Exception as exc:
             result.crashed = f"{stage} stage: {type(exc).__name__}: {exc}"
@@ -332,18 +353,17 @@ class Runner:
         m = self.metrics.sinks[sink.name]
         m.points_sent.inc(drained.points)
         m.batches_sent.inc(drained.batches)
-        result.points_sent += drained.points
+        result.sent[sink.name] = result.sent.get(sink.name, 0) + drained.points
         if drained.error:
             result.errors[sink.name] = drained.error
         if drained.batches or drained.error or drained.set_aside:
-            log.info(
-                "delivery.drained",
-                sink=sink.name,
-                batches=drained.batches,
-                points=drained.points,
-                set_aside=drained.set_aside,
-                error=drained.error,
-            )
+            # Only what happened: no `error=None` on a success, no empty `set_aside`.
+            fields: dict[str, Any] = {"batches": drained.batches, unit(sink.name): drained.points}
+            if drained.set_aside:
+                fields["set_aside"] = drained.set_aside
+            if drained.error:
+                fields["error"] = drained.error
+            log.info("delivery.drained", sink=sink.name, **fields)
 
     # ------------------------------------------------------------------ record
 
@@ -368,7 +388,7 @@ class Runner:
             "runs": result.runs,
             "series": result.pushed_series,
             "points_spooled": result.points_spooled,
-            "points_sent": result.points_sent,
+            **result.sent_fields(),
             "spool_points": queued,
         }
         if result.ok:

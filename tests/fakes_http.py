@@ -150,8 +150,13 @@ def environ(path: str, method: str = "GET") -> dict[str, Any]:
     return env
 
 
-def call_wsgi(app: Callable[..., Iterable[bytes]], path: str) -> tuple[StartResponse, bytes]:
-    """Call `app` for `path`; the recorded start and the whole body."""
+def call_wsgi(
+    app: Callable[..., Iterable[bytes]], path: str, headers: Mapping[str, str] | None = None
+) -> tuple[StartResponse, bytes]:
+    """Call `app` for `path` with request `headers`; the recorded start and the whole body."""
     start = StartResponse()
-    body = b"".join(app(environ(path), start))
+    env = environ(path)
+    for name, value in (headers or {}).items():
+        env["HTTP_" + name.upper().replace("-", "_")] = value
+    body = b"".join(app(env, start))
     return start, body

@@ -7,6 +7,7 @@ No servers: promtool is a local binary and checks and unit-tests the rendered ru
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import typing
@@ -802,3 +803,70 @@ def test_a_config_without_alerts_renders_an_empty_group(
     result = CliRunner().invoke(cli.main, ["--config", str(path), "alert-rules"])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout) == {"groups": [{"name": GROUP_NAME, "rules": []}]}
+
+
+def test_zero_rules_never_replace_a_rule_file_that_holds_some(run: Any, tmp_path: Path) -> None:
+    # As a newcomer typed the README's command without --config: no `alerts:` section at all.
+    target = tmp_path / "model-alerts.yml"
+    shipped = render_yaml(example())
+    target.write_text(shipped, encoding="utf-8")
+    result = run("alert-rules", "-o", str(target))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"error: refusing to replace {target} with 0 alert rules (no --config or "
+        "EXPORTER_CONFIG given, so no `alerts:` rules); name the config holding them, e.g. "
+        "exporter --config prometheus/model-alerts.example.yaml alert-rules "
+        f"-o {target}, or pass --allow-empty\n"
+    )
+    assert target.read_text("utf-8") == shipped
+
+
+def test_zero_rules_refusal_names_the_config_that_was_read(run: Any, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("export:\n  interval_seconds: 30\n", encoding="utf-8")
+    target = tmp_path / "model-alerts.yml"
+    target.write_text(render_yaml(example()), encoding="utf-8")
+    result = run("--config", str(path), "alert-rules", "-o", str(target))
+    assert result.exit_code == 1
+    assert f"(config {path} has no `alerts:` rules)" in result.stderr
+
+
+def test_allow_empty_replaces_the_rule_file_with_an_empty_group(run: Any, tmp_path: Path) -> None:
+    target = tmp_path / "model-alerts.yml"
+    target.write_text(render_yaml(example()), encoding="utf-8")
+    result = run("alert-rules", "--allow-empty", "-o", str(target))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote 0 alert rules to {target}\n"
+    assert yaml.safe_load(target.read_text("utf-8"))["groups"][0]["rules"] == []
+
+
+def test_zero_rules_may_create_a_new_file_or_rewrite_an_identical_one(
+    run: Any, tmp_path: Path
+) -> None:
+    target = tmp_path / "model-alerts.yml"
+    for _ in range(2):  # created, then rewritten unchanged
+        result = run("alert-rules", "-o", str(target))
+        assert result.exit_code == 0, result.output
+    assert yaml.safe_load(target.read_text("utf-8"))["groups"][0]["rules"] == []
+
+
+def test_the_readme_command_reproduces_the_shipped_rule_file_byte_for_byte(
+    run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The exact line of the README's "Using the exporter" block, run from a copy of the repo's
+    # prometheus/ folder with the shipped rule file removed.
+    [line] = [
+        line
+        for line in (ROOT / "README.md").read_text("utf-8").splitlines()
+        if line.startswith("exporter ") and " alert-rules " in line
+    ]
+    argv = shlex.split(line, comments=True)
+    assert argv[0] == "exporter"
+    shutil.copytree(ROOT / "prometheus", tmp_path / "prometheus")
+    (tmp_path / "prometheus" / "rules" / "model-alerts.yml").unlink()
+    monkeypatch.chdir(tmp_path)
+    result = run(*argv[1:])
+    assert result.exit_code == 0, result.output
+    written = (tmp_path / "prometheus" / "rules" / "model-alerts.yml").read_bytes()
+    assert written == COMMITTED.read_bytes()

@@ -234,9 +234,18 @@ def test_check_config_prints_the_masked_config_and_exits_1_when_backends_are_unr
             f"FAIL mlflow: cannot reach MLflow at {base} (connection refused): is the server up, "
             "and is MLFLOW_TRACKING_URI right?"
         ),
-        f"FAIL pushgateway: cannot reach Pushgateway at {base}/-/healthy (ConnectionError)",
-        f"FAIL pramathus: cannot reach Pramathus at {base}/api/metrics (ConnectionError)",
-        f"FAIL remote_write: cannot reach remote write at {base}/api/v1/write (ConnectionError)",
+        (
+            f"FAIL pushgateway: cannot reach Pushgateway at {base}/-/healthy (connection "
+            "refused): is it running, and is PROMETHEUS_GATEWAY right?"
+        ),
+        (
+            f"FAIL pramathus: cannot reach Pramathus at {base}/api/metrics (connection "
+            "refused): is it running, and is PRAMATHUS_ENDPOINT right?"
+        ),
+        (
+            f"FAIL remote_write: cannot reach remote write at {base}/api/v1/write (connection "
+            "refused): is it running, and is REMOTE_WRITE_URL right?"
+        ),
     ]
 
 
@@ -297,9 +306,10 @@ def test_check_config_fails_a_backend_refusing_its_credentials_or_broken(
     result = invoke("check-config", "--config", config)
 
     assert result.exit_code == 1
+    step = "check its key" if status < 500 else "is it running, and is PRAMATHUS_ENDPOINT right?"
     assert (
-        f"FAIL pramathus: Pramathus at http://127.0.0.1:9/api/metrics answered HTTP {status}"
-        in result.stdout
+        f"FAIL pramathus: Pramathus at http://127.0.0.1:9/api/metrics answered HTTP {status}: "
+        f"{step}\n" in result.stdout
     )
 
 
@@ -333,6 +343,18 @@ def test_check_config_probes_only_the_enabled_backends(
     assert [url for _, url, _ in backends.calls] == [
         "http://localhost:5000/api/2.0/mlflow/experiments/search"
     ]
+
+
+def test_prometheus_enabled_false_in_the_environment_turns_the_pushgateway_off(
+    backends: FakeRequests,
+) -> None:
+    result = invoke("check-config", env={"PROMETHEUS_ENABLED": "false"})
+
+    assert result.exit_code == 0, result.output
+    assert "  enabled: false\n  mode: push\n" in result.stdout
+    report = [line for line in result.stdout.splitlines() if line.startswith(("ok  ", "FAIL"))]
+    assert report == ["ok   mlflow: http://localhost:5000 answers"]
+    assert not [url for _, url, _ in backends.calls if "healthy" in url]
 
 
 # ---------------------------------------------------------------- one-line failures
@@ -425,7 +447,11 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
 
     calls: list[tuple[Any, ...]] = []
     result = CycleResult(
-        experiments=2, runs=5, pushed_series=40, points_sent=9, duration_seconds=1.234
+        experiments=2,
+        runs=5,
+        pushed_series=40,
+        sent={"pramathus": 9, "remote_write": 18},
+        duration_seconds=1.234,
     )
 
     @contextlib.contextmanager
@@ -442,7 +468,8 @@ def test_export_once_reports_what_a_successful_cycle_did(opened: list[tuple[Any,
 
     assert result.exit_code == 0
     assert result.stdout == (
-        "exported 2 experiments, 5 runs, 40 series, 9 points sent, 17 MLflow requests in 1.23s\n"
+        "exported 2 experiments, 5 runs, 40 series, 9 points sent to pramathus, 18 samples sent "
+        "to remote_write, 17 MLflow requests in 1.23s\n"
     )
 
 
@@ -473,7 +500,8 @@ def test_continuous_serves_the_probes_and_runs_cycles_at_the_interval_given(
     ran: list[tuple[float, str | None]] = []
     monkeypatch.setattr(exporter.app, "pull_collector", lambda runner: "pull-collector")
 
-    def fake_serve(app: Any, host: str, port: int) -> Any:
+    def fake_serve(app: Any, host: str, port: int, tls: Any = None) -> Any:
+        assert tls is None
         served.append((app, host, port))
         return type("Server", (), {"server_port": 40123})()
 
@@ -535,7 +563,7 @@ def test_continuous_leaves_at_once_when_the_last_cycle_had_to_be_abandoned(
 
 
 def test_generate_sample_passes_its_options_and_prints_the_summary(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, backends: FakeRequests
 ) -> None:
     import exporter.sample
 
@@ -553,7 +581,9 @@ def test_generate_sample_passes_its_options_and_prints_the_summary(
     assert (specs[0].experiments, specs[0].runs, specs[0].steps, specs[0].seed) == (2, 3, 30, 7)
 
 
-def test_generate_sample_failures_end_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_sample_failures_end_in_one_line_naming_mlflow_and_the_next_step(
+    monkeypatch: pytest.MonkeyPatch, backends: FakeRequests
+) -> None:
     import exporter.sample
 
     def broken(*args: Any, **kwargs: Any) -> str:
@@ -564,4 +594,90 @@ def test_generate_sample_failures_end_in_one_line(monkeypatch: pytest.MonkeyPatc
     result = invoke("generate-sample")
 
     assert result.exit_code == 1
-    assert result.stderr == "error: generate-sample failed: ConnectionError: MLflow is down\n"
+    assert result.stderr == (
+        "error: generate-sample failed against MLflow at http://localhost:5000: "
+        "ConnectionError: MLflow is down; see the MLflow server's log, then run it again "
+        "(it adds only what is missing)\n"
+    )
+
+
+def test_a_long_generate_sample_error_is_cut_at_a_word_not_inside_one(
+    monkeypatch: pytest.MonkeyPatch, backends: FakeRequests
+) -> None:
+    import exporter.sample
+
+    def broken(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("HTTPConnectionPool(host='127.0.0.1', port=1) " + "word " * 100)
+
+    monkeypatch.setattr(exporter.sample, "generate", broken)
+
+    result = invoke("generate-sample")
+
+    assert result.exit_code == 1
+    assert "RuntimeError: HTTPConnectionPool(host='127.0.0.1', port=1) word word" in result.stderr
+    assert " word ...; see the MLflow server's log" in result.stderr
+
+
+def test_generate_sample_with_mlflow_unreachable_names_it_and_what_to_check(
+    bound_port: int,
+) -> None:
+    result = invoke("generate-sample", "--mlflow-uri", f"http://127.0.0.1:{bound_port}")
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: generate-sample: cannot reach MLflow at http://127.0.0.1:{bound_port} "
+        "(connection refused): is the server up, and is MLFLOW_TRACKING_URI right?\n"
+    )
+
+
+def test_a_state_dir_that_is_a_file_fails_in_one_line_saying_so(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_text("", encoding="utf-8")
+
+    result = invoke("export-once", "--state-dir", str(path), "--mlflow-uri", "http://127.0.0.1:9")
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: state directory {path} is a file, not a directory: move it away, or set "
+        "EXPORTER_STATE_DIR (or --state-dir) to a directory\n"
+    )
+
+
+# ---------------------------------------------------------------- web config (TLS, basic auth)
+
+
+@pytest.mark.parametrize("command", ["continuous", "check-config"])
+def test_a_web_config_naming_a_missing_file_or_a_bad_hash_stops_start_up_with_exit_2(
+    tmp_path: Path, command: str
+) -> None:
+    web = write(
+        tmp_path,
+        "tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n"
+        "basic_auth_users:\n  prometheus: hunter2-in-clear\n",
+        "web.yml",
+    )
+    result = invoke(command, env={"EXPORTER_WEB_CONFIG_FILE": web})
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: invalid configuration (3 problems):",
+        (
+            f"  - server.web_config_file {web}: basic_auth_users.prometheus: not a bcrypt hash "
+            "($2b$...); make one with `htpasswd -nBC 10 USER` or Python's bcrypt.hashpw"
+        ),
+        (
+            f"  - server.web_config_file {web}: tls_server_config.cert_file: no such file "
+            f"{tmp_path / 'nope.crt'}"
+        ),
+        (
+            f"  - server.web_config_file {web}: tls_server_config.key_file: no such file "
+            f"{tmp_path / 'nope.key'}"
+        ),
+    ]
+    assert "hunter2" not in result.output
+
+
+def test_a_missing_web_config_file_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    result = invoke("continuous", env={"EXPORTER_WEB_CONFIG_FILE": str(tmp_path / "w.yml")})
+    assert result.exit_code == 2
+    assert f"server.web_config_file {tmp_path / 'w.yml'}: cannot read" in result.stderr

@@ -96,8 +96,10 @@ def test_env_strings_are_coerced_to_typed_values() -> None:
         "MAX_EXPERIMENTS": "0",
         "MLFLOW_TRACKING_INSECURE_TLS": "1",
         "EXPORTER_PORT": "0",
+        "PROMETHEUS_ENABLED": "false",
     }
     s = load_settings(env=env)
+    assert s.prometheus.enabled is False
     assert s.pramathus.enabled is True
     assert s.export.max_experiments == 0
     assert s.mlflow.insecure_tls is True
@@ -378,6 +380,37 @@ def test_credentials_over_plain_http_to_a_remote_host_are_warned_about() -> None
         "the network between is trusted"
     )
     assert plain_http_credentials(s) == [expected]
+
+
+# ---------------------------------------------------------------- shard from a StatefulSet pod
+
+
+def test_the_pod_index_label_gives_the_shard_index_directly() -> None:
+    # The chart's EXPORTER_SHARD_INDEX comes from the apps.kubernetes.io/pod-index label.
+    env = {"EXPORTER_SHARD_INDEX": "2", "EXPORTER_SHARD_COUNT": "3", "EXPORTER_POD_NAME": "m-0"}
+    assert load_settings(env=env).export.shard_index == 2
+
+
+def test_without_the_pod_index_label_the_pod_names_ordinal_is_the_shard_index() -> None:
+    # Before Kubernetes 1.28 the label is missing: the downward API gives an empty value.
+    env = {"EXPORTER_SHARD_INDEX": "", "EXPORTER_SHARD_COUNT": "4", "EXPORTER_POD_NAME": "mm-x-3"}
+    assert load_settings(env=env).export.shard_index == 3
+
+
+def test_the_pod_names_ordinal_beats_the_yaml_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "export:\n  shard_index: 0\n  shard_count: 3\n")
+    env = {"EXPORTER_POD_NAME": "mm-12-1"}
+    assert load_settings(path, env=env).export.shard_index == 1
+
+
+def test_a_pod_name_without_an_ordinal_is_a_problem_naming_the_variable() -> None:
+    [problem] = problems_of(env={"EXPORTER_POD_NAME": "exporter"})
+    assert problem.startswith("EXPORTER_POD_NAME: 'exporter' does not end in -<ordinal>")
+
+
+def test_an_ordinal_beyond_the_shard_count_is_refused() -> None:
+    [problem] = problems_of(env={"EXPORTER_POD_NAME": "mm-3", "EXPORTER_SHARD_COUNT": "3"})
+    assert "shard_index 3 must be below shard_count 3" in problem
 
 
 def test_series_window_and_mlflow_concurrency_come_from_their_env_variables() -> None:

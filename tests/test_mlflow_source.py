@@ -26,7 +26,6 @@ from exporter.mlflow_source import (
     all_runs,
     filter_string,
     runs_by_id,
-    shard_of,
 )
 
 
@@ -337,9 +336,3 @@ def test_credentials_go_in_the_session_never_in_messages() -> None:
     assert basic.session.auth == ("u", "p")
     insecure = RestSource.from_settings(MlflowSettings(insecure_tls=True))
     assert insecure.session.verify is False
-
-
-def test_experiments_are_spread_over_shards_stably() -> None:
-    spread = {shard_of(str(i), 3) for i in range(30)}
-    assert spread == {0, 1, 2}
-    assert shard_of("42", 3) == shard_of("42", 3)

@@ -641,9 +641,30 @@ def test_a_locked_state_database_fails_the_cycle_and_is_kept(h: Harness) -> None
         other.close()
 
     assert "database is locked" in result.errors["state"]
+    assert "another program holds it" in result.errors["state"]
     assert h.state.set_aside is None
     assert sample(h.metrics, "mlflow_exporter_errors_total", stage="state") >= 1
     assert not (h.tmp / "state" / "state.db.check").exists()  # busy is not damage
+    h.ok_cycle()
+
+
+def test_a_read_only_state_database_names_the_file_and_how_to_fix_it(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("read-only")
+    h.mlflow.create_run(exp)
+    h.ok_cycle()
+    # SQLite's own refusal (SQLITE_READONLY), as a file without write permission gives a
+    # non-root user; query_only makes it happen for root too.
+    h.state.db.conn.execute("PRAGMA query_only = ON")
+    h.mlflow.create_run(exp)
+
+    result = h.cycle()
+
+    assert result.errors["state"] == (
+        f"state database {h.tmp / 'state' / 'state.db'}: attempt to write a readonly database; "
+        "make the file and its directory writable by the exporter's user (chown/chmod), or "
+        "set EXPORTER_STATE_DIR to a writable directory (mlflow stage)"
+    )
+    h.state.db.conn.execute("PRAGMA query_only = OFF")
     h.ok_cycle()
 
 
@@ -814,3 +835,31 @@ def test_the_sync_log_line_counts_new_runs_instead_of_listing_their_ids(h: Harne
     [synced] = [e for e in logs if e["event"] == "mlflow.synced"]
     assert synced["new_runs"] == 3
     assert "new_run_ids" not in synced
+
+
+def test_delivery_logs_name_what_they_count_and_no_error_on_a_success(tmp_path: Path) -> None:
+    # Remote write counts samples (a value and a step per point): never added to points.
+    h = Harness(tmp_path, sinks=[RecordingSink(), RecordingSink(name="remote_write")])
+    h.mlflow.log(h.mlflow.create_run(h.mlflow.create_experiment("logs")), "loss", 1.0)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            h.ok_cycle()
+    finally:
+        h.state.close()
+
+    drained = {e["sink"]: e for e in logs if e["event"] == "delivery.drained"}
+    assert drained["pramathus"] == {
+        "event": "delivery.drained",
+        "log_level": "info",
+        "sink": "pramathus",
+        "batches": 1,
+        "points": 1,
+    }
+    assert "samples" in drained["remote_write"]
+    assert "points" not in drained["remote_write"]
+    [done] = [e for e in logs if e["event"] == "cycle.succeeded"]
+    assert done["points_spooled"] == 1
+    assert done["pramathus_points_sent"] == 1
+    assert "remote_write_samples_sent" in done
+    assert "points_sent" not in done

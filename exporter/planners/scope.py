@@ -4,16 +4,22 @@ Scope is what the exporter looks at at all: its shard of the experiments, narrow
 include/exclude name patterns. Everything in scope is mirrored, counted, and delivered to
 the history sinks. `MAX_EXPERIMENTS` and `max_runs_per_experiment` only bound how many
 per-run series reach Prometheus.
+
+Experiments are assigned to shards by jump consistent hash (Lamping and Veach, 2014): going
+from n to n + 1 shards moves about 1/(n + 1) of them, all to the new shard, and none between
+the shards that stay.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from exporter.config import ExportSettings, name_filter
-from exporter.mlflow_source import shard_of
 from exporter.model import Experiment
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +44,23 @@ def in_scope(experiments: Iterable[Experiment], export: ExportSettings) -> Scope
         if stage == "active" and owns(e.experiment_id, export):
             active.append(e)
     return Scope(sorted(active, key=lambda e: e.experiment_id), counts, excluded)
+
+
+def jump_hash(key: int, buckets: int) -> int:
+    """Jump consistent hash: the bucket (0..buckets-1) of a 64-bit key."""
+    bucket, candidate = -1, 0
+    while candidate < buckets:
+        bucket = candidate
+        key = (key * 2862933555777941757 + 1) & _MASK64
+        candidate = int((bucket + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return bucket
+
+
+def shard_of(experiment_id: str, shard_count: int) -> int:
+    """The shard owning an experiment: a stable key (the first 8 bytes of the SHA-256 of its
+    id, the same in every process and release) through jump consistent hash."""
+    digest = hashlib.sha256(experiment_id.encode()).digest()
+    return jump_hash(int.from_bytes(digest[:8], "big"), shard_count)
 
 
 def owns(experiment_id: str, export: ExportSettings) -> bool:

@@ -18,12 +18,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from exporter.state import records
-from exporter.state.db import Database, StateError, is_corruption
+from exporter.state.db import Database, StateError, explain, is_corruption
 from exporter.state.ledger import Ledger
 from exporter.state.mirror import Mirror
 from exporter.state.outbox import Outbox
 
-__all__ = ["Ledger", "Mirror", "Outbox", "StateError", "StateStore", "is_corruption"]
+__all__ = [
+    "Ledger",
+    "Mirror",
+    "Outbox",
+    "StateError",
+    "StateStore",
+    "explain",
+    "is_corruption",
+]
 
 R = TypeVar("R")
 
@@ -36,6 +44,11 @@ class StateStore:
         self.directory = directory
         self.mirror = Mirror(self.db.conn)
         self.ledger = Ledger(self.db.conn)
+
+    @property
+    def path(self) -> Path:
+        """The state database file."""
+        return self.db.path
 
     @property
     def set_aside(self) -> Path | None:

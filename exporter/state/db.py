@@ -38,6 +38,30 @@ class StateError(Exception):
     """The state directory cannot be used right now; message safe to show."""
 
 
+# What to do about a passing SQLite error, by the words of its message.
+_WRITABLE = (
+    "make the file and its directory writable by the exporter's user (chown/chmod), "
+    "or set EXPORTER_STATE_DIR to a writable directory"
+)
+_NEXT_STEP = (
+    ("readonly", _WRITABLE),
+    ("full", "free space on its disk; the next cycle retries"),
+    ("disk i/o", "check the disk and the file size limit (ulimit -f); the next cycle retries"),
+    ("locked", "another program holds it: stop it; the next cycle retries"),
+    ("busy", "another program holds it: stop it; the next cycle retries"),
+)
+
+
+def explain(path: Path, exc: sqlite3.Error) -> str:
+    """One line naming the state file, SQLite's words and the next step to take."""
+    text = str(exc)
+    step = next(
+        (hint for word, hint in _NEXT_STEP if word in text.lower()),
+        "fix the cause; the state is kept as it is and the next cycle retries",
+    )
+    return f"state database {path}: {text}; {step}"
+
+
 def is_corruption(exc: sqlite3.Error) -> bool:
     """True only for errors that mean the file's content is damaged or not a database."""
     return getattr(exc, "sqlite_errorname", "") in CORRUPTION
@@ -127,6 +151,11 @@ class Database:
 
 
 def _lock_directory(directory: Path) -> IO[str]:
+    if directory.exists() and not directory.is_dir():
+        raise StateError(
+            f"state directory {directory} is a file, not a directory: move it away, or set "
+            "EXPORTER_STATE_DIR (or --state-dir) to a directory"
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
         lock = (directory / "exporter.lock").open("a+")

@@ -13,7 +13,7 @@ import requests
 
 from exporter.app import open_runner
 from exporter.config import load_settings
-from exporter.mlflow_source import shard_of
+from exporter.planners.scope import shard_of
 from exporter.runner import Runner
 from exporter.selfmetrics import SelfMetrics
 from tests.integration.conftest import ExporterEnv

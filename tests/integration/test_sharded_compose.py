@@ -36,7 +36,7 @@ import pytest
 import requests
 import yaml
 
-from exporter.mlflow_source import shard_of
+from exporter.planners.scope import shard_of
 from tests.integration.conftest import ExporterEnv
 from tests.support import servers
 from tests.support.receiver import Receiver, point_of

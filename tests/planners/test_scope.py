@@ -1,7 +1,8 @@
 """Unit tests for exporter.planners.scope: shards, name patterns, counts and run-series choice.
 
-Shard ownership is a stable hash of the experiment id; with two shards, experiments 2, 4 and 7
-belong to shard 0 and 1, 3 and 5 to shard 1 (asserted below, so a changed hash shows up).
+Shard ownership is jump consistent hash over a stable hash of the experiment id; with two
+shards, experiments 17, 2 and 3 belong to shard 0 and 1, 4 and 5 to shard 1 (asserted below,
+so a changed hash shows up).
 """
 
 from __future__ import annotations
@@ -11,19 +12,20 @@ from typing import Any
 import pytest
 
 from exporter.config import ExportSettings
-from exporter.mlflow_source import shard_of
 from exporter.model import Experiment
 from exporter.planners.scope import (
     in_scope,
+    jump_hash,
     metric_filter,
     owns,
     owns_group,
+    shard_of,
     with_run_series,
 )
 from exporter.planners.series import REGISTRY_KEY, experiment_key
 
-SHARD_0 = ("2", "4", "7")
-SHARD_1 = ("1", "3", "5")
+SHARD_0 = ("17", "2", "3")
+SHARD_1 = ("1", "4", "5")
 
 
 def export(**fields: Any) -> ExportSettings:
@@ -48,7 +50,7 @@ def test_one_shard_mirrors_every_active_experiment_sorted_by_id() -> None:
     assert scope.excluded == 0
 
 
-@pytest.mark.parametrize(("index", "mine"), [(0, ["2", "4", "7"]), (1, ["1", "3", "5"])])
+@pytest.mark.parametrize(("index", "mine"), [(0, ["17", "2", "3"]), (1, ["1", "4", "5"])])
 def test_each_shard_mirrors_only_its_experiments_but_counts_all(
     index: int, mine: list[str]
 ) -> None:
@@ -82,8 +84,8 @@ def test_an_unknown_lifecycle_stage_is_taken_as_active() -> None:
 def test_name_patterns_narrow_scope_and_count_this_shards_active_exclusions() -> None:
     experiments = [
         Experiment("2", "prod-churn"),
-        Experiment("4", "prod-scratch"),
-        Experiment("7", "dev-churn"),
+        Experiment("3", "prod-scratch"),
+        Experiment("17", "dev-churn"),
         Experiment("1", "dev-other"),  # shard 1: not this shard's exclusion
         Experiment(
             "9", "dev-deleted", lifecycle_stage="deleted"
@@ -165,3 +167,57 @@ def test_the_metric_filter_applies_include_and_exclude_patterns_to_whole_keys() 
         False,
     ]
     assert metric_filter(export())("anything")
+
+
+# ---------------------------------------------------------------- resharding
+
+
+KEYS = [str(i) for i in range(20_000)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_adding_a_shard_moves_about_one_in_n_plus_one_and_only_to_the_new_shard(n: int) -> None:
+    before = {k: shard_of(k, n) for k in KEYS}
+    after = {k: shard_of(k, n + 1) for k in KEYS}
+    moved = [k for k in KEYS if before[k] != after[k]]
+
+    assert {after[k] for k in moved} == {n}  # nothing moves between the shards that stay
+    share = len(moved) / len(KEYS)
+    assert abs(share - 1 / (n + 1)) < 0.02, f"{share:.3f} moved going {n} -> {n + 1}"
+
+
+def test_three_to_four_shards_moves_a_quarter_where_a_modulo_would_move_three_quarters() -> None:
+    moved = sum(shard_of(k, 3) != shard_of(k, 4) for k in KEYS) / len(KEYS)
+    modulo = sum(int(k) % 3 != int(k) % 4 for k in KEYS) / len(KEYS)
+    assert 0.23 < moved < 0.27
+    assert modulo > 0.7
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 10])
+def test_every_shard_gets_an_even_share(count: int) -> None:
+    shares = [0] * count
+    for k in KEYS:
+        shares[shard_of(k, count)] += 1
+    assert all(abs(s / len(KEYS) - 1 / count) < 0.02 for s in shares), shares
+
+
+@pytest.mark.parametrize(
+    ("key", "buckets", "bucket"),
+    [
+        # Published by other ports of the paper's reference code (Lamping and Veach, "A Fast,
+        # Minimal Memory, Consistent Hash Algorithm", 2014): ClickHouse's
+        # jumpConsistentHash tests and Microsoft's TypeScript port.
+        (1, 1, 0),
+        (42, 57, 43),
+        (256, 1024, 520),
+        (3735883980, 1, 0),
+        (3735883980, 666, 361),
+        (16045690984833335023, 255, 237),
+        (10863919174838991, 11, 6),
+        (2016238256797177309, 11, 3),
+    ],
+)
+def test_jump_hash_gives_the_reference_implementations_buckets(
+    key: int, buckets: int, bucket: int
+) -> None:
+    assert jump_hash(key, buckets) == bucket

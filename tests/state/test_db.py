@@ -12,7 +12,7 @@ import pytest
 
 import exporter.state.db as db_module
 from exporter.state import StateError, StateStore
-from exporter.state.db import FILE, Database, is_corruption
+from exporter.state.db import FILE, Database, explain, is_corruption
 from exporter.state.outbox import EncodedBatch
 from exporter.state.records import LabelRecord
 from exporter.state.schema import SCHEMA_VERSION
@@ -545,6 +545,36 @@ def test_is_corruption_is_false_for_busy_constraint_and_schema_errors(tmp_path: 
     assert not is_corruption(constraint.value)
     assert not is_corruption(missing.value)
     assert not is_corruption(sqlite3.DatabaseError("made by hand, no error name"))
+
+
+def test_a_state_directory_that_is_a_file_is_refused_saying_so(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_text("not a directory", encoding="utf-8")
+    with pytest.raises(StateError) as refused:
+        Database(path)
+    assert str(refused.value) == (
+        f"state directory {path} is a file, not a directory: move it away, or set "
+        "EXPORTER_STATE_DIR (or --state-dir) to a directory"
+    )
+    assert path.read_text(encoding="utf-8") == "not a directory"
+
+
+@pytest.mark.parametrize(
+    ("error", "step"),
+    [
+        ("attempt to write a readonly database", "writable by the exporter's user"),
+        ("database or disk is full", "free space on its disk"),
+        ("disk I/O error", "ulimit -f"),
+        ("database is locked", "another program holds it"),
+        ("something new", "fix the cause; the state is kept as it is"),
+    ],
+)
+def test_every_passing_sqlite_error_is_explained_with_the_file_and_a_next_step(
+    tmp_path: Path, error: str, step: str
+) -> None:
+    line = explain(tmp_path / "state.db", sqlite3.OperationalError(error))
+    assert line.startswith(f"state database {tmp_path / 'state.db'}: {error}; ")
+    assert step in line
 
 
 def test_a_large_state_gets_a_cheap_start_check_and_a_full_one_after_a_cycle_met_corruption(

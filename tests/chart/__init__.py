@@ -1,0 +1,1 @@
+"""Unit-level tests of the Helm chart: rendered by the real Helm engine, no servers."""
