@@ -148,8 +148,13 @@ def direct_read(db: Path, experiment_ids: list[str]) -> dict[str, Any]:
 
 def exporter_env(mlflow: servers.Server, gateway: servers.Server, job: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EXPORT", "MLFLOW_"))}
+    # A boot queues every point; the default delivery budget (30 s a cycle) would end an
+    # `export-once` with most of them still queued (exit 1), so it gets an hour here.
+    config = Path(tempfile.gettempdir()) / "bench-scale-exporter.yaml"
+    config.write_text("pramathus:\n  delivery_budget_seconds: 3600\n")
     return {
         **env,
+        "EXPORTER_CONFIG": str(config),
         "MLFLOW_TRACKING_URI": mlflow.url,
         "PROMETHEUS_GATEWAY": gateway.url,
         "PROMETHEUS_JOB_NAME": job,
