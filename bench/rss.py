@@ -86,7 +86,7 @@ def _wrap_stage(cls: type, name: str, label: str) -> None:
 
 
 def _instrument(log_path: Path, profile_path: str | None) -> None:
-    from exporter.mlflow_source import RestSource
+    from exporter.mlflow_source import API, RestSource
     from exporter.runner import Runner
     from exporter.sync import Sync
 
@@ -100,11 +100,13 @@ def _instrument(log_path: Path, profile_path: str | None) -> None:
     call = RestSource.call
 
     @functools.wraps(call)
-    def timed_call(self: Any, method: str, endpoint: str, payload: dict[str, Any]) -> Any:
+    def timed_call(
+        self: Any, method: str, endpoint: str, payload: dict[str, Any], api: str = API
+    ) -> Any:
         cycle = _cycle
         started = time.perf_counter()
         try:
-            return call(self, method, endpoint, payload)
+            return call(self, method, endpoint, payload, api)
         finally:
             if cycle is not None:
                 bucket = cycle["endpoints"].setdefault(endpoint, {"calls": 0, "wall_s": 0.0})

@@ -301,6 +301,83 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
     return probes
 
 
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """List set-aside points, or put them back into their sink's queue."""
+
+
+def _sink_option(fn: F) -> F:
+    fn = click.option("--reason", help="Only this reason (too_large, rejected, too_old...).")(fn)
+    return click.option(
+        "--sink", type=click.Choice(["pramathus", "remote_write"]), help="Only this sink."
+    )(fn)
+
+
+@dead_letters.command("list")
+@_sink_option
+@global_options
+@click.pass_context
+@_guarded
+def dead_letters_list(
+    ctx: click.Context, sink: str | None, reason: str | None, **flags: Any
+) -> None:
+    """Show every set-aside batch: sink, reason, points, HTTP status and error."""
+    from datetime import UTC, datetime
+
+    from exporter.state import StateStore
+
+    settings = _settings(ctx, flags)
+    store = StateStore(settings.state_path)
+    try:
+        rows = [
+            row for name in _sinks(sink) for row in store.outbox(name).set_aside_batches(reason)
+        ]
+    finally:
+        store.close()
+    for row in rows:
+        when = datetime.fromtimestamp(row.failed_ms / 1000, tz=UTC).isoformat(timespec="seconds")
+        status = row.status if row.status is not None else "-"
+        click.echo(
+            f"{row.sink} #{row.id} {row.reason} points={row.points} status={status} "
+            f"at={when} error={_masked(row.error or '')}"
+        )
+    total = sum(r.points for r in rows)
+    click.echo(f"{len(rows)} set-aside batches, {total} points")
+
+
+@dead_letters.command("replay")
+@_sink_option
+@global_options
+@click.pass_context
+@_guarded
+def dead_letters_replay(
+    ctx: click.Context, sink: str | None, reason: str | None, **flags: Any
+) -> None:
+    """Put set-aside batches back at the end of their sink's queue (same idempotency keys);
+    the next cycle delivers them."""
+    from exporter.state import StateStore
+
+    settings = _settings(ctx, flags)
+    store = StateStore(settings.state_path)
+    try:
+        with store.transaction():
+            moved = [(name, store.outbox(name).replay(reason)) for name in _sinks(sink)]
+    finally:
+        store.close()
+    for name, totals in moved:
+        click.echo(f"{name}: {totals.points} points in {totals.batches} batches queued again")
+
+
+def _sinks(sink: str | None) -> list[str]:
+    return [sink] if sink else ["pramathus", "remote_write"]
+
+
+def _masked(text: str) -> str:
+    for secret in _secret_values:
+        text = text.replace(secret, logs.MASK)
+    return text
+
+
 @main.command("generate-sample")
 @click.option("--experiments", default=3, show_default=True, help="Experiments to create.")
 @click.option("--runs", default=8, show_default=True, help="Runs per experiment.")

@@ -71,6 +71,11 @@ ENV_KEYS: dict[str, str] = {
     "EXPORTER_MLFLOW_CONCURRENCY": "mlflow.concurrency",
     "EXPORTER_SERIES_RUN_WINDOW": "series.run_window",
     "EXPORTER_SERIES_MIN_RUNS_PER_EXPERIMENT": "series.min_runs_per_experiment",
+    "TRACES_ENABLED": "traces.enabled",
+    "TRACES_WINDOW_SECONDS": "traces.window_seconds",
+    "TRACES_BUCKET_SECONDS": "traces.bucket_seconds",
+    "TRACES_SETTLE_SECONDS": "traces.settle_seconds",
+    "TRACES_MAX_TRACE_NAMES": "traces.max_trace_names",
 }
 
 
@@ -184,6 +189,8 @@ class PramathusSettings(Section):
     endpoint: str | None = None
     api_key: SecretStr | None = None
     batch_size: int = Field(500, ge=1, le=50000)
+    # Largest request body; below nginx's default client_max_body_size of 1 MiB.
+    max_body_bytes: int = Field(1_000_000, ge=1024)
     timeout_seconds: float = Field(10.0, gt=0)
     # Longest a cycle spends delivering (retries included); the rest waits in the queue.
     delivery_budget_seconds: float = Field(30.0, gt=0)
@@ -310,6 +317,24 @@ class SeriesSettings(Section):
     _window = field_validator("run_window", mode="before")(_duration_seconds)
 
 
+class TracesSettings(Section):
+    """MLflow 3 traces (GenAI): live series per experiment and bucketed history."""
+
+    # On by default; a server without the trace metrics API turns it off (one warning).
+    enabled: bool = True
+    # Latency quantiles and assessment means cover the traces of this last window.
+    window_seconds: int = Field(300, ge=10)
+    # History: one sample per closed bucket of this size, at the bucket's start.
+    bucket_seconds: int = Field(60, ge=1)
+    # A closed bucket is written once this long after it closed (late traces and scores).
+    settle_seconds: int = Field(300, ge=0)
+    # First sight of an experiment: history starts this far back.
+    backfill_seconds: int = Field(3600, ge=0)
+    # Trace and assessment names with their own series, the most frequent first.
+    max_trace_names: int = Field(20, ge=0, le=1000)
+    max_assessment_names: int = Field(20, ge=0, le=1000)
+
+
 class ServerSettings(Section):
     enabled: bool = True
     # Loopback by default; containers set EXPORTER_HOST=0.0.0.0 so Prometheus can scrape them.
@@ -339,6 +364,7 @@ class Settings(Section):
     remote_write: RemoteWriteSettings = Field(default_factory=RemoteWriteSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     series: SeriesSettings = Field(default_factory=SeriesSettings)
+    traces: TracesSettings = Field(default_factory=TracesSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from exporter.logs import MASK
 
-Status = Literal["starting", "ok", "failing", "crashed"]
+# degraded: cycles succeed, but something waits for an operator (points set aside).
+Status = Literal["starting", "ok", "degraded", "failing", "crashed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,7 @@ class HealthView:
 
     @property
     def healthy(self) -> bool:
-        return self.status in ("starting", "ok")
+        return self.status in ("starting", "ok", "degraded")
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Health:
         for secret in self.secrets:
             reason = reason.replace(secret, MASK)
         with self._lock:
-            ready = self._view.ready or status == "ok"
+            ready = self._view.ready or status in ("ok", "degraded")
             self._view = HealthView(status, reason, ready)
 
     def view(self) -> HealthView:

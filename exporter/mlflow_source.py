@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 import requests
@@ -26,8 +27,12 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from exporter.config import MlflowSettings
 from exporter.errors import reason
 from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Registry, Run
+from exporter.trace_model import TracePoint, TraceQuery
 
 API = "/api/2.0/mlflow"
+API_V3 = "/api/3.0/mlflow"  # traces
+# Data points one trace metrics answer may carry; an answer this long may have been cut.
+TRACE_MAX_RESULTS = 10_000
 
 # `get-history-bulk-interval` returns at most this many points per run, sampled above it,
 # for at most this many runs per request (MLflow 3.17, `server/handlers.py`).
@@ -46,6 +51,18 @@ RUNS_PER_ID_FILTER = 100
 
 class MlflowError(Exception):
     """MLflow could not be read; the message is one line, safe to show a user."""
+
+
+class MlflowHttpError(MlflowError):
+    """MLflow answered with an HTTP error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TracesUnsupportedError(MlflowError):
+    """The server has no trace metrics API (MLflow 2, a file store, an older MLflow 3)."""
 
 
 View = Literal["active", "deleted", "all"]
@@ -106,6 +123,11 @@ class MlflowSource(Protocol):
         """Every point of the requested series within their step ranges (one key per call)."""
         ...
 
+    def trace_metrics(self, query: TraceQuery) -> list[TracePoint]:
+        """One server-side aggregation over traces (`TracesUnsupportedError` when the
+        server has no such API)."""
+        ...
+
 
 def all_runs(
     source: MlflowSource, experiment_ids: Sequence[str], where: RunFilter
@@ -137,7 +159,10 @@ def runs_by_id(
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return True
-    return isinstance(exc, _HttpStatusError) and (exc.status >= 500 or exc.status == 429)
+    # 501 Not Implemented never turns into an answer by retrying.
+    return isinstance(exc, _HttpStatusError) and (
+        (exc.status >= 500 and exc.status != 501) or exc.status == 429
+    )
 
 
 class _HttpStatusError(Exception):
@@ -231,6 +256,22 @@ class RestSource:
             points.extend(self._bulk(chunk))
         return points
 
+    def trace_metrics(self, query: TraceQuery) -> list[TracePoint]:
+        endpoint = "traces/metrics"
+        try:
+            data = self.call("POST", endpoint, trace_query_body(query), api=API_V3)
+        except MlflowHttpError as exc:
+            if exc.status in (404, 501):
+                raise TracesUnsupportedError(
+                    f"MLflow at {self.settings.tracking_uri} has no trace metrics API "
+                    f"({API_V3}/{endpoint} answered HTTP {exc.status}: MLflow 2, a file store "
+                    "or an MLflow 3 older than the traces metrics endpoint)"
+                ) from None
+            raise
+        return [
+            _parse(endpoint, parse_trace_point, p) for p in _items(data, "data_points", endpoint)
+        ]
+
     # -------------------------------------------------------------- histories
 
     def _bulk(self, chunk: Sequence[HistoryRequest]) -> list[MetricPoint]:
@@ -293,7 +334,9 @@ class RestSource:
 
     # -------------------------------------------------------------- HTTP
 
-    def call(self, method: str, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def call(
+        self, method: str, endpoint: str, payload: dict[str, Any], api: str = API
+    ) -> dict[str, Any]:
         """One API call, retried on connection errors, timeouts, 429 and 5xx."""
         retrying = Retrying(
             retry=retry_if_exception(_retryable),
@@ -303,7 +346,7 @@ class RestSource:
             sleep=self.sleep,
         )
         try:
-            return retrying(self._once, method, endpoint, payload)
+            return retrying(self._once, method, endpoint, payload, api)
         except requests.Timeout:
             raise MlflowError(
                 f"MLflow {endpoint} timed out after {self.settings.timeout_seconds:g}s at "
@@ -315,12 +358,14 @@ class RestSource:
                 "is the server up, and is MLFLOW_TRACKING_URI right?"
             ) from None
         except _HttpStatusError as exc:
-            raise MlflowError(f"MLflow {endpoint} answered {exc}") from None
+            raise MlflowHttpError(exc.status, f"MLflow {endpoint} answered {exc}") from None
 
-    def _once(self, method: str, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _once(
+        self, method: str, endpoint: str, payload: dict[str, Any], api: str = API
+    ) -> dict[str, Any]:
         self.requests_made += 1
         self.on_request(endpoint)
-        url = f"{self.settings.tracking_uri}{API}/{endpoint}"
+        url = f"{self.settings.tracking_uri}{api}/{endpoint}"
         kwargs: dict[str, Any] = {"params" if method == "GET" else "json": payload}
         response = self.session.request(
             method, url, timeout=self.settings.timeout_seconds, **kwargs
@@ -475,3 +520,46 @@ def parse_point(m: dict[str, Any], run_id: str | None, key: str) -> MetricPoint:
         step=int(m.get("step") or 0),
         timestamp_ms=int(m.get("timestamp") or 0),
     )
+
+
+def trace_query_body(query: TraceQuery) -> dict[str, Any]:
+    """`query` as the JSON body of `traces/metrics`."""
+    aggregations: list[dict[str, Any]] = []
+    for key in query.aggregations:
+        if key.startswith("P"):
+            aggregations.append(
+                {"aggregation_type": "PERCENTILE", "percentile_value": float(key[1:])}
+            )
+        else:
+            aggregations.append({"aggregation_type": key})
+    body: dict[str, Any] = {
+        "experiment_ids": list(query.experiment_ids),
+        "view_type": query.view,
+        "metric_name": query.metric,
+        "aggregations": aggregations,
+        "max_results": TRACE_MAX_RESULTS,
+    }
+    if query.dimensions:
+        body["dimensions"] = list(query.dimensions)
+    if query.start_ms is not None:
+        body["start_time_ms"] = query.start_ms
+    if query.end_ms is not None:
+        body["end_time_ms"] = query.end_ms
+    if query.bucket_seconds is not None:
+        body["time_interval_seconds"] = query.bucket_seconds
+    return body
+
+
+def parse_trace_point(raw: dict[str, Any]) -> TracePoint:
+    """A `traces/metrics` data point: percentile keys `P95.0` become `P95`, the
+    `time_bucket` dimension (ISO 8601) becomes the bucket's start in milliseconds."""
+    dimensions = {str(k): str(v) for k, v in dict(raw.get("dimensions") or {}).items()}
+    bucket = dimensions.pop("time_bucket", None)
+    values: dict[str, float] = {}
+    for key, value in dict(raw.get("values") or {}).items():
+        name = f"P{float(key[1:]):g}" if key.startswith("P") else str(key)
+        values[name] = _float(value)
+    bucket_ms = None
+    if bucket is not None:
+        bucket_ms = int(datetime.fromisoformat(bucket).timestamp() * 1000)
+    return TracePoint(dimensions, values, bucket_ms)

@@ -24,7 +24,7 @@ from exporter.planners import push as push_plan
 from exporter.planners.scope import metric_filter, owns_group, with_run_series
 from exporter.planners.series import REGISTRY_KEY, ServerCounts, experiment_key
 from exporter.progress import CaptureProgress, ProgressView
-from exporter.selfmetrics import SelfMetrics
+from exporter.selfmetrics import BLOCKED_CAUSES, SelfMetrics
 from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
 from exporter.sinks.pushgateway import PushError, PushTarget
@@ -33,6 +33,7 @@ from exporter.state import explain as explain_state
 from exporter.state.mirror import Mirror
 from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
 from exporter.sync import Sync, SyncResult
+from exporter.traces import TraceStage
 
 log = structlog.get_logger("exporter.runner")
 
@@ -93,6 +94,7 @@ class Runner:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     should_stop: Callable[[], bool] = lambda: False
+    traces: TraceStage | None = field(default=None, init=False, repr=False)
     progress: CaptureProgress = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +114,8 @@ class Runner:
         result = CycleResult()
         try:
             synced = self._stage(result, "mlflow", self._sync, result)
+            if synced is not None and self.settings.traces.enabled:
+                self._stage(result, "traces", self._traces)
             if self.settings.prometheus.enabled:
                 new_runs = synced.new_run_ids if synced is not None else []
                 self._stage(result, "state", self._prepare_series, new_runs)
@@ -180,6 +184,14 @@ class Runner:
         fields = {k: v for k, v in vars(synced).items() if v and k != "new_run_ids"}
         log.debug("mlflow.synced", new_runs=len(synced.new_run_ids), **fields)
         return synced
+
+    def _traces(self) -> None:
+        if self.traces is None:
+            self.traces = TraceStage(self.source, self.state, self.settings, self.sinks, self.clock)
+        done = self.traces.run()
+        self.metrics.traces.record(done)
+        if done is not None and (done.moved or done.samples or done.late):
+            log.info("traces.read", **{k: v for k, v in vars(done).items() if v})
 
     # ------------------------------------------------------------------ push
 
@@ -353,6 +365,8 @@ class Runner:
         m = self.metrics.sinks[sink.name]
         m.points_sent.inc(drained.points)
         m.batches_sent.inc(drained.batches)
+        for cause in BLOCKED_CAUSES:
+            m.blocked.labels(cause).set(1 if drained.blocked == cause else 0)
         result.sent[sink.name] = result.sent.get(sink.name, 0) + drained.points
         if drained.error:
             result.errors[sink.name] = drained.error
@@ -380,8 +394,12 @@ class Runner:
         m.last_cycle.set(now)
         if result.ok:
             m.last_success.set(now)
-        queued = self._queue_gauges()
-        self.health.set(status, "ok" if result.ok else result.reason())
+        queued, aside = self._queue_gauges()
+        if result.ok and aside:
+            # Healthy, but not a plain ok: points wait for an operator.
+            self.health.set("degraded", f"ok, but {aside}")
+        else:
+            self.health.set(status, "ok" if result.ok else result.reason())
         fields: dict[str, Any] = {
             "duration_seconds": round(result.duration_seconds, 3),
             "experiments": result.experiments,
@@ -398,8 +416,10 @@ class Runner:
         else:
             log.warning("cycle.failed", errors=result.errors, **fields)
 
-    def _queue_gauges(self) -> int | None:
-        """Refresh the queue gauges; the state may be what failed, so never raise."""
+    def _queue_gauges(self) -> tuple[int | None, str]:
+        """Refresh the queue gauges; (points queued, what is set aside in words). The state
+        may be what failed, so never raise."""
+        words = []
         try:
             total = 0
             for sink, sm in self.metrics.sinks.items():
@@ -409,9 +429,15 @@ class Runner:
                 sm.spool_points.set(queued.points)
                 aside = outbox.set_aside_counts()
                 sm.dead_letters.set(sum(t.batches for t in aside.values()))
-                for reason, totals in aside.items():
+                for reason, totals in sorted(aside.items()):
                     sm.set_aside.labels(reason).set(totals.points)
+                    words.append(f"{sink} {reason}: {totals.points}")
                 total += queued.points
         except sqlite3.Error:
-            return None
-        return total
+            return None, ""
+        if not words:
+            return total, ""
+        return total, (
+            f"points set aside ({', '.join(words)}): see `exporter dead-letters list`, "
+            "then `exporter dead-letters replay`"
+        )

@@ -7,20 +7,23 @@ alerts see zeros instead of nothing.
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from exporter import __version__
 
 P = "mlflow_exporter_"
-STAGES = ("mlflow", "pushgateway", "pramathus", "remote_write", "state", "internal")
+STAGES = ("mlflow", "traces", "pushgateway", "pramathus", "remote_write", "state", "internal")
 CYCLE_RESULTS = ("success", "failure", "crash")
-EXCLUDED_KINDS = ("experiments", "runs", "metrics")
+EXCLUDED_KINDS = ("experiments", "runs", "metrics", "trace_names")
 RECONCILE_KINDS = ("new", "changed", "restored", "removed")
 SINKS = ("pramathus", "remote_write")
 # Why points are set aside for good: refused by the receiver (4xx), older than it (or
 # max_sample_age) takes, out of order for it, or sharing a timestamp with another point.
-SET_ASIDE_REASONS = ("rejected", "too_old", "out_of_order", "duplicate_timestamp")
+SET_ASIDE_REASONS = ("rejected", "too_large", "too_old", "out_of_order", "duplicate_timestamp")
+# Why delivery is stopped until a setting is fixed (points stay queued).
+BLOCKED_CAUSES = ("credentials", "redirect", "endpoint")
 
 
 class SinkMetrics:
@@ -61,9 +64,60 @@ class SinkMetrics:
             f"Series still to backfill into {what} (it was enabled after points were captured).",
             registry=r,
         )
+        self.blocked = Gauge(
+            f"{p}delivery_blocked",
+            f"1 while {what} delivery is stopped by a setting to fix, by cause (credentials: "
+            "401/403; redirect: 301/302/303; endpoint: 404/405/410); points stay queued.",
+            ["cause"],
+            registry=r,
+        )
         self.dropped.labels("queue_overflow")
         for reason in SET_ASIDE_REASONS:
             self.set_aside.labels(reason)
+        for cause in BLOCKED_CAUSES:
+            self.blocked.labels(cause)
+
+
+class TraceMetrics:
+    """What the traces stage did (`record` takes its result; None: the stage is off)."""
+
+    def __init__(self, registry: CollectorRegistry, excluded: Gauge) -> None:
+        r = registry
+        self.excluded = excluded
+        self.enabled = Gauge(
+            f"{P}traces_enabled",
+            "1 while the traces stage reads MLflow's trace metrics API; 0 when it is off "
+            "(disabled, or the server has no such API).",
+            registry=r,
+        )
+        self.experiments = Gauge(
+            f"{P}trace_experiments", "Experiments in scope holding traces.", registry=r
+        )
+        self.late = Counter(
+            f"{P}trace_late_changes",
+            "Traces or assessments that changed in history buckets already written (they "
+            "move the live series only), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.samples = Counter(
+            f"{P}trace_history_samples",
+            "Trace history samples (one per closed bucket and series) queued for remote write.",
+            registry=r,
+        )
+        for kind in ("traces", "assessments"):
+            self.late.labels(kind)
+
+    def record(self, result: Any) -> None:
+        if result is None:
+            self.enabled.set(0)
+            return
+        self.enabled.set(1)
+        self.experiments.set(result.experiments)
+        self.samples.inc(result.samples)
+        self.excluded.labels("trace_names").set(result.names_cut)
+        for kind, n in result.late.items():
+            self.late.labels(kind).inc(n)
 
 
 class SelfMetrics:
@@ -173,6 +227,7 @@ class SelfMetrics:
         )
         info.labels(__version__, platform.python_version()).set(1)
         self.sinks = {sink: SinkMetrics(sink, r) for sink in SINKS}
+        self.traces = TraceMetrics(r, self.excluded)
         for stage in STAGES:
             self.errors.labels(stage)
         for result in CYCLE_RESULTS:

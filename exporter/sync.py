@@ -37,7 +37,7 @@ from exporter.mlflow_source import (
     all_runs,
     runs_by_id,
 )
-from exporter.model import MetricPoint, Run
+from exporter.model import MetricPoint, Run, RunContext
 from exporter.planners import capture, sweep
 from exporter.planners.scope import in_scope, metric_filter
 from exporter.progress import CaptureProgress
@@ -74,6 +74,16 @@ class _StoppedError(Exception):
     """A stop was requested: what was written stays, the rest waits for the next cycle."""
 
 
+@dataclass(frozen=True)
+class _Tail:
+    """A sink's last batch queued this cycle, not full: never sent yet, so points captured
+    later in the cycle join it (it is re-encoded with them under a new key)."""
+
+    batch_id: int
+    points: Sequence[MetricPoint]
+    contexts: dict[str, RunContext]
+
+
 @dataclass
 class Sync:
     """Capture for one cycle. Collaborators are injected; fakes replace any of them."""
@@ -85,6 +95,7 @@ class Sync:
     clock: Callable[[], float] = time.time
     should_stop: Callable[[], bool] = lambda: False
     progress: CaptureProgress = field(default_factory=CaptureProgress)
+    _tails: dict[str, _Tail] = field(default_factory=dict, init=False)
 
     @property
     def _settle_ms(self) -> int:
@@ -401,9 +412,19 @@ class Sync:
                 remaining[w.run_id] -= 1
                 if remaining[w.run_id] == 0:
                     done_runs.append(w.run_id)
-            self._enqueue(self.sinks, new, now_ms, result)
+            tails = self._enqueue(self.sinks, new, now_ms, result)
             mirror.captured(done_runs)
+        self._keep_tails(tails)
         return len(new), len(done_runs)
+
+    def _keep_tails(self, tails: dict[str, _Tail | None]) -> None:
+        """Adopt the open tails of a committed transaction (a rolled back one keeps the
+        tails as they were, as the queue does)."""
+        for name, tail in tails.items():
+            if tail is None:
+                self._tails.pop(name, None)
+            else:
+                self._tails[name] = tail
 
     def _enqueue(
         self,
@@ -411,15 +432,29 @@ class Sync:
         points: Sequence[MetricPoint],
         now_ms: int,
         result: SyncResult,
-    ) -> None:
+    ) -> dict[str, _Tail | None]:
+        """Queue points for each sink, joining them to the sink's open tail; returns the
+        new tails (to keep once the transaction commits)."""
+        tails: dict[str, _Tail | None] = {}
         if not points:
-            return
+            return tails
         contexts = self.state.mirror.contexts(sorted({p.run_id for p in points}))
         ordered = sorted(points, key=lambda p: (p.run_id, p.key, p.step, p.timestamp_ms))
         for sink in sinks:
             outbox = self.state.outbox(sink.name)
-            encoded = sink.encode(ordered, contexts, now_ms)
-            outbox.add(encoded.batches, now_ms)
+            pending: Sequence[MetricPoint] = ordered
+            known = contexts
+            tail = self._tails.get(sink.name)
+            if tail is not None and outbox.remove(tail.batch_id):
+                pending, known = [*tail.points, *ordered], {**tail.contexts, **contexts}
+            encoded = sink.encode(pending, known, now_ms)
+            ids = outbox.add(encoded.batches, now_ms)
+            tails[sink.name] = None
+            if encoded.open_tail and ids:
+                runs = {p.run_id for p in encoded.open_tail}
+                tails[sink.name] = _Tail(
+                    ids[-1], list(encoded.open_tail), {r: known[r] for r in runs if r in known}
+                )
             for reason, bodies in encoded.refused.items():
                 for body in bodies:
                     outbox.set_aside_new(body, now_ms, reason, f"{sink.name} cannot take these")
@@ -427,6 +462,7 @@ class Sync:
             if dropped:
                 log.warning("queue.overflow", sink=sink.name, dropped_points=dropped)
                 result.dropped[sink.name] = result.dropped.get(sink.name, 0) + dropped
+        return tails
 
     def _backfill(self, result: SyncResult) -> None:
         """Send a later-registered sink what was captured before it registered."""
@@ -463,10 +499,11 @@ class Sync:
                     )
                 ]
                 with self.state.transaction():
-                    self._enqueue([sink], needed, int(self.clock() * 1000), result)
+                    tails = self._enqueue([sink], needed, int(self.clock() * 1000), result)
                     ledger.backfill_done(
                         sink.name, [items[(w.run_id, w.key)].series.series_id for w in chunk]
                     )
+                self._keep_tails(tails)
             result.backfill_remaining[sink.name] = ledger.backfill_remaining(sink.name)
 
 

@@ -12,7 +12,15 @@ What it imitates (MLflow 3.17's REST API as `exporter.mlflow_source.RestSource` 
   latest_metrics table keeps them: a late point below the latest step never shows there;
 - histories: every point of (run, key), one point per identity (MLflow's primary key),
   within a request's step range;
-- the registry: models, versions with stage, status, run id, aliases, creation time.
+- the registry: models, versions with stage, status, run id, aliases, creation time;
+- MLflow 3 traces and their assessments, aggregated like `traces/metrics` on a SQL store:
+  a call sums over the experiments it names; a time range (inclusive) and buckets apply to
+  the trace's timestamp (an assessment's too: it is bucketed by its trace's time); rows
+  whose aggregated column is null (latency of a trace in progress, tokens never set, a
+  text assessment) are left out, as are rows whose dimension is null; without dimensions
+  COUNT answers 0 and other aggregations answer nothing for no rows; percentiles
+  interpolate linearly (MLflow's SQLite aggregate); only valid assessments count. With
+  `traces_supported = False` it answers like MLflow 2 or a file store (HTTP 404).
 
 Every call is counted by endpoint name in `calls`; `fail_next` makes the next call raise
 (an outage) and `answer_shape` replaces an endpoint's result with garbage (a proxy page).
@@ -28,14 +36,66 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from exporter.mlflow_source import HistoryRequest, MlflowError, RunFilter, RunPage
+from exporter.mlflow_source import (
+    HistoryRequest,
+    MlflowError,
+    RunFilter,
+    RunPage,
+    TracesUnsupportedError,
+)
 from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Registry, Run
+from exporter.trace_model import TracePoint, TraceQuery
 
 
 @dataclass
 class FakeRun:
     run: Run  # metadata; metrics are derived from `points`
     points: dict[str, list[MetricPoint]] = field(default_factory=dict)
+
+
+@dataclass
+class FakeAssessment:
+    name: str
+    value: float | None  # booleans as 1/0; None for text feedback
+    valid: bool = True
+
+
+@dataclass
+class FakeTrace:
+    trace_id: str
+    experiment_id: str
+    name: str | None
+    state: str
+    timestamp_ms: int
+    duration_ms: int | None
+    tokens: dict[str, int] | None = None  # input/output/total
+    cost_usd: float | None = None
+    assessments: list[FakeAssessment] = field(default_factory=list)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear interpolation between closest ranks (MLflow's SQLite `percentile`)."""
+    ordered = sorted(values)
+    index = p / 100.0 * (len(ordered) - 1)
+    low = int(index)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (index - low) * (ordered[high] - ordered[low])
+
+
+def _aggregate(key: str, values: Sequence[float]) -> float | None:
+    if key == "COUNT":
+        return float(len(values))
+    if not values:
+        return None
+    plain: dict[str, Callable[[Sequence[float]], float]] = {
+        "SUM": lambda v: float(sum(v)),
+        "AVG": lambda v: sum(v) / len(v),
+        "MIN": min,
+        "MAX": max,
+    }
+    if key in plain:
+        return plain[key](values)
+    return percentile(values, float(key[1:]))
 
 
 def _order_key(p: MetricPoint) -> tuple[int, int, float]:
@@ -57,6 +117,9 @@ class FakeMlflow:
         self.history_requests: list[HistoryRequest] = []
         self.fail_next: list[Exception] = []
         self.broken: dict[str, Exception] = {}  # endpoint -> raise on every call
+        self.traces: list[FakeTrace] = []
+        self.traces_supported = True
+        self.trace_queries: list[TraceQuery] = []
         self._ids = 0
 
     # ------------------------------------------------------------------ writing
@@ -159,6 +222,36 @@ class FakeMlflow:
         )
         return version
 
+    def add_trace(
+        self,
+        exp_id: str,
+        name: str | None = "chat",
+        state: str = "OK",
+        duration_ms: int | None = 100,
+        ts: int | None = None,
+        tokens: tuple[int, int] | None = None,
+        cost_usd: float | None = None,
+    ) -> FakeTrace:
+        """A trace as `@mlflow.trace` logs it (tokens: input and output; total is their sum)."""
+        self._ids += 1
+        trace = FakeTrace(
+            f"tr-{self._ids}",
+            exp_id,
+            name,
+            state,
+            self._now_ms() if ts is None else ts,
+            None if state == "IN_PROGRESS" else duration_ms,
+            None
+            if tokens is None
+            else {"input": tokens[0], "output": tokens[1], "total": tokens[0] + tokens[1]},
+            cost_usd,
+        )
+        self.traces.append(trace)
+        return trace
+
+    def log_feedback(self, trace: FakeTrace, name: str, value: float | bool | None) -> None:
+        trace.assessments.append(FakeAssessment(name, None if value is None else float(value)))
+
     # ------------------------------------------------------------------ the protocol
 
     def _call(self, endpoint: str) -> None:
@@ -240,6 +333,68 @@ class FakeMlflow:
                     if (w.start_step is None or p.step >= w.start_step) and p.step <= w.end_step
                 )
         return out
+
+    def trace_metrics(self, query: TraceQuery) -> list[TracePoint]:
+        self._call("traces/metrics")
+        self.trace_queries.append(query)
+        if not self.traces_supported:
+            raise TracesUnsupportedError("MLflow has no trace metrics API (HTTP 404)")
+        rows = self._trace_rows(query)
+        groups: dict[tuple[int | None, tuple[tuple[str, str], ...]], list[float]] = {}
+        for bucket, dims, value in rows:
+            groups.setdefault((bucket, dims), []).append(value)
+        if not query.dimensions and not query.bucket_seconds:
+            groups.setdefault((None, ()), [])
+        out = []
+        for (bucket, dims), values in sorted(groups.items(), key=lambda g: (g[0][0] or 0, g[0][1])):
+            answer = {a: _aggregate(a, values) for a in query.aggregations}
+            kept = {k: v for k, v in answer.items() if v is not None}
+            if kept:
+                out.append(TracePoint(dict(dims), kept, bucket))
+        return out
+
+    def _trace_rows(
+        self, query: TraceQuery
+    ) -> list[tuple[int | None, tuple[tuple[str, str], ...], float]]:
+        """(bucket, dimensions, aggregated value) of each row the query reads."""
+        rows = []
+        for t in self.traces:
+            if t.experiment_id not in query.experiment_ids:
+                continue
+            if query.start_ms is not None and t.timestamp_ms < query.start_ms:
+                continue
+            if query.end_ms is not None and t.timestamp_ms > query.end_ms:
+                continue
+            bucket = None
+            if query.bucket_seconds:
+                size = query.bucket_seconds * 1000
+                bucket = t.timestamp_ms // size * size
+            base = {"trace_name": t.name, "trace_status": t.state}
+            for value, extra in self._values(t, query):
+                dims = {**base, **extra}
+                picked = tuple((d, dims.get(d)) for d in query.dimensions)
+                if value is None or any(v is None for _, v in picked):
+                    continue
+                rows.append((bucket, tuple((d, str(v)) for d, v in picked), value))
+        return rows
+
+    @staticmethod
+    def _values(
+        t: FakeTrace, query: TraceQuery
+    ) -> list[tuple[float | None, dict[str, str | None]]]:
+        if query.view == "ASSESSMENTS":
+            valid = [a for a in t.assessments if a.valid]
+            if query.metric == "assessment_count":
+                return [(1.0, {"assessment_name": a.name}) for a in valid]
+            return [(a.value, {"assessment_name": a.name}) for a in valid]
+        if query.view == "SPANS":
+            return [(t.cost_usd, {})]
+        if query.metric == "trace_count":
+            return [(1.0, {})]
+        if query.metric == "latency":
+            return [(None if t.duration_ms is None else float(t.duration_ms), {})]
+        kind = query.metric.removesuffix("_tokens")
+        return [(None if t.tokens is None else float(t.tokens[kind]), {})]
 
     # ------------------------------------------------------------------ test helpers
 

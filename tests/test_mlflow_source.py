@@ -19,14 +19,17 @@ import requests
 from exporter.config import MlflowSettings
 from exporter.mlflow_source import (
     BULK_MAX_POINTS,
+    TRACE_MAX_RESULTS,
     HistoryRequest,
     MlflowError,
     RestSource,
     RunFilter,
+    TracesUnsupportedError,
     all_runs,
     filter_string,
     runs_by_id,
 )
+from exporter.trace_model import TraceQuery
 
 
 @dataclass
@@ -50,9 +53,11 @@ class FakeSession:
 
     route: Callable[[str, dict[str, Any]], FakeHttpResponse | Exception]
     calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
 
     def request(self, method: str, url: str, timeout: float, **kwargs: Any) -> FakeHttpResponse:
-        endpoint = url.split("/api/2.0/mlflow/", 1)[1]
+        self.urls.append(url)
+        endpoint = url.split("/mlflow/", 1)[1]
         payload = kwargs.get("json") or kwargs.get("params") or {}
         self.calls.append((method, endpoint, payload))
         answer = self.route(endpoint, payload)
@@ -344,3 +349,82 @@ def test_credentials_go_in_the_session_never_in_messages() -> None:
     assert basic.session.auth == ("u", "p")
     insecure = RestSource.from_settings(MlflowSettings(insecure_tls=True))
     assert insecure.session.verify is False
+
+
+# ------------------------------------------------------------------------------ traces
+
+TRACE_QUERY = TraceQuery(
+    ("1", "2"),
+    "TRACES",
+    "latency",
+    ("AVG", "P50", "P99.9"),
+    ("trace_name",),
+    start_ms=1_000,
+    end_ms=60_999,
+    bucket_seconds=60,
+)
+
+
+def test_a_trace_query_is_sent_to_the_v3_api_with_percentiles_spelled_out() -> None:
+    answer = {
+        "data_points": [
+            {
+                "metric_name": "latency",
+                "dimensions": {"trace_name": "chat", "time_bucket": "2026-12-04T20:47:00+00:00"},
+                "values": {"AVG": 12.5, "P50.0": 10.0, "P99.9": 40},
+            }
+        ]
+    }
+    src = source(lambda _e, _p: ok(answer))
+    (point,) = src.trace_metrics(TRACE_QUERY)
+
+    session: Any = src.session
+    assert session.urls == ["http://mlflow:5000/api/3.0/mlflow/traces/metrics"]
+    assert session.calls[0][2] == {
+        "experiment_ids": ["1", "2"],
+        "view_type": "TRACES",
+        "metric_name": "latency",
+        "aggregations": [
+            {"aggregation_type": "AVG"},
+            {"aggregation_type": "PERCENTILE", "percentile_value": 50.0},
+            {"aggregation_type": "PERCENTILE", "percentile_value": 99.9},
+        ],
+        "dimensions": ["trace_name"],
+        "start_time_ms": 1_000,
+        "end_time_ms": 60_999,
+        "time_interval_seconds": 60,
+        "max_results": TRACE_MAX_RESULTS,
+    }
+    assert point.dimensions == {"trace_name": "chat"}
+    assert point.values == {"AVG": 12.5, "P50": 10.0, "P99.9": 40.0}
+    assert point.bucket_ms == 1_796_417_220_000
+
+
+def test_a_query_without_range_or_dimensions_sends_neither() -> None:
+    src = source(lambda _e, _p: ok({}))
+    assert (
+        src.trace_metrics(TraceQuery(("1",), "ASSESSMENTS", "assessment_count", ("COUNT",))) == []
+    )
+    session: Any = src.session
+    assert set(session.calls[0][2]) == {
+        "experiment_ids",
+        "view_type",
+        "metric_name",
+        "aggregations",
+        "max_results",
+    }
+
+
+@pytest.mark.parametrize("status", [404, 501])
+def test_a_server_without_trace_metrics_is_unsupported_and_not_retried(status: int) -> None:
+    src = source(lambda _e, _p: FakeHttpResponse(status, "<html>Not Found</html>"))
+    with pytest.raises(TracesUnsupportedError, match=f"HTTP {status}"):
+        src.trace_metrics(TRACE_QUERY)
+    assert src.requests_made == 1
+
+
+def test_other_trace_errors_stay_plain_errors() -> None:
+    src = source(lambda _e, _p: FakeHttpResponse(403, {"error_code": "PERMISSION_DENIED"}))
+    with pytest.raises(MlflowError, match="403") as caught:
+        src.trace_metrics(TRACE_QUERY)
+    assert not isinstance(caught.value, TracesUnsupportedError)

@@ -882,3 +882,70 @@ def test_delivery_logs_name_what_they_count_and_no_error_on_a_success(tmp_path: 
     assert done["pramathus_points_sent"] == 1
     assert "remote_write_samples_sent" in done
     assert "points_sent" not in done
+
+
+# ---------------------------------------------------------------------- delivery rule
+
+
+def test_1320_points_over_603_keys_go_out_in_3_full_batches(tmp_path: Path) -> None:
+    """Run A logs 3 keys x 40 steps, run B 600 keys x 2 steps: batches hold points across
+    keys and runs, so 1,320 points at batch_size 500 are 3 requests, not one per key."""
+    h = Harness(tmp_path, sinks=[RecordingSink(batch_size=500)])
+    exp = h.mlflow.create_experiment("full-batches")
+    run_a, run_b = h.mlflow.create_run(exp), h.mlflow.create_run(exp)
+    for k in range(3):
+        h.mlflow.log_many(run_a, f"a{k}", [float(s) for s in range(40)])
+    for k in range(600):
+        h.mlflow.log_many(run_b, f"b{k:03d}", [1.0, 2.0])
+    h.mlflow.finish(run_a)
+    h.mlflow.finish(run_b)
+
+    h.ok_cycle()
+
+    assert h.sink.posts == 3
+    assert len(h.sink.accepted) == 1320
+    assert h.exactly_once()
+    h.state.close()
+
+
+def test_a_blocked_sink_says_which_setting_in_health_and_metrics_then_delivers_all(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("blocked")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0, 3.0])
+    refused = Reply(
+        Outcome.BLOCKED,
+        "HTTP 401: points stay queued; set PRAMATHUS_API_KEY",
+        401,
+        cause="credentials",
+    )
+    h.sink.script = [refused]
+
+    result = h.cycle()
+
+    assert "PRAMATHUS_API_KEY" in result.errors["pramathus"]
+    assert h.health.view().status == "failing"
+    assert "PRAMATHUS_API_KEY" in h.health.view().reason
+    blocked = "mlflow_exporter_pramathus_delivery_blocked"
+    assert sample(h.metrics, blocked, cause="credentials") == 1
+    assert h.sink.accepted == []
+
+    h.ok_cycle()
+    assert sample(h.metrics, blocked, cause="credentials") == 0
+    assert h.exactly_once()
+
+
+def test_set_aside_points_make_health_degraded_not_a_plain_ok(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("aside")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0])
+    h.sink.script = [Reply(Outcome.REFUSED, "HTTP 409", 409, reason="rejected")]
+
+    h.cycle()
+    h.ok_cycle()
+
+    view = h.health.view()
+    assert (view.status, view.ready, view.healthy) == ("degraded", True, True)
+    assert "pramathus rejected: 2" in view.reason
+    assert "exporter dead-letters replay" in view.reason

@@ -36,13 +36,18 @@ def test_cycles_exist_at_zero_for_every_result(exposition: dict) -> None:  # typ
 
 
 def test_errors_exist_at_zero_for_every_stage(exposition: dict) -> None:  # type: ignore[type-arg]
-    stages = {"mlflow", "pushgateway", "pramathus", "remote_write", "state", "internal"}
+    stages = {"mlflow", "traces", "pushgateway", "pramathus", "remote_write", "state", "internal"}
     assert label_values(exposition, f"{P}errors_total", "stage") == stages
     assert set(exposition[f"{P}errors_total"].values()) == {0.0}
 
 
 def test_excluded_and_reconcile_kinds_exist(exposition: dict) -> None:  # type: ignore[type-arg]
-    assert label_values(exposition, f"{P}excluded", "kind") == {"experiments", "runs", "metrics"}
+    assert label_values(exposition, f"{P}excluded", "kind") == {
+        "experiments",
+        "runs",
+        "metrics",
+        "trace_names",
+    }
     assert label_values(exposition, f"{P}reconcile_found_total", "kind") == {
         "new",
         "changed",

@@ -25,7 +25,9 @@ from exporter.planners.series import (
     experiment_key,
     registry_families,
 )
+from exporter.planners.traces import trace_families
 from exporter.state.mirror import Mirror
+from exporter.state.traces import TraceMarks
 
 
 @dataclass
@@ -48,6 +50,7 @@ class GroupBuilder:
         self._allowed = metric_filter(self.export)
         self._version_runs = self.mirror.known(self.registry.run_ids())
         self._experiments = {e.experiment_id: e for e in self.mirror.experiments()}
+        self._traces = TraceMarks(self.mirror.conn).live()
 
     def experiment(
         self, experiment_id: str, on_cut: Callable[[str, int], None] | None = None
@@ -75,7 +78,9 @@ class GroupBuilder:
             versions=[v for v in self.registry.versions if v.run_id in set(mine)],
             version_metrics=mirror.latest(mine),
         )
-        return experiment_families(view, self._stages, self.run_id_length, self._allowed)
+        families = experiment_families(view, self._stages, self.run_id_length, self._allowed)
+        name = view.experiment.name
+        return families + trace_families(self._traces.get(experiment_id), experiment_id, name)
 
     def registry_group(self) -> list[Metric]:
         return registry_families(self.registry, self.counts, self.run_id_length)

@@ -4,14 +4,17 @@
 - capture ledger: `series` (one per run and metric key, with its read window) and `point`
   (identities of points delivered within that window), `sink` and the `backfill*` tables;
 - delivery queues: `spool` (batches per sink, oldest first) and `dead_letter` (set aside);
-- typed records: `record` (one JSON row per record dataclass, see `records.py`).
+- typed records: `record` (one JSON row per record dataclass, see `records.py`);
+- traces: `trace_marks` (per experiment: last fingerprint, live series, history marks).
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = (
+    3  # 3: run_count with its triggers, trace_marks (a version 2 database gains both on open)
+)
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS record (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,6 +73,8 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     idempotency_key TEXT NOT NULL, created_ms INTEGER NOT NULL, failed_ms INTEGER NOT NULL,
     points INTEGER NOT NULL, body BLOB NOT NULL, status INTEGER, error TEXT,
     reason TEXT NOT NULL DEFAULT 'rejected');
+CREATE TABLE IF NOT EXISTS trace_marks (
+    experiment_id TEXT PRIMARY KEY, body TEXT NOT NULL) WITHOUT ROWID;
 """
 
 

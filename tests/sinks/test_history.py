@@ -254,8 +254,10 @@ def test_split_gives_two_batches_counting_their_samples_older_first() -> None:
             "out_of_order",
             True,
         ),
-        (FakeResponse(400, "snappy: corrupt input\n"), Outcome.REFUSED, "rejected", False),
-        (FakeResponse(401, "unauthorized\n"), Outcome.REFUSED, "rejected", False),
+        (FakeResponse(400, "snappy: corrupt input\n"), Outcome.REFUSED, "rejected", True),
+        (FakeResponse(409, "conflict\n"), Outcome.REFUSED, "rejected", False),
+        (FakeResponse(413, "too large\n"), Outcome.REFUSED, "too_large", True),
+        (FakeResponse(401, "unauthorized\n"), Outcome.BLOCKED, "rejected", False),
     ],
 )
 def test_refusals_map_to_set_aside_reasons_and_age_or_order_ones_can_be_split(
