@@ -183,6 +183,9 @@ def _genai(client: Any, tracking_uri: str, spec: SampleSpec) -> int:
                     "total_tokens": prompt + completion,
                 },
             )
+            # What a gateway or LiteLLM records: USD per call, from per-token prices.
+            cost = {"input_cost": prompt * 3e-6, "output_cost": completion * 15e-6}
+            span.set_attribute("mlflow.llm.cost", {**cost, "total_cost": sum(cost.values())})
         time.sleep(rng.uniform(0.005, 0.06))
         return f"an answer to {question}"
 
