@@ -70,9 +70,7 @@ def global_options(fn: F) -> F:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    for secret in _secret_values:
-        message = message.replace(secret, logs.MASK)
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {logs.redact(message, _secret_values)}", err=True)
     sys.exit(code)
 
 
@@ -91,9 +89,7 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **overrides: Any) -> Se
         sys.exit(2)
     from exporter.app import secrets_of
 
-    _secret_values[:] = sorted(
-        (v for v in secrets_of(settings) if len(v) >= 4), key=len, reverse=True
-    )
+    _secret_values[:] = secrets_of(settings)
     logs.configure(settings.logging.level, settings.logging.format, _secret_values)
     return settings
 
@@ -230,15 +226,15 @@ def check_config(ctx: click.Context, **flags: Any) -> None:
 
     settings = _settings(ctx, flags)
     _web_config(settings)
-    click.echo(yaml.safe_dump(settings.masked(), sort_keys=False).rstrip())
+    click.echo(_masked(yaml.safe_dump(settings.masked(), sort_keys=False).rstrip()))
     failed = 0
     click.echo("")
     for warning in plain_http_credentials(settings):
-        click.echo(f"warn {warning}")
+        click.echo(_masked(f"warn {warning}"))
     for name, probe in _probes(settings):
         ok, detail = probe()
         failed += not ok
-        click.echo(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+        click.echo(_masked(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}"))
     if failed:
         sys.exit(1)
 
@@ -299,6 +295,81 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
             ("remote_write", lambda: http("remote write", "REMOTE_WRITE_URL", url, "HEAD"))
         )
     return probes
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """List set-aside points, or put them back into their sink's queue."""
+
+
+def _sink_option(fn: F) -> F:
+    fn = click.option("--reason", help="Only this reason (too_large, rejected, too_old...).")(fn)
+    return click.option(
+        "--sink", type=click.Choice(["pramathus", "remote_write"]), help="Only this sink."
+    )(fn)
+
+
+@dead_letters.command("list")
+@_sink_option
+@global_options
+@click.pass_context
+@_guarded
+def dead_letters_list(
+    ctx: click.Context, sink: str | None, reason: str | None, **flags: Any
+) -> None:
+    """Show every set-aside batch: sink, reason, points, HTTP status and error."""
+    from datetime import UTC, datetime
+
+    from exporter.state import StateStore
+
+    settings = _settings(ctx, flags)
+    store = StateStore(settings.state_path)
+    try:
+        rows = [
+            row for name in _sinks(sink) for row in store.outbox(name).set_aside_batches(reason)
+        ]
+    finally:
+        store.close()
+    for row in rows:
+        when = datetime.fromtimestamp(row.failed_ms / 1000, tz=UTC).isoformat(timespec="seconds")
+        status = row.status if row.status is not None else "-"
+        click.echo(
+            f"{row.sink} #{row.id} {row.reason} points={row.points} status={status} "
+            f"at={when} error={_masked(row.error or '')}"
+        )
+    total = sum(r.points for r in rows)
+    click.echo(f"{len(rows)} set-aside batches, {total} points")
+
+
+@dead_letters.command("replay")
+@_sink_option
+@global_options
+@click.pass_context
+@_guarded
+def dead_letters_replay(
+    ctx: click.Context, sink: str | None, reason: str | None, **flags: Any
+) -> None:
+    """Put set-aside batches back at the end of their sink's queue (same idempotency keys);
+    the next cycle delivers them."""
+    from exporter.state import StateStore
+
+    settings = _settings(ctx, flags)
+    store = StateStore(settings.state_path)
+    try:
+        with store.transaction():
+            moved = [(name, store.outbox(name).replay(reason)) for name in _sinks(sink)]
+    finally:
+        store.close()
+    for name, totals in moved:
+        click.echo(f"{name}: {totals.points} points in {totals.batches} batches queued again")
+
+
+def _sinks(sink: str | None) -> list[str]:
+    return [sink] if sink else ["pramathus", "remote_write"]
+
+
+def _masked(text: str) -> str:
+    return logs.redact(text, _secret_values)
 
 
 @main.command("generate-sample")

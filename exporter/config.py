@@ -68,6 +68,9 @@ ENV_KEYS: dict[str, str] = {
     "REMOTE_WRITE_USERNAME": "remote_write.username",
     "REMOTE_WRITE_PASSWORD": "remote_write.password",
     "REMOTE_WRITE_BEARER_TOKEN": "remote_write.bearer_token",
+    "EXPORTER_MLFLOW_CONCURRENCY": "mlflow.concurrency",
+    "EXPORTER_SERIES_RUN_WINDOW": "series.run_window",
+    "EXPORTER_SERIES_MIN_RUNS_PER_EXPERIMENT": "series.min_runs_per_experiment",
     "TRACES_ENABLED": "traces.enabled",
     "TRACES_WINDOW_SECONDS": "traces.window_seconds",
     "TRACES_BUCKET_SECONDS": "traces.bucket_seconds",
@@ -156,6 +159,8 @@ class MlflowSettings(Section):
     timeout_seconds: float = Field(30.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     page_size: int = Field(1000, ge=1, le=50000)
+    # History reads in flight at once (1: never two requests at a time).
+    concurrency: int = Field(4, ge=1, le=64)
     insecure_tls: bool = False
     ca_bundle: str | None = None
     username: SecretStr | None = None
@@ -184,6 +189,8 @@ class PramathusSettings(Section):
     endpoint: str | None = None
     api_key: SecretStr | None = None
     batch_size: int = Field(500, ge=1, le=50000)
+    # Largest request body; below nginx's default client_max_body_size of 1 MiB.
+    max_body_bytes: int = Field(1_000_000, ge=1024)
     timeout_seconds: float = Field(10.0, gt=0)
     # Longest a cycle spends delivering (retries included); the rest waits in the queue.
     delivery_budget_seconds: float = Field(30.0, gt=0)
@@ -191,7 +198,9 @@ class PramathusSettings(Section):
     max_attempts: int = Field(0, ge=0, le=1000)
     max_tag_value_length: int = Field(256, ge=0)
     spool_max_points: int = Field(1_000_000, ge=1)
-    spool_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    # Past the bound, capture for this sink waits for delivery to drain (nothing is lost:
+    # the points are read from MLflow later); dropping is an opt-in, counted as lost.
+    spool_overflow: Literal["wait", "drop_oldest", "drop_newest"] = "wait"
     verify_tls: bool = True
     ca_bundle: str | None = None
 
@@ -234,7 +243,8 @@ class RemoteWriteSettings(Section):
     # Samples older than this (relative to now) are set aside unsent; 0 = no limit.
     max_sample_age: float = Field(0.0, ge=0)
     queue_max_samples: int = Field(5_000_000, ge=1)
-    queue_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    # As pramathus.spool_overflow: wait (nothing lost), or an opt-in drop counted as lost.
+    queue_overflow: Literal["wait", "drop_oldest", "drop_newest"] = "wait"
     verify_tls: bool = True
     ca_bundle: str | None = None
 
@@ -296,6 +306,20 @@ class ExportSettings(Section):
         return patterns
 
 
+class SeriesSettings(Section):
+    """Which runs get per-run latest-value series on the Pushgateway and the pull page.
+
+    Runs that are unfinished or ended within `run_window`, plus the newest
+    `min_runs_per_experiment` of each experiment whatever their age. Counts, registry and
+    experiment series, and the history sinks, are not bounded by this.
+    """
+
+    run_window: float = Field(7 * 86400.0, ge=0)  # seconds or 90s/15m/12h/7d/2w; 0: no window
+    min_runs_per_experiment: int = Field(100, ge=0)
+
+    _window = field_validator("run_window", mode="before")(_duration_seconds)
+
+
 class TracesSettings(Section):
     """MLflow 3 traces (GenAI): live series per experiment and bucketed history."""
 
@@ -342,14 +366,20 @@ class Settings(Section):
     pramathus: PramathusSettings = Field(default_factory=PramathusSettings)
     remote_write: RemoteWriteSettings = Field(default_factory=RemoteWriteSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
     traces: TracesSettings = Field(default_factory=TracesSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     def masked(self) -> dict[str, Any]:
-        """The effective config as plain data, every secret replaced by asterisks."""
-        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        """The effective config as plain data, every secret replaced by asterisks (request
+        header values too: any of them may be a credential)."""
+        data = self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        for section in data.values():
+            if isinstance(section, dict) and isinstance(section.get("headers"), dict):
+                section["headers"] = dict.fromkeys(section["headers"], "**********")
+        return data
 
     @property
     def state_path(self) -> Path:

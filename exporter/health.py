@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from exporter.logs import MASK
+from exporter.logs import redact
 
-Status = Literal["starting", "ok", "failing", "crashed"]
+# degraded: cycles succeed, but something waits for an operator (points set aside).
+Status = Literal["starting", "ok", "degraded", "failing", "crashed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,7 @@ class HealthView:
 
     @property
     def healthy(self) -> bool:
-        return self.status in ("starting", "ok")
+        return self.status in ("starting", "ok", "degraded")
 
 
 @dataclass
@@ -34,12 +35,21 @@ class Health:
     secrets: list[str] = field(default_factory=list)
     _view: HealthView = HealthView("starting", "starting", ready=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _progress: dict[str, Any] | None = None
+
+    def set_progress(self, progress: dict[str, Any]) -> None:
+        """The running (or last) capture's progress, shown in `/readyz`'s body."""
+        with self._lock:
+            self._progress = dict(progress)
+
+    def progress(self) -> dict[str, Any] | None:
+        with self._lock:
+            return None if self._progress is None else dict(self._progress)
 
     def set(self, status: Status, reason: str) -> None:
-        for secret in self.secrets:
-            reason = reason.replace(secret, MASK)
+        reason = redact(reason, self.secrets)
         with self._lock:
-            ready = self._view.ready or status == "ok"
+            ready = self._view.ready or status in ("ok", "degraded")
             self._view = HealthView(status, reason, ready)
 
     def view(self) -> HealthView:

@@ -23,11 +23,12 @@ from exporter.naming import short_id_length
 from exporter.planners import push as push_plan
 from exporter.planners.scope import metric_filter, owns_group, with_run_series
 from exporter.planners.series import REGISTRY_KEY, ServerCounts, experiment_key
-from exporter.selfmetrics import SelfMetrics
+from exporter.progress import CaptureProgress, ProgressView
+from exporter.selfmetrics import BLOCKED_CAUSES, SelfMetrics
 from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
 from exporter.sinks.pushgateway import PushError, PushTarget
-from exporter.state import StateError, StateStore, records
+from exporter.state import StateError, StateStore, is_corruption, records
 from exporter.state import explain as explain_state
 from exporter.state.mirror import Mirror
 from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
@@ -55,8 +56,8 @@ class CycleResult:
 
     errors: dict[str, str] = field(default_factory=dict)
     crashed: str | None = None  # an unexpected exception (a bug), one line
-    experiments: int = 0
-    runs: int = 0
+    experiments: int | None = None  # None: MLflow was not read this far
+    runs: int | None = None
     pushed_series: int = 0
     points_spooled: int = 0  # new points captured and queued for the history sinks
     # What each sink had acknowledged, in its own unit (see `unit`): sink name -> count.
@@ -94,12 +95,26 @@ class Runner:
     sleep: Callable[[float], None] = time.sleep
     should_stop: Callable[[], bool] = lambda: False
     traces: TraceStage | None = field(default=None, init=False, repr=False)
+    progress: CaptureProgress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = CaptureProgress(self.clock, self._show_progress)
+
+    def _show_progress(self, view: ProgressView) -> None:
+        m = self.metrics
+        m.capture_runs.labels("due").set(view.runs_total)
+        m.capture_runs.labels("done").set(view.runs_done)
+        m.capture_points_estimated.set(view.points_estimated)
+        m.capture_eta.set(view.eta_seconds or 0.0)
+        self.health.set_progress(view.as_dict())
 
     def run_cycle(self) -> CycleResult:
         """Run one cycle and record its outcome, whatever happens."""
         started = self.clock()
         result = CycleResult()
         try:
+            if not self._stage(result, "state", self._ensure_state):
+                return result
             synced = self._stage(result, "mlflow", self._sync, result)
             if synced is not None and self.settings.traces.enabled:
                 self._stage(result, "traces", self._traces)
@@ -128,6 +143,8 @@ class Runner:
             # The first stage that met it is reported: later ones meet the same cause.
             reason = f"{explain_state(self.state.path, exc)} ({stage} stage)"
             result.errors.setdefault("state", reason)
+            if is_corruption(exc):
+                self.state.suspect()  # the next start checks the whole file
         except Exception as exc:
             result.crashed = f"{stage} stage: {type(exc).__name__}: {exc}"
             log.exception("cycle.crashed", stage=stage)
@@ -135,11 +152,29 @@ class Runner:
             self.metrics.up.set(0)
         return None
 
+    def _ensure_state(self) -> bool:
+        """True when the state file is this process's own (written back if it was
+        deleted or replaced; StateError when another process holds it now)."""
+        if self.state.ensure_file():
+            log.warning(
+                "state.written_back",
+                path=str(self.state.path),
+                detail="state.db was deleted or replaced while running; written back from "
+                "the open database, nothing will be sent again",
+            )
+        return True
+
     # ------------------------------------------------------------------ capture
 
     def _sync(self, result: CycleResult) -> SyncResult:
         sync = Sync(
-            self.source, self.state, self.settings, self.sinks, self.clock, self.should_stop
+            self.source,
+            self.state,
+            self.settings,
+            self.sinks,
+            self.clock,
+            self.should_stop,
+            self.progress,
         )
         synced = sync.run()
         m = self.metrics
@@ -155,6 +190,9 @@ class Runner:
             m.last_sweep.set(self.clock())
         for sink, n in synced.dropped.items():
             m.sinks[sink].dropped.labels("queue_overflow").inc(n)
+        for sink, n in synced.waiting.items():
+            # Backpressure, not loss: these points are read from MLflow once it drains.
+            log.warning("queue.full_capture_waits", sink=sink, points_owed=n)
         for sink, n in synced.backfill_remaining.items():
             m.sinks[sink].backfill.set(n)
         result.experiments, result.runs = synced.experiments, synced.runs
@@ -193,8 +231,9 @@ class Runner:
             owns_registry=export.shard_index == 0,
             verify=synced is not None and synced.sweep_completed,
         )
+        counts = dict(record.series)
         try:
-            pushed = self._push_groups(plan)
+            pushed = self._push_groups(plan, counts)
         except PushError:
             with self.state.transaction():
                 self.state.save(replace(record, groups=None))  # unsure what is there now
@@ -208,11 +247,14 @@ class Runner:
                     registry_dirty=False,
                     last_success_ms=int(self.clock() * 1000),
                     selected=record.selected,
+                    window_since_ms=record.window_since_ms,
+                    series=tuple(sorted(counts.items())),
                 )
             )
         m = self.metrics
         m.pushed_groups.set(pushed[0])
         m.pushed_series.set(pushed[1])
+        m.exported_series.set(sum(counts.values()))
         m.nonfinite.set(pushed[2])
         m.last_push_success.set(self.clock())
         m.excluded.labels("runs").set(mirror.cut_runs())
@@ -225,25 +267,47 @@ class Runner:
             )
 
     def _prepare_series(self, new_runs: Sequence[str]) -> None:
-        """Mark dirty what changes every series of a group: a longer run_id label, or an
-        experiment entering or leaving the per-run selection (`MAX_EXPERIMENTS`)."""
+        """Mark dirty what changes every series of a group: a longer run_id label, an
+        experiment entering or leaving the per-run selection (`MAX_EXPERIMENTS`), or runs
+        moving across the edge of the run window since the last cycle."""
         mirror = self.state.mirror
         experiment_ids = [e.experiment_id for e in mirror.experiments()]
         selected = with_run_series(mirror.activity(), self.settings.export.max_experiments)
         record = self.state.load(PushRecord)
         length = self._run_id_length(new_runs)
+        since = self._window_since_ms()
         with self.state.transaction():
             moved = selected.symmetric_difference(record.selected or ())
             if record.selected is None:
                 moved = set(experiment_ids)
             mirror.mark_dirty(moved & set(experiment_ids))
-            if moved:
-                self.state.save(replace(record, selected=tuple(sorted(selected))))
+            crossed = self._window_moves(record.window_since_ms, since)
+            mirror.mark_dirty(set(experiment_ids) if crossed is None else crossed)
+            if moved or since != record.window_since_ms:
+                self.state.save(
+                    replace(record, selected=tuple(sorted(selected)), window_since_ms=since)
+                )
             old = self.state.load(LabelRecord).run_id_length
             if length != old:
                 self.state.save(LabelRecord(length))
                 mirror.mark_dirty()
                 self.state.save(replace(self.state.load(PushRecord), registry_dirty=True))
+
+    def _window_since_ms(self) -> int | None:
+        """Where the run window starts now (None: no window)."""
+        window = self.settings.series.run_window
+        return int((self.clock() - window) * 1000) if window else None
+
+    def _window_moves(self, before: int | None, now: int | None) -> set[str] | None:
+        """Experiments with runs that crossed the window's edge as it moved from `before`
+        to `now` (None: every experiment, the window was turned on or off)."""
+        if before == now:
+            return set()
+        if before is None or now is None:
+            return None
+        return self.state.mirror.experiments_with_runs_ended_between(
+            min(before, now), max(before, now)
+        )
 
     def _run_id_length(self, new_runs: Sequence[str]) -> int:
         """The run_id label length: grows only when two exported runs would collide, so a
@@ -271,10 +335,15 @@ class Runner:
             ServerCounts(
                 {"active": capture.active_experiments, "deleted": capture.deleted_experiments}
             ),
+            ended_since_ms=self._window_since_ms(),
+            min_runs=self.settings.series.min_runs_per_experiment,
         )
 
-    def _push_groups(self, plan: push_plan.PushPlan) -> tuple[int, int, int, int]:
-        """(groups, series, non-finite values, groups deleted)."""
+    def _push_groups(
+        self, plan: push_plan.PushPlan, counts: dict[str, int]
+    ) -> tuple[int, int, int, int]:
+        """(groups, series, non-finite values, groups deleted); `counts` (series per group
+        left on the Pushgateway, "" for the registry) is updated as groups are pushed."""
         assert self.pushgateway is not None
         mirror, export = self.state.mirror, self.settings.export
         builder = self.builder()
@@ -283,6 +352,7 @@ class Runner:
         for exp_id in plan.experiments:
             families = builder.experiment(exp_id, on_cut=cuts.__setitem__)
             pushed = self.pushgateway.push(experiment_key(exp_id), families)
+            counts[exp_id] = pushed.series
             groups, series, nonfinite = (
                 groups + 1,
                 series + pushed.series,
@@ -290,6 +360,7 @@ class Runner:
             )
         if plan.registry:
             pushed = self.pushgateway.push(REGISTRY_KEY, builder.registry_group())
+            counts[""] = pushed.series
             groups, series = groups + 1, series + pushed.series
         with self.state.transaction():
             for exp_id, cut in cuts.items():
@@ -298,6 +369,9 @@ class Runner:
         stale = push_plan.stale_groups(present, plan.keep, lambda k: owns_group(k, export))
         for key in stale:
             self.pushgateway.delete(key)
+        kept = {dict(k).get("experiment_id", "") for k in plan.keep}
+        for group in set(counts) - kept:
+            del counts[group]
         return groups, series, nonfinite, len(stale)
 
     # ------------------------------------------------------------------ deliver
@@ -308,6 +382,8 @@ class Runner:
         m = self.metrics.sinks[sink.name]
         m.points_sent.inc(drained.points)
         m.batches_sent.inc(drained.batches)
+        for cause in BLOCKED_CAUSES:
+            m.blocked.labels(cause).set(1 if drained.blocked == cause else 0)
         result.sent[sink.name] = result.sent.get(sink.name, 0) + drained.points
         if drained.error:
             result.errors[sink.name] = drained.error
@@ -335,12 +411,17 @@ class Runner:
         m.last_cycle.set(now)
         if result.ok:
             m.last_success.set(now)
-        queued = self._queue_gauges()
-        self.health.set(status, "ok" if result.ok else result.reason())
+        queued, aside = self._queue_gauges()
+        if result.ok and aside:
+            # Healthy, but not a plain ok: points wait for an operator.
+            self.health.set("degraded", f"ok, but {aside}")
+        else:
+            self.health.set(status, "ok" if result.ok else result.reason())
+        counted = {"experiments": result.experiments, "runs": result.runs}
         fields: dict[str, Any] = {
             "duration_seconds": round(result.duration_seconds, 3),
-            "experiments": result.experiments,
-            "runs": result.runs,
+            # What was not counted is left out, never logged as 0.
+            **{k: v for k, v in counted.items() if v is not None},
             "series": result.pushed_series,
             "points_spooled": result.points_spooled,
             **result.sent_fields(),
@@ -353,8 +434,10 @@ class Runner:
         else:
             log.warning("cycle.failed", errors=result.errors, **fields)
 
-    def _queue_gauges(self) -> int | None:
-        """Refresh the queue gauges; the state may be what failed, so never raise."""
+    def _queue_gauges(self) -> tuple[int | None, str]:
+        """Refresh the queue gauges; (points queued, what is set aside in words). The state
+        may be what failed, so never raise."""
+        words = []
         try:
             total = 0
             for sink, sm in self.metrics.sinks.items():
@@ -364,9 +447,15 @@ class Runner:
                 sm.spool_points.set(queued.points)
                 aside = outbox.set_aside_counts()
                 sm.dead_letters.set(sum(t.batches for t in aside.values()))
-                for reason, totals in aside.items():
+                for reason, totals in sorted(aside.items()):
                     sm.set_aside.labels(reason).set(totals.points)
+                    words.append(f"{sink} {reason}: {totals.points}")
                 total += queued.points
         except sqlite3.Error:
-            return None
-        return total
+            return None, ""
+        if not words:
+            return total, ""
+        return total, (
+            f"points set aside ({', '.join(words)}): see `exporter dead-letters list`, "
+            "then `exporter dead-letters replay`"
+        )

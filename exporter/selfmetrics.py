@@ -21,7 +21,9 @@ RECONCILE_KINDS = ("new", "changed", "restored", "removed")
 SINKS = ("pramathus", "remote_write")
 # Why points are set aside for good: refused by the receiver (4xx), older than it (or
 # max_sample_age) takes, out of order for it, or sharing a timestamp with another point.
-SET_ASIDE_REASONS = ("rejected", "too_old", "out_of_order", "duplicate_timestamp")
+SET_ASIDE_REASONS = ("rejected", "too_large", "too_old", "out_of_order", "duplicate_timestamp")
+# Why delivery is stopped until a setting is fixed (points stay queued).
+BLOCKED_CAUSES = ("credentials", "redirect", "endpoint")
 
 
 class SinkMetrics:
@@ -30,8 +32,9 @@ class SinkMetrics:
     def __init__(self, sink: str, registry: CollectorRegistry) -> None:
         p, r, what = f"{P}{sink}_", registry, sink.replace("_", " ")
         unit = "samples" if sink == "remote_write" else "points"
+        # The name is kept for dashboards and alerts; the help says what is counted.
         self.points_sent = Counter(
-            f"{p}points_sent", f"Metric points {what} acknowledged.", registry=r
+            f"{p}points_sent", f"Metric points {what} acknowledged ({unit}).", registry=r
         )
         self.batches_sent = Counter(f"{p}batches_sent", f"Batches {what} acknowledged.", registry=r)
         self.spool_points = Gauge(
@@ -62,9 +65,18 @@ class SinkMetrics:
             f"Series still to backfill into {what} (it was enabled after points were captured).",
             registry=r,
         )
+        self.blocked = Gauge(
+            f"{p}delivery_blocked",
+            f"1 while {what} delivery is stopped by a setting to fix, by cause (credentials: "
+            "401/403; redirect: 301/302/303; endpoint: 404/405/410); points stay queued.",
+            ["cause"],
+            registry=r,
+        )
         self.dropped.labels("queue_overflow")
         for reason in SET_ASIDE_REASONS:
             self.set_aside.labels(reason)
+        for cause in BLOCKED_CAUSES:
+            self.blocked.labels(cause)
 
 
 class TraceMetrics:
@@ -151,6 +163,12 @@ class SelfMetrics:
         self.pushed_series = Gauge(
             f"{P}pushed_series", "Series pushed by the last cycle.", registry=r
         )
+        self.exported_series = Gauge(
+            f"{P}series",
+            "MLflow series the exporter exposes: on the Pushgateway as of the last push "
+            "(push mode), or in the last scrape of /mlflow/metrics (pull mode).",
+            registry=r,
+        )
         self.last_push_success = Gauge(
             f"{P}last_push_success_timestamp_seconds",
             "When a cycle last brought the Pushgateway fully up to date with the mirror.",
@@ -174,6 +192,22 @@ class SelfMetrics:
         )
         self.pending = Gauge(
             f"{P}pending_runs", "Runs whose new points are not read yet.", registry=r
+        )
+        self.capture_runs = Gauge(
+            f"{P}capture_runs",
+            "Runs whose histories the running (or last) capture reads, by state (due, done).",
+            ["state"],
+            registry=r,
+        )
+        self.capture_points_estimated = Gauge(
+            f"{P}capture_points_estimated",
+            "Points the running (or last) capture is expected to read, extrapolated so far.",
+            registry=r,
+        )
+        self.capture_eta = Gauge(
+            f"{P}capture_eta_seconds",
+            "Estimated seconds left in the running capture (0 when none runs).",
+            registry=r,
         )
         self.reconcile_found = Counter(
             f"{P}reconcile_found",
@@ -203,3 +237,5 @@ class SelfMetrics:
             self.excluded.labels(kind)
         for kind in RECONCILE_KINDS:
             self.reconcile_found.labels(kind)
+        for state in ("due", "done"):
+            self.capture_runs.labels(state)

@@ -18,8 +18,12 @@ its own, so a failure part-way keeps what was done and the rest is redone next c
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -34,9 +38,10 @@ from exporter.mlflow_source import (
     all_runs,
     runs_by_id,
 )
-from exporter.model import MetricPoint, Run
+from exporter.model import MetricPoint, Run, RunContext
 from exporter.planners import capture, sweep
 from exporter.planners.scope import in_scope, metric_filter
+from exporter.progress import CaptureProgress
 from exporter.sinks.delivery import DeliverySink
 from exporter.state import StateStore
 from exporter.state.ledger import Series
@@ -62,12 +67,23 @@ class SyncResult:
     sweep_completed: bool = False
     backfill_remaining: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # sink -> points dropped by bounds
+    waiting: dict[str, int] = field(default_factory=dict)  # sink -> points owed while full
     new_run_ids: list[str] = field(default_factory=list)  # runs the mirror did not know
     stopped: bool = False
 
 
 class _StoppedError(Exception):
     """A stop was requested: what was written stays, the rest waits for the next cycle."""
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """A sink's last batch queued this cycle, not full: never sent yet, so points captured
+    later in the cycle join it (it is re-encoded with them under a new key)."""
+
+    batch_id: int
+    points: Sequence[MetricPoint]
+    contexts: dict[str, RunContext]
 
 
 @dataclass
@@ -80,6 +96,8 @@ class Sync:
     sinks: Sequence[DeliverySink]
     clock: Callable[[], float] = time.time
     should_stop: Callable[[], bool] = lambda: False
+    progress: CaptureProgress = field(default_factory=CaptureProgress)
+    _tails: dict[str, _Tail] = field(default_factory=dict, init=False)
 
     @property
     def _settle_ms(self) -> int:
@@ -242,16 +260,31 @@ class Sync:
         ids = [e.experiment_id for e in mirror.experiments()]
         if not ids:
             return False
-        export = self.settings.export
-        pages = sweep.pages_per_cycle(
-            mirror.run_count(),
-            self.settings.mlflow.page_size,
-            export.interval_seconds,
-            export.reconcile_interval_seconds,
-        )
-        experiment_chunks = sweep.chunks(ids, EXPERIMENTS_PER_SEARCH)
-        completed = False
-        for _ in range(pages):
+        export, page_size = self.settings.export, self.settings.mlflow.page_size
+        runs = mirror.run_count()  # kept by triggers: no scan
+        due_at = self.state.load(SweepRecord).next_page_ms
+        interval, reconcile = export.interval_seconds, export.reconcile_interval_seconds
+        pages = sweep.pages_due(due_at, now_ms, runs, page_size, interval, reconcile)
+        chunks = sweep.chunks(ids, EXPERIMENTS_PER_SEARCH)
+        completed, read = self._sweep_pages(pages, chunks, now_ms, result)
+        spacing = sweep.page_spacing_ms(runs, page_size, reconcile)
+        after = sweep.next_page_after(due_at, now_ms, read, spacing, interval)
+        if after != due_at:
+            with self.state.transaction():
+                record = self.state.load(SweepRecord)
+                self.state.save(replace(record, next_page_ms=after))
+        return completed
+
+    def _sweep_pages(
+        self,
+        pages: int,
+        experiment_chunks: Sequence[Sequence[str]],
+        now_ms: int,
+        result: SyncResult,
+    ) -> tuple[bool, int]:
+        """Read up to `pages` pages; (whether a pass completed, pages read)."""
+        mirror = self.state.mirror
+        for read in range(pages):
             self._check_stop()
             record = self.state.load(SweepRecord)
             step = sweep.next_step(record, experiment_chunks)
@@ -275,11 +308,10 @@ class Sync:
             for kind, n in found.items():
                 result.reconcile_found[kind] = result.reconcile_found.get(kind, 0) + n
             with self.state.transaction():
-                self.state.save(advance.record)
+                self.state.save(replace(advance.record, next_page_ms=record.next_page_ms))
             if advance.pass_completed:
-                completed = True
-                break
-        return completed
+                return True, read + 1
+        return False, pages
 
     def _retention(self, now_ms: int) -> None:
         before = now_ms - int(self.settings.export.deleted_retention_seconds * 1000)
@@ -295,27 +327,70 @@ class Sync:
         if not self.sinks:
             return  # nothing to deliver to: runs stay pending until a sink is enabled
         mirror, ledger = self.state.mirror, self.state.ledger
-        due = mirror.capture_due(now_ms)
+        due = mirror.capture_due(now_ms)  # newest runs first
         allowed = metric_filter(self.settings.export)
         ordered = list(due)
-        for start in range(0, len(ordered), BULK_MAX_RUNS * 10):
-            run_ids = ordered[start : start + BULK_MAX_RUNS * 10]
-            latest = mirror.latest(run_ids)
-            with self.state.transaction():
-                series = ledger.series((r, m.key) for r, ms in latest.items() for m in ms)
-            whole = [r for r in run_ids if due[r]]
-            wanted = capture.history_requests(latest, series, allowed, whole)
-            remaining: dict[str, int] = dict.fromkeys(run_ids, 0)
-            for w in wanted:
-                remaining[w.run_id] += 1
-            with self.state.transaction():
-                mirror.captured([r for r, n in remaining.items() if n == 0])
-            for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
+        self.progress.begin(len(ordered))
+        try:
+            for start in range(0, len(ordered), BULK_MAX_RUNS * 10):
+                run_ids = ordered[start : start + BULK_MAX_RUNS * 10]
+                latest = mirror.latest(run_ids)
+                with self.state.transaction():
+                    series = ledger.series((r, m.key) for r, ms in latest.items() for m in ms)
+                whole = [r for r in run_ids if due[r]]
+                wanted = capture.history_requests(latest, series, allowed, whole)
+                remaining: dict[str, int] = dict.fromkeys(run_ids, 0)
+                for w in wanted:
+                    remaining[w.run_id] += 1
+                idle = [r for r, n in remaining.items() if n == 0]
+                with self.state.transaction():
+                    mirror.captured(idle)
+                self.progress.planned(len(run_ids), capture.points_bound(wanted))
+                self.progress.advance(len(idle), 0)
+                chunks = capture.group_by_key(wanted, BULK_MAX_RUNS)
+                # Every queue full: reading more would only be read again later; the
+                # runs stay due and capture resumes as delivery drains.
+                for chunk, read in self._read_histories(chunks, wait=self._all_full):
+                    new, done = self._record(chunk, read, series, remaining, now_ms, result)
+                    result.points_captured += new
+                    self.progress.advance(done, new)
+        finally:
+            self.progress.end()
+
+    def _read_histories(
+        self,
+        chunks: Sequence[Sequence[HistoryRequest]],
+        wait: Callable[[], bool] = lambda: False,
+    ) -> Iterator[tuple[Sequence[HistoryRequest], list[MetricPoint]]]:
+        """Each chunk with its points, in order, with up to `mlflow.concurrency` reads in
+        flight (one at a time when it is 1); a stop or an error cancels what is queued, and
+        so does `wait()` (queues full: what is not read stays due)."""
+        workers = self.settings.mlflow.concurrency
+        if workers <= 1 or len(chunks) <= 1:
+            for chunk in chunks:
                 self._check_stop()
-                read = self.source.histories(chunk)
-                result.points_captured += self._record(
-                    chunk, read, series, remaining, now_ms, result
-                )
+                if wait():
+                    return
+                yield chunk, self.source.histories(chunk)
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="mlflow-read")
+        try:
+            queued: deque[tuple[Sequence[HistoryRequest], Future[list[MetricPoint]]]] = deque()
+            pending = iter(chunks)
+            for chunk in itertools.islice(pending, workers):
+                queued.append((chunk, pool.submit(self.source.histories, chunk)))
+            while queued:
+                self._check_stop()
+                if wait():
+                    return
+                chunk, future = queued.popleft()
+                points = future.result()
+                following = next(pending, None)
+                if following is not None:
+                    queued.append((following, pool.submit(self.source.histories, following)))
+                yield chunk, points
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _record(
         self,
@@ -325,8 +400,9 @@ class Sync:
         remaining: dict[str, int],
         now_ms: int,
         result: SyncResult,
-    ) -> int:
-        """Queue the new points of one read for every sink, record them, move windows."""
+    ) -> tuple[int, int]:
+        """Queue the new points of one read for every sink, record them, move windows;
+        (new points, runs whose every series is now read)."""
         ledger, mirror = self.state.ledger, self.state.mirror
         by_series: dict[tuple[str, str], list[MetricPoint]] = {}
         for p in read:
@@ -347,9 +423,36 @@ class Sync:
                 remaining[w.run_id] -= 1
                 if remaining[w.run_id] == 0:
                     done_runs.append(w.run_id)
-            self._enqueue(self.sinks, new, now_ms, result)
+            full = [sink for sink in self.sinks if self._full(sink)]
+            if full and new:
+                owed = [(series[(p.run_id, p.key)].series_id, p.identity) for p in new]
+                for sink in full:
+                    ledger.owe(sink.name, owed)
+                    result.waiting[sink.name] = result.waiting.get(sink.name, 0) + len(new)
+            open_sinks = [sink for sink in self.sinks if sink not in full]
+            tails = self._enqueue(open_sinks, new, now_ms, result)
             mirror.captured(done_runs)
-        return len(new)
+        self._keep_tails(tails)
+        return len(new), len(done_runs)
+
+    def _full(self, sink: DeliverySink) -> bool:
+        """True when capture for this sink must wait: its queue is at its bound and its
+        policy is to wait rather than drop."""
+        if sink.overflow != "wait":
+            return False
+        return self.state.outbox(sink.name).totals().points >= sink.queue_max_points
+
+    def _all_full(self) -> bool:
+        return all(self._full(sink) for sink in self.sinks)
+
+    def _keep_tails(self, tails: dict[str, _Tail | None]) -> None:
+        """Adopt the open tails of a committed transaction (a rolled back one keeps the
+        tails as they were, as the queue does)."""
+        for name, tail in tails.items():
+            if tail is None:
+                self._tails.pop(name, None)
+            else:
+                self._tails[name] = tail
 
     def _enqueue(
         self,
@@ -357,27 +460,50 @@ class Sync:
         points: Sequence[MetricPoint],
         now_ms: int,
         result: SyncResult,
-    ) -> None:
+    ) -> dict[str, _Tail | None]:
+        """Queue points for each sink, joining them to the sink's open tail; returns the
+        new tails (to keep once the transaction commits)."""
+        tails: dict[str, _Tail | None] = {}
         if not points:
-            return
+            return tails
         contexts = self.state.mirror.contexts(sorted({p.run_id for p in points}))
         ordered = sorted(points, key=lambda p: (p.run_id, p.key, p.step, p.timestamp_ms))
         for sink in sinks:
             outbox = self.state.outbox(sink.name)
-            encoded = sink.encode(ordered, contexts, now_ms)
-            outbox.add(encoded.batches, now_ms)
+            pending: Sequence[MetricPoint] = ordered
+            known = contexts
+            tail = self._tails.get(sink.name)
+            if tail is not None and outbox.remove(tail.batch_id):
+                pending, known = [*tail.points, *ordered], {**tail.contexts, **contexts}
+            encoded = sink.encode(pending, known, now_ms)
+            ids = outbox.add(encoded.batches, now_ms)
+            tails[sink.name] = None
+            if encoded.open_tail and ids:
+                runs = {p.run_id for p in encoded.open_tail}
+                tails[sink.name] = _Tail(
+                    ids[-1], list(encoded.open_tail), {r: known[r] for r in runs if r in known}
+                )
             for reason, bodies in encoded.refused.items():
                 for body in bodies:
                     outbox.set_aside_new(body, now_ms, reason, f"{sink.name} cannot take these")
-            dropped = outbox.trim(sink.queue_max_points, sink.drop_oldest)
+            if sink.overflow == "wait":
+                continue
+            dropped = outbox.trim(sink.queue_max_points, sink.overflow == "drop_oldest")
             if dropped:
-                log.warning("queue.overflow", sink=sink.name, dropped_points=dropped)
+                # An opt-in policy: these points are lost for this sink, say so.
+                log.warning(
+                    "queue.overflow_lost", sink=sink.name, policy=sink.overflow, lost_points=dropped
+                )
                 result.dropped[sink.name] = result.dropped.get(sink.name, 0) + dropped
+        return tails
 
     def _backfill(self, result: SyncResult) -> None:
         """Send a later-registered sink what was captured before it registered."""
         ledger, mirror = self.state.ledger, self.state.mirror
         for sink in self.sinks:
+            if self._full(sink):
+                result.backfill_remaining[sink.name] = ledger.backfill_remaining(sink.name)
+                continue
             items = {
                 (i.series.run_id, i.series.key): i
                 for i in ledger.backfill_pending(sink.name, BACKFILL_SERIES_PER_CYCLE)
@@ -395,10 +521,13 @@ class Sync:
                 (HistoryRequest(r, k, None, tops[(r, k)]) for r, k in items if (r, k) in tops),
                 key=lambda w: (w.key, w.run_id),
             )
-            for chunk in capture.group_by_key(wanted, BULK_MAX_RUNS):
-                self._check_stop()
+            chunks = capture.group_by_key(wanted, BULK_MAX_RUNS)
+            # Past the queue's bound the rest of its backfill waits for it to drain.
+            for chunk, read in self._read_histories(
+                chunks, wait=functools.partial(self._full, sink)
+            ):
                 by_series: dict[tuple[str, str], list[MetricPoint]] = {}
-                for p in self.source.histories(chunk):
+                for p in read:
                     by_series.setdefault((p.run_id, p.key), []).append(p)
                 needed = [
                     p
@@ -410,10 +539,11 @@ class Sync:
                     )
                 ]
                 with self.state.transaction():
-                    self._enqueue([sink], needed, int(self.clock() * 1000), result)
+                    tails = self._enqueue([sink], needed, int(self.clock() * 1000), result)
                     ledger.backfill_done(
                         sink.name, [items[(w.run_id, w.key)].series.series_id for w in chunk]
                     )
+                self._keep_tails(tails)
             result.backfill_remaining[sink.name] = ledger.backfill_remaining(sink.name)
 
 

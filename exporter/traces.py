@@ -207,6 +207,10 @@ class TraceStage:
                 batch_size = getattr(getattr(sink, "settings", None), "batch_size", 5000)
                 outbox = self.state.outbox(sink.name)
                 outbox.add(encode_buckets(samples, batch_size), now_ms)
-                dropped = outbox.trim(sink.queue_max_points, sink.drop_oldest)
-                if dropped:
-                    log.warning("queue.overflow", sink=sink.name, dropped_points=dropped)
+                # Trace buckets are few: under the default `wait` policy they are always
+                # queued; only an opt-in drop policy trims (and says what was lost).
+                if sink.overflow != "wait":
+                    oldest = sink.overflow == "drop_oldest"
+                    dropped = outbox.trim(sink.queue_max_points, oldest)
+                    if dropped:
+                        log.warning("queue.overflow_lost", sink=sink.name, lost_points=dropped)

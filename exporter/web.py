@@ -91,8 +91,13 @@ class Router:
             body = {"status": view.status, "reason": view.reason}
             return _json(start_response, 200 if view.healthy else 503, body)
         if path == "/readyz":
-            body = {"status": "ready" if view.ready else "not ready", "reason": view.reason}
-            return _json(start_response, 200 if view.ready else 503, body)
+            ready: dict[str, Any] = {
+                "status": "ready" if view.ready else "not ready",
+                "reason": view.reason,
+            }
+            if (progress := self.health.progress()) is not None:
+                ready["progress"] = progress  # a long first capture shows how far it got
+            return _json(start_response, 200 if view.ready else 503, ready)
         if path == "/livez":
             return _json(start_response, 200, {"status": "alive"})
         text = b"not found: try /metrics, /mlflow/metrics, /healthz, /readyz or /livez\n"
@@ -174,6 +179,7 @@ _TLS_VERSIONS = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 _KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
+_HTTP_KEYS = {"headers", "http2"}
 _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version"}
 
 
@@ -206,7 +212,10 @@ def load_web_config(path: str) -> WebConfig:
             hashes[str(user)] = hashed.encode()
     if hashes:
         config.users = BasicAuth(hashes)
-    headers = _mapping(_mapping(raw, "http_server_config", problems), "headers", problems)
+    http = _mapping(raw, "http_server_config", problems)
+    # `http2` is exporter-toolkit's switch for Go's HTTP/2; this server speaks HTTP/1.1.
+    problems += [f"http_server_config.{k}: unknown key" for k in http if k not in _HTTP_KEYS]
+    headers = _mapping(http, "headers", problems)
     config.headers = {str(k): str(v) for k, v in headers.items()}
     tls = _mapping(raw, "tls_server_config", problems)
     if tls:

@@ -2,7 +2,9 @@
 
 - `RecordingSink`: a `DeliverySink` (what Pramathus or remote write are to the runner) whose
   bodies are JSON lists of point identities; `send` answers from a script (default accept)
-  and records every accepted point, so a test compares deliveries with what MLflow holds.
+  and records every accepted point, so a test compares deliveries with what MLflow holds;
+  a short last batch is left open (`open_tail`) as real sinks leave it, and `posts` counts
+  the requests that carried points.
 - `FakeGateway`: the Pushgateway as the runner uses it (`push`, `delete`, `start_time`,
   `existing_groups`), keeping groups in a dict; `restart()` empties it and changes its start
   time like a Pushgateway without persistence; `down` makes every call fail.
@@ -37,10 +39,11 @@ class RecordingSink:
     budget_seconds: float = 5.0
     max_attempts: int = 0
     queue_max_points: int = 1_000_000
-    drop_oldest: bool = True
+    overflow: str = "wait"
     script: list[Reply] = field(default_factory=list)
     accepted: list[PointKey] = field(default_factory=list)
     contexts: dict[str, RunContext] = field(default_factory=dict)
+    posts: int = 0
 
     def encode(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
@@ -53,9 +56,11 @@ class RecordingSink:
                 [[p.run_id, p.key, p.step, p.timestamp_ms, p.identity[2]] for p in chunk]
             )
             batches.append(EncodedBatch(str(uuid.uuid4()), len(chunk), body.encode()))
-        return Encoded(batches)
+        last = len(points) % self.batch_size
+        return Encoded(batches, open_tail=points[len(points) - last :] if last else [])
 
     def send(self, batch: QueuedBatch) -> Reply:
+        self.posts += 1
         reply = self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
         if reply.outcome is Outcome.ACCEPTED:
             self.accepted.extend(tuple(p) for p in json.loads(batch.body))

@@ -8,9 +8,11 @@ tests/test_alert_rules.py.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -681,3 +683,107 @@ def test_a_missing_web_config_file_stops_start_up_naming_the_key(tmp_path: Path)
     result = invoke("continuous", env={"EXPORTER_WEB_CONFIG_FILE": str(tmp_path / "w.yml")})
     assert result.exit_code == 2
     assert f"server.web_config_file {tmp_path / 'w.yml'}: cannot read" in result.stderr
+
+
+def _set_aside(state_dir: Path) -> None:
+    """Two set-aside Pramathus batches and one remote write batch, as a drain leaves them."""
+    from exporter.state.outbox import EncodedBatch
+
+    store = StateStore(state_dir)
+    try:
+        with store.transaction():
+            pramathus = store.outbox("pramathus")
+            pramathus.set_aside_new(
+                EncodedBatch("k1", 3, b"{}"), 1_700_000_000_000, "too_large", "HTTP 413"
+            )
+            pramathus.set_aside_new(
+                EncodedBatch("k2", 2, b"{}"), 1_700_000_000_000, "rejected", "HTTP 400"
+            )
+            store.outbox("remote_write").set_aside_new(
+                EncodedBatch("k3", 4, b"x"), 1_700_000_000_000, "too_old", "too old"
+            )
+    finally:
+        store.close()
+
+
+def test_dead_letters_list_shows_each_set_aside_batch_and_a_total(tmp_path: Path) -> None:
+    _set_aside(tmp_path / "state")
+
+    result = invoke("dead-letters", "list", "--state-dir", str(tmp_path / "state"))
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("pramathus #1 too_large points=3 status=- at=2023-11-14T22:13:20")
+    assert "remote_write #3 too_old points=4" in lines[2]
+    assert lines[-1] == "3 set-aside batches, 9 points"
+
+
+def test_dead_letters_replay_by_sink_and_reason_queues_only_those(tmp_path: Path) -> None:
+    _set_aside(tmp_path / "state")
+
+    result = invoke(
+        "dead-letters",
+        "replay",
+        "--sink",
+        "pramathus",
+        "--reason",
+        "too_large",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.output == "pramathus: 3 points in 1 batches queued again\n"
+    store = StateStore(tmp_path / "state")
+    try:
+        assert [b.idempotency_key for b in store.outbox("pramathus").batches()] == ["k1"]
+        assert [r.reason for r in store.outbox("pramathus").set_aside_batches()] == ["rejected"]
+        assert len(store.outbox("remote_write").set_aside_batches()) == 1
+    finally:
+        store.close()
+    everything = invoke("dead-letters", "replay", "--state-dir", str(tmp_path / "state"))
+    assert everything.output.splitlines() == [
+        "pramathus: 2 points in 1 batches queued again",
+        "remote_write: 4 points in 1 batches queued again",
+    ]
+
+
+def test_check_config_masks_every_header_value_of_a_sink(
+    tmp_path: Path, backends: FakeRequests
+) -> None:
+    config = write(
+        tmp_path,
+        """\
+mlflow: {tracking_uri: "http://127.0.0.1:9"}
+remote_write:
+  enabled: true
+  url: http://127.0.0.1:9/api/v1/write
+  headers: {X-Api-Key: hk-9f8e7d6c5b, X-Scope-OrgID: team-a}
+""",
+    )
+
+    result = invoke("check-config", "--config", config)
+
+    assert "hk-9f8e7d6c5b" not in result.output
+    assert "team-a" not in result.output
+    assert f"X-Api-Key: '{MASK}'" in result.stdout
+    assert f"X-Scope-OrgID: '{MASK}'" in result.stdout
+
+
+def test_an_error_echoing_basic_credentials_is_masked_in_every_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exporter.app import secrets_of
+    from exporter.config import load_settings
+
+    basic = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    settings = load_settings(unreachable_config(tmp_path, 9))
+    monkeypatch.setattr(cli, "_secret_values", secrets_of(settings))
+
+    with pytest.raises(SystemExit):
+        cli._fail(f"MLflow said: {basic} refused, sent {quote(PASSWORD, safe='')}")
+
+    err = capsys.readouterr().err
+    assert basic not in err
+    assert quote(PASSWORD, safe="") not in err
+    assert err == f"error: MLflow said: {MASK} refused, sent {MASK}\n"

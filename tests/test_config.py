@@ -47,7 +47,7 @@ def test_defaults_apply_when_nothing_is_configured() -> None:
     assert s.pramathus.endpoint is None
     assert s.pramathus.api_key is None
     assert s.pramathus.batch_size == 500
-    assert s.pramathus.spool_overflow == "drop_oldest"
+    assert s.pramathus.spool_overflow == "wait"
     assert s.export.interval_seconds == 60
     assert s.export.max_experiments == 0
     assert s.export.state_dir == "./state"
@@ -411,3 +411,20 @@ def test_a_pod_name_without_an_ordinal_is_a_problem_naming_the_variable() -> Non
 def test_an_ordinal_beyond_the_shard_count_is_refused() -> None:
     [problem] = problems_of(env={"EXPORTER_POD_NAME": "mm-3", "EXPORTER_SHARD_COUNT": "3"})
     assert "shard_index 3 must be below shard_count 3" in problem
+
+
+def test_series_window_and_mlflow_concurrency_come_from_their_env_variables() -> None:
+    s = load_settings(
+        env={
+            "EXPORTER_SERIES_RUN_WINDOW": "30d",
+            "EXPORTER_SERIES_MIN_RUNS_PER_EXPERIMENT": "5",
+            "EXPORTER_MLFLOW_CONCURRENCY": "1",
+        }
+    )
+    assert s.series.run_window == 30 * 86400
+    assert s.series.min_runs_per_experiment == 5
+    assert s.mlflow.concurrency == 1
+    assert Settings().series.run_window == 7 * 86400
+    problems = problems_of(env={"EXPORTER_MLFLOW_CONCURRENCY": "0"})
+    assert problems[0].startswith("mlflow.concurrency:")
+    assert "EXPORTER_MLFLOW_CONCURRENCY" in problems[0]

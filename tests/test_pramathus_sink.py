@@ -95,7 +95,7 @@ def test_a_retried_batch_is_acknowledged_but_recorded_once_also_after_a_restart(
     assert "already recorded, not counted twice" in sink.log.read_text(encoding="utf-8")
 
 
-def test_a_wrong_key_is_refused_with_401_and_nothing_recorded(
+def test_a_wrong_key_gets_401_which_blocks_the_sink_and_records_nothing(
     sink: pramathus_sink.Sink, endpoint: str
 ) -> None:
     exporter = exporter_sink(endpoint, api_key="not-the-key")
@@ -103,7 +103,8 @@ def test_a_wrong_key_is_refused_with_401_and_nothing_recorded(
 
     reply = exporter.send(batch)
 
-    assert (reply.outcome, reply.status) == (Outcome.REFUSED, 401)
+    # 401 is about the key, not the points: the exporter keeps them queued (BLOCKED).
+    assert (reply.outcome, reply.status) == (Outcome.BLOCKED, 401)
     assert not sink.points.exists()
 
 

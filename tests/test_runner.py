@@ -8,6 +8,7 @@ Time is a `FakeClock` the tests move; a cycle is "10 s later".
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from exporter.runner import CycleResult, Runner
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import Outcome, Reply
 from exporter.state import StateStore
+from exporter.state.outbox import Outbox
 from tests.fake_mlflow import FakeMlflow
 from tests.fake_sinks import FakeGateway, RecordingSink
 from tests.fakes import FakeClock, SleepRecorder
@@ -38,8 +40,15 @@ def sample(metrics: SelfMetrics, name: str, **labels: str) -> float:
 class Harness:
     """A runner over fakes; `cycle()` moves the clock one interval and runs a cycle."""
 
-    def __init__(self, tmp: Path, sinks: list[RecordingSink] | None = None, **export: Any) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        sinks: list[RecordingSink] | None = None,
+        series: dict[str, Any] | None = None,
+        **export: Any,
+    ) -> None:
         self.tmp = tmp
+        self.series = series or {}
         self.clock = FakeClock(1_700_000_000.0)
         self.mlflow = FakeMlflow(self.clock)
         self.gateway = FakeGateway()
@@ -58,7 +67,7 @@ class Harness:
 
     def _runner(self) -> Runner:
         return Runner(
-            settings=Settings.model_validate({"export": self.export}),
+            settings=Settings.model_validate({"export": self.export, "series": self.series}),
             source=self.mlflow,
             state=self.state,
             metrics=self.metrics,
@@ -303,7 +312,7 @@ def test_a_sink_enabled_later_gets_the_whole_history_and_the_first_gets_nothing_
     h.reopen(sinks=[first, history])
     h.mlflow.log(run, "loss", 99.0, step=30)
     h.ok_cycle()
-    h.ok_cycle()
+    h.ok_cycle(advance=3700)  # only the sweep sees a point added to a long-settled run
 
     assert h.exactly_once(first)
     assert h.exactly_once(history)
@@ -344,6 +353,140 @@ def test_an_idle_cycle_makes_the_same_few_requests_whatever_the_number_of_runs(
         counts.append(h.mlflow.requests() - before)
         h.state.close()
     assert counts[0] == counts[1] <= 10
+
+
+def test_the_sweep_spreads_a_pass_over_the_reconcile_interval_and_idles_in_between(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, reconcile_interval_seconds=600)
+    h.mlflow.page_size = 10
+    h.runner.settings = Settings.model_validate({"export": h.export, "mlflow": {"page_size": 10}})
+    exp = h.mlflow.create_experiment("many")
+    for _ in range(50):  # five pages: one due every 120 s, every 12th cycle
+        h.mlflow.finish(h.mlflow.create_run(exp))
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 2)
+    before = h.mlflow.calls["runs/search"]
+    per_cycle = []
+    for _ in range(60):  # 600 s: one whole pass
+        searched = h.mlflow.calls["runs/search"]
+        h.ok_cycle()
+        per_cycle.append(h.mlflow.calls["runs/search"] - searched)
+    deltas = 4  # the three delta searches and the deleted-runs probe, every cycle
+    sweep_pages = [n - deltas for n in per_cycle]
+    assert sum(sweep_pages) in (5, 6)
+    assert sweep_pages.count(0) >= 54
+    assert h.mlflow.calls["runs/search"] - before == sum(per_cycle)
+    assert sample(h.metrics, "mlflow_exporter_sweep_passes_total") >= 1
+    h.state.close()
+
+
+class InFlight:
+    """The fake MLflow with history reads that count how many are in flight at once. Each
+    read waits (up to `gate` seconds) for another to start, as reads overlap on a real
+    server with several workers; alone, it goes on when the wait runs out."""
+
+    def __init__(self, mlflow: FakeMlflow, gate: float) -> None:
+        self.mlflow, self.gate = mlflow, gate
+        self.lock = threading.Lock()
+        self.overlap = threading.Event()
+        self.now = self.most = 0
+
+    def histories(self, wanted: Any) -> Any:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            if self.now > 1:
+                self.overlap.set()
+        try:
+            self.overlap.wait(self.gate)
+            return self.mlflow.histories(wanted)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.mlflow, name)
+
+
+@pytest.mark.parametrize(("concurrency", "gate"), [(1, 0.2), (4, 10.0)])
+def test_history_reads_in_flight_follow_mlflow_concurrency(
+    tmp_path: Path, concurrency: int, gate: float
+) -> None:
+    h = Harness(tmp_path)
+    h.runner.settings = Settings.model_validate(
+        {"export": h.export, "mlflow": {"concurrency": concurrency}}
+    )
+    reads = InFlight(h.mlflow, gate)
+    h.runner.source = reads
+    exp = h.mlflow.create_experiment("boot")
+    for _ in range(300):  # three reads of 100 runs
+        run = h.mlflow.create_run(exp)
+        h.mlflow.log_many(run, "loss", [1.0, 0.5])
+        h.mlflow.finish(run)
+
+    h.ok_cycle()
+
+    assert h.exactly_once()
+    if concurrency == 1:
+        assert reads.most == 1  # never two requests at a time
+    else:
+        assert reads.most >= 2
+    h.state.close()
+
+
+def test_a_capture_shows_its_progress_in_readyz_gauges_and_a_log_line(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path)
+    h.runner.settings = Settings.model_validate({"export": h.export, "mlflow": {"concurrency": 1}})
+    exp = h.mlflow.create_experiment("boot")
+    runs = [h.mlflow.create_run(exp) for _ in range(250)]
+    for run in runs:
+        h.mlflow.log_many(run, "loss", [1.0, 0.5, 0.25])
+        h.mlflow.finish(run)
+    histories = h.mlflow.histories
+
+    def slow(wanted: Any) -> Any:
+        h.clock.advance(6.0)  # each read of 100 runs takes 6 s
+        return histories(wanted)
+
+    h.mlflow.histories = slow  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        h.ok_cycle()
+
+    lines = [e for e in logs if e["event"] == "capture.progress"]
+    assert [(e["runs_done"], e["runs_total"]) for e in lines] == [(200, 250), (250, 250)]
+    assert lines[0]["points_done"] == 600
+    assert lines[0]["eta_seconds"] == 3.0  # 50 runs left at 200 runs / 12 s
+    assert lines[-1]["finished"] is True
+    progress = h.health.progress()
+    assert progress is not None
+    assert (progress["runs_done"], progress["points_done"]) == (250, 750)
+    assert progress["points_estimated"] == 750
+    assert sample(h.metrics, "mlflow_exporter_capture_runs", state="due") == 250
+    assert sample(h.metrics, "mlflow_exporter_capture_runs", state="done") == 250
+    assert sample(h.metrics, "mlflow_exporter_capture_eta_seconds") == 0
+    h.state.close()
+
+
+def test_the_deleted_runs_probe_reads_a_short_page_and_the_sweep_finds_the_rest(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("purge")
+    runs = [h.mlflow.create_run(exp) for _ in range(130)]
+    for run in runs:
+        h.mlflow.finish(run)
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 2)  # settled: no longer re-read by id
+    for run in runs:
+        h.mlflow.delete_run(run)
+
+    h.ok_cycle()
+    assert h.gateway.value("mlflow_experiment_runs", status="FINISHED") == [30.0]
+    h.ok_cycle(advance=3700)  # the sweep's next page
+    assert h.gateway.value("mlflow_experiment_runs", status="FINISHED") == [0.0]
+    assert sample(h.metrics, "mlflow_exporter_reconcile_found_total", kind="removed") == 30
 
 
 def test_a_settling_run_costs_history_reads_and_a_settled_one_does_not(h: Harness) -> None:
@@ -521,6 +664,7 @@ def test_a_locked_state_database_fails_the_cycle_and_is_kept(h: Harness) -> None
     assert "another program holds it" in result.errors["state"]
     assert h.state.set_aside is None
     assert sample(h.metrics, "mlflow_exporter_errors_total", stage="state") >= 1
+    assert not (h.tmp / "state" / "state.db.check").exists()  # busy is not damage
     h.ok_cycle()
 
 
@@ -542,6 +686,22 @@ def test_a_read_only_state_database_names_the_file_and_how_to_fix_it(h: Harness)
     )
     h.state.db.conn.execute("PRAGMA query_only = OFF")
     h.ok_cycle()
+
+
+def test_a_cycle_that_meets_corruption_has_the_next_start_check_the_whole_file(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    damaged = sqlite3.DatabaseError("database disk image is malformed")
+    damaged.sqlite_errorname = "SQLITE_CORRUPT"
+
+    def broken(*_: Any) -> None:
+        raise damaged
+
+    monkeypatch.setattr(h.state.mirror, "experiments", broken)
+    result = h.cycle()
+
+    assert "malformed" in result.errors["state"]
+    assert (h.tmp / "state" / "state.db.check").exists()
 
 
 # ---------------------------------------------------------------------- Pushgateway
@@ -616,6 +776,76 @@ def test_max_experiments_bounds_per_run_series_only_never_the_counts(tmp_path: P
     h.state.close()
 
 
+DAY_MS = 86_400_000
+
+
+def test_per_run_series_cover_recent_runs_and_the_newest_few_and_old_ones_leave_the_gateway(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, series={"run_window": "7d", "min_runs_per_experiment": 1})
+    now = int(h.clock() * 1000)
+    busy, quiet = h.mlflow.create_experiment("busy"), h.mlflow.create_experiment("quiet")
+    runs: dict[str, str] = {}
+    for name, exp, start_days, end_days in (
+        ("old", busy, 30, 29),  # ended long ago, not the newest: no per-run series
+        ("long", busy, 12, 1),  # started long ago, ended yesterday: in the window
+        ("newest", busy, 10, 9),  # ended long ago but the newest of its experiment
+        ("running", busy, 40, None),  # unfinished: always
+        ("quiet-older", quiet, 60, 59),
+        ("quiet-newest", quiet, 50, 49),
+    ):
+        runs[name] = h.mlflow.create_run(exp, name=name, start_ms=now - start_days * DAY_MS)
+        h.mlflow.log(runs[name], "loss", 0.5)
+        if end_days is not None:
+            h.mlflow.finish(runs[name], end_ms=now - end_days * DAY_MS)
+    h.mlflow.register("churn", runs["old"], aliases=("champion",))
+    h.ok_cycle()
+
+    def exported() -> set[str]:
+        return {
+            s.labels["run_name"]
+            for fams in h.gateway.groups.values()
+            for f in fams
+            if f.name == "mlflow_run_info"
+            for s in f.samples
+        }
+
+    assert exported() == {"long", "newest", "running", "quiet-newest"}
+    assert len(h.gateway.value("mlflow_loss")) == 4
+    # The run behind an alias keeps its registry series; counts cover every run.
+    assert h.gateway.value("mlflow_model_alias_metric", alias="champion") == [0.5]
+    assert sorted(h.gateway.value("mlflow_experiment_runs", status="FINISHED")) == [2.0, 3.0]
+    pushed = sum(len(f.samples) for fams in h.gateway.groups.values() for f in fams)
+    assert sample(h.metrics, "mlflow_exporter_series") == pushed
+    assert sample(h.metrics, "mlflow_exporter_excluded", kind="runs") == 2
+
+    pushes = len(h.gateway.pushes)
+    h.ok_cycle(advance=6.5 * 86400)  # "long" ended 7.5 days ago now
+    assert exported() == {"newest", "running", "quiet-newest"}
+    assert h.gateway.pushes[pushes:] == [(("experiment_id", busy),)]  # only where runs left
+    fresh = h.mlflow.create_run(quiet, name="fresh")
+    h.mlflow.log(fresh, "loss", 0.1)
+    h.ok_cycle()
+    assert exported() == {"newest", "running", "fresh"}
+    assert sample(h.metrics, "mlflow_exporter_series") == sum(
+        len(f.samples) for fams in h.gateway.groups.values() for f in fams
+    )
+    assert h.exactly_once()  # the history sinks got every point of every run
+    h.state.close()
+
+
+def test_a_run_window_of_zero_gives_every_run_its_series(tmp_path: Path) -> None:
+    h = Harness(tmp_path, series={"run_window": 0, "min_runs_per_experiment": 0})
+    exp = h.mlflow.create_experiment("all")
+    for age in (100, 200):
+        run = h.mlflow.create_run(exp, start_ms=int(h.clock() * 1000) - age * DAY_MS)
+        h.mlflow.log(run, "loss", 1.0)
+        h.mlflow.finish(run, end_ms=int(h.clock() * 1000) - (age - 1) * DAY_MS)
+    h.ok_cycle()
+    assert len(h.gateway.value("mlflow_loss")) == 2
+    h.state.close()
+
+
 def test_the_sync_log_line_counts_new_runs_instead_of_listing_their_ids(h: Harness) -> None:
     exp = h.mlflow.create_experiment("churn")
     for _ in range(3):
@@ -653,3 +883,198 @@ def test_delivery_logs_name_what_they_count_and_no_error_on_a_success(tmp_path: 
     assert done["pramathus_points_sent"] == 1
     assert "remote_write_samples_sent" in done
     assert "points_sent" not in done
+
+
+# ---------------------------------------------------------------------- delivery rule
+
+
+def test_1320_points_over_603_keys_go_out_in_3_full_batches(tmp_path: Path) -> None:
+    """Run A logs 3 keys x 40 steps, run B 600 keys x 2 steps: batches hold points across
+    keys and runs, so 1,320 points at batch_size 500 are 3 requests, not one per key."""
+    h = Harness(tmp_path, sinks=[RecordingSink(batch_size=500)])
+    exp = h.mlflow.create_experiment("full-batches")
+    run_a, run_b = h.mlflow.create_run(exp), h.mlflow.create_run(exp)
+    for k in range(3):
+        h.mlflow.log_many(run_a, f"a{k}", [float(s) for s in range(40)])
+    for k in range(600):
+        h.mlflow.log_many(run_b, f"b{k:03d}", [1.0, 2.0])
+    h.mlflow.finish(run_a)
+    h.mlflow.finish(run_b)
+
+    h.ok_cycle()
+
+    assert h.sink.posts == 3
+    assert len(h.sink.accepted) == 1320
+    assert h.exactly_once()
+    h.state.close()
+
+
+def test_a_blocked_sink_says_which_setting_in_health_and_metrics_then_delivers_all(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("blocked")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0, 3.0])
+    refused = Reply(
+        Outcome.BLOCKED,
+        "HTTP 401: points stay queued; set PRAMATHUS_API_KEY",
+        401,
+        cause="credentials",
+    )
+    h.sink.script = [refused]
+
+    result = h.cycle()
+
+    assert "PRAMATHUS_API_KEY" in result.errors["pramathus"]
+    assert h.health.view().status == "failing"
+    assert "PRAMATHUS_API_KEY" in h.health.view().reason
+    blocked = "mlflow_exporter_pramathus_delivery_blocked"
+    assert sample(h.metrics, blocked, cause="credentials") == 1
+    assert h.sink.accepted == []
+
+    h.ok_cycle()
+    assert sample(h.metrics, blocked, cause="credentials") == 0
+    assert h.exactly_once()
+
+
+def test_set_aside_points_make_health_degraded_not_a_plain_ok(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("aside")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0])
+    h.sink.script = [Reply(Outcome.REFUSED, "HTTP 409", 409, reason="rejected")]
+
+    h.cycle()
+    h.ok_cycle()
+
+    view = h.health.view()
+    assert (view.status, view.ready, view.healthy) == ("degraded", True, True)
+    assert "pramathus rejected: 2" in view.reason
+    assert "exporter dead-letters replay" in view.reason
+
+
+def _seed_1320(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("bounded")
+    run_a, run_b = h.mlflow.create_run(exp), h.mlflow.create_run(exp)
+    for k in range(3):
+        h.mlflow.log_many(run_a, f"a{k}", [float(s) for s in range(40)])
+    for k in range(600):
+        h.mlflow.log_many(run_b, f"b{k:03d}", [1.0, 2.0])
+    h.mlflow.finish(run_a)
+    h.mlflow.finish(run_b)
+
+
+def test_a_full_queue_is_backpressure_every_point_arrives_once_over_later_cycles(
+    tmp_path: Path,
+) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+    down = Reply(Outcome.RETRY, "HTTP 503", 503)
+    sink.script = [down] * 1000  # the endpoint is down for the whole first cycle
+
+    h.cycle()
+    queued = h.state.outbox(sink.name).totals().points
+    assert 500 <= queued < 500 + 2 * 100  # waited at the bound (a read may overshoot it)
+    assert sink.accepted == []
+
+    sink.script = []
+    for _ in range(6):
+        h.cycle()
+    assert len(sink.accepted) == 1320
+    assert h.exactly_once(sink)
+    assert (
+        sample(h.metrics, "mlflow_exporter_pramathus_dropped_points_total", reason="queue_overflow")
+        == 0
+    )
+    h.state.close()
+
+
+def test_a_full_sink_waits_while_the_other_sink_gets_everything(tmp_path: Path) -> None:
+    stuck = RecordingSink(name="pramathus", batch_size=100, queue_max_points=200)
+    other = RecordingSink(name="remote_write", batch_size=100)
+    h = Harness(tmp_path, sinks=[stuck, other])
+    _seed_1320(h)
+    stuck.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 1000
+
+    h.cycle()
+
+    assert len(other.accepted) == 1320
+    assert h.exactly_once(other)
+    assert stuck.accepted == []
+    stuck.script = []
+    for _ in range(8):
+        h.cycle()
+    assert h.exactly_once(stuck)
+    assert h.exactly_once(other)  # nothing sent twice to the sink that went on
+    h.state.close()
+
+
+def test_an_opt_in_drop_policy_counts_what_it_drops_as_lost(tmp_path: Path) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500, overflow="drop_oldest")
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+    sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 1000
+
+    with structlog.testing.capture_logs() as logs:
+        h.cycle()
+
+    dropped = sample(
+        h.metrics, "mlflow_exporter_pramathus_dropped_points_total", reason="queue_overflow"
+    )
+    assert dropped == 1320 - h.state.outbox(sink.name).totals().points > 0
+    assert any(e["event"] == "queue.overflow_lost" for e in logs)
+    h.state.close()
+
+
+def test_a_state_that_cannot_record_a_delivery_sends_nothing_and_names_the_path(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = h.mlflow.create_experiment("disk-full")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0])
+    h.sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 100
+    h.cycle()  # queued while the endpoint is down
+    h.sink.script = []
+
+    def full(*_: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Outbox, "claim", full)
+    posts = h.sink.posts
+    result = h.cycle()
+
+    assert h.sink.posts == posts  # nothing sent that could not be marked delivered
+    assert str(h.state.path) in result.errors["state"]
+    assert "database or disk is full" in result.errors["state"]
+    monkeypatch.undo()
+    h.ok_cycle()
+    assert h.exactly_once()
+
+
+def test_a_deleted_state_file_is_written_back_and_nothing_is_sent_again(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("deleted-state")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0, 3.0])
+    h.ok_cycle()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{h.state.path}{suffix}").unlink(missing_ok=True)
+
+    with structlog.testing.capture_logs() as logs:
+        h.ok_cycle()
+    h.reopen()  # a restart reads the written-back file
+    h.ok_cycle()
+
+    warning = next(e for e in logs if e["event"] == "state.written_back")
+    assert warning["path"] == str(h.state.path)
+    assert h.exactly_once()
+
+
+def test_a_failed_cycle_never_logs_counts_it_did_not_take(h: Harness) -> None:
+    h.mlflow.broken["experiments/search"] = MlflowError("cannot reach MLflow at http://x")
+
+    with structlog.testing.capture_logs() as logs:
+        h.cycle()
+
+    failed = next(e for e in logs if e["event"] == "cycle.failed")
+    assert "experiments" not in failed
+    assert "runs" not in failed

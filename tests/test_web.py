@@ -123,6 +123,20 @@ def test_readyz_is_503_until_a_cycle_succeeds_and_stays_ready_after(
     ]
 
 
+def test_readyz_shows_the_capture_progress_while_the_first_capture_runs(
+    registry: CollectorRegistry,
+) -> None:
+    health = Health()
+    app = router(registry, health)
+    assert "progress" not in json.loads(call_wsgi(app, "/readyz")[1])
+
+    health.set_progress({"runs_done": 10, "runs_total": 100})
+    start, body = call_wsgi(app, "/readyz")
+
+    assert start.code == 503
+    assert json.loads(body)["progress"] == {"runs_done": 10, "runs_total": 100}
+
+
 def test_livez_is_always_200(registry: CollectorRegistry) -> None:
     health = Health()
     health.set("crashed", "boom")
@@ -319,6 +333,7 @@ def test_an_empty_web_config_means_plain_http_without_auth(tmp_path: Path) -> No
             "tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  client_ca_file: {key}\n",
             "tls_server_config.client_ca_file: not a PEM CA bundle",
         ),
+        ("http_server_config:\n  header: x\n", "http_server_config.header: unknown key"),
         ("- a list\n", "top level must be a mapping"),
         ("a: [unclosed\n", "is not valid YAML"),
     ],

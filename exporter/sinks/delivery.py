@@ -2,21 +2,33 @@
 
 Every history sink (Pramathus, remote write) plugs in through `DeliverySink`: it encodes
 captured points into request bodies, sends one body once and says what the answer means.
-This module owns what is common: retries with capped exponential backoff and jitter
-(honouring `Retry-After`) for as long as the sink's delivery budget allows, keeping queue
-order, setting aside what can never succeed (splitting a batch first when the sink can
-isolate the samples that were refused), and stopping promptly when asked.
+This module owns what is common, and one rule for every sink: a point is delivered (a 2xx
+from the endpoint it was sent to, for the request that carried it), still queued, or set
+aside with a reason an operator can see and replay (`exporter dead-letters`).
+
+- `post_without_redirects` makes the request: a redirect never turns a POST into a GET
+  (307/308 are followed with the same method and body, credentials only to the same
+  origin; 301/302/303 are an error naming the new location);
+- `status_outcome` says what a status means for the points: 2xx accepted; 5xx, 408, 425,
+  429 retried; 3xx, 401, 403, 404, 405 block the sink for the cycle (a setting to fix, the
+  points stay queued); 413 and 400/422 split the batch until only the refused points are
+  left, set aside as `too_large` or `rejected`; other 4xx set aside as `rejected`;
+- `Drainer` retries with capped exponential backoff and jitter (honouring `Retry-After`)
+  for as long as the sink's delivery budget allows, keeps queue order, splits and sets
+  aside, remembers the largest body accepted after a 413, and stops promptly when asked.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import urljoin, urlsplit
 
 from tenacity import RetryCallState, Retrying, retry_if_result, wait_exponential_jitter
 
@@ -28,6 +40,12 @@ class Outcome(enum.Enum):
     ACCEPTED = "accepted"
     RETRY = "retry"  # may succeed later: 5xx, 408, 425, 429, timeouts, connection errors
     REFUSED = "refused"  # can never succeed as it is
+    BLOCKED = "blocked"  # a setting is wrong (credentials, endpoint): the points stay queued
+
+
+# Why a sink's delivery is blocked (a self-metric label value): which setting to fix.
+BLOCKED_CAUSES = ("credentials", "redirect", "endpoint")
+MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +58,20 @@ class Reply:
     retry_after: float | None = None
     reason: str = "rejected"  # why a refused batch is set aside (a metric label value)
     splittable: bool = False  # the refusal may concern only some samples: split and retry
+    cause: str = ""  # BLOCKED: one of BLOCKED_CAUSES
 
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
-    """Points as request bodies, and bodies of points the sink can never take (by reason)."""
+    """Points as request bodies, and bodies of points the sink can never take (by reason).
+
+    `open_tail` holds the points of the last batch when it is not full: points captured
+    later in the same cycle may join them (re-encoded together), so a batch holds up to
+    `batch_size` points across keys and runs."""
 
     batches: list[EncodedBatch]
     refused: dict[str, list[EncodedBatch]] = field(default_factory=dict)
+    open_tail: Sequence[MetricPoint] = ()
 
 
 class DeliverySink(Protocol):
@@ -68,7 +92,10 @@ class DeliverySink(Protocol):
     def queue_max_points(self) -> int: ...
 
     @property
-    def drop_oldest(self) -> bool: ...
+    def overflow(self) -> str:
+        """Past `queue_max_points`: `wait` (capture for this sink waits), or an opt-in
+        `drop_oldest` / `drop_newest` (counted and logged as lost)."""
+        ...
 
     def encode(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
@@ -92,6 +119,7 @@ class DrainResult:
     set_aside: dict[str, int] = field(default_factory=dict)  # reason -> points
     error: str | None = None  # why draining stopped early or what was refused
     stopped: bool = False
+    blocked: str | None = None  # a BLOCKED_CAUSES value when a setting stopped delivery
 
 
 @dataclass
@@ -102,12 +130,18 @@ class Drainer:
     outbox: Outbox
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
+    # The body size limit learnt by earlier drains (bodies above it are split unsent), and
+    # the largest body accepted after a 413 in this drain (the new limit).
+    _limit: int | None = field(default=None, init=False)
+    _learnt: int | None = field(default=None, init=False)
+    _refused_large: bool = field(default=False, init=False)
 
     def drain(self, should_stop: Callable[[], bool] = lambda: False) -> DrainResult:
         """Send queued batches oldest first until the queue is empty, a batch must wait,
         the delivery budget is spent, or `should_stop()`."""
         result = DrainResult()
         deadline = self.clock() + self.sink.budget_seconds
+        self._limit = self.outbox.body_limit()
         for batch in self.outbox.batches():
             if should_stop():
                 result.stopped = True
@@ -123,16 +157,28 @@ class Drainer:
         return result
 
     def _deliver(self, batch: QueuedBatch, deadline: float, result: DrainResult) -> bool:
+        limit = self._limit
+        if limit is not None and len(batch.body) > limit and batch.points > 1:
+            # A receiver refused bodies this large before: split before sending.
+            return self._split(batch, deadline, result)
+        self.outbox.claim(batch.id)  # raises if the state cannot be written: send nothing
         reply = self._send_with_retries(batch, deadline)
         if reply.outcome is Outcome.ACCEPTED:
             self.outbox.done(batch.id)
             result.batches += 1
             result.points += batch.points
+            if self._refused_large:
+                self._learnt = max(self._learnt or 0, len(batch.body))
+                self.outbox.set_body_limit(self._learnt)
             return True
-        if reply.outcome is Outcome.RETRY:
+        if reply.outcome in (Outcome.RETRY, Outcome.BLOCKED):
             self.outbox.failed(batch.id, reply.message)
             result.error = reply.message
+            if reply.outcome is Outcome.BLOCKED:
+                result.blocked = reply.cause or "endpoint"
             return False
+        if reply.reason == "too_large":
+            self._refused_large = True
         if reply.splittable and batch.points > 1:
             return self._split(batch, deadline, result)
         self.outbox.set_aside(
@@ -171,6 +217,80 @@ class Drainer:
         )
         reply: Reply = retrying(self.sink.send, batch)
         return reply
+
+
+# Request headers that carry credentials: never sent on to another origin by a redirect.
+CREDENTIAL_HEADER = re.compile(
+    r"^(?:authorization|proxy-authorization|cookie)$|token|secret|password|api[-_]?key",
+    re.IGNORECASE,
+)
+RETRYABLE_4XX = frozenset({408, 425, 429})
+SPLITTABLE_4XX = frozenset({400, 422})  # may concern only some points: bisect to find them
+ENDPOINT_4XX = frozenset({404, 405, 410})  # the URL is wrong, not the points
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def post_without_redirects(
+    post: Callable[..., Any], url: str, *, headers: Mapping[str, str], **kwargs: Any
+) -> tuple[Any, str]:
+    """POST to `url`, never letting a redirect change the request: (answer, URL it came from).
+
+    `requests` would follow 301/302/303 by sending a GET without the body, whose 200 then
+    looks like a delivery. Here 307 and 308 (which keep method and body by definition) are
+    followed up to `MAX_REDIRECTS` times, credential headers only while the origin stays
+    the same; any other 3xx is handed back for the caller to report.
+    """
+    target, sent = url, dict(headers)
+    for _ in range(MAX_REDIRECTS + 1):
+        response = post(target, headers=sent, allow_redirects=False, **kwargs)
+        location = response.headers.get("Location")
+        if response.status_code not in (307, 308) or not location:
+            break
+        target = urljoin(target, location)
+        if _origin(target) != _origin(url):
+            sent = {k: v for k, v in sent.items() if not CREDENTIAL_HEADER.search(k)}
+    return response, target
+
+
+def reply_for(
+    status: int,
+    message: str,
+    fixes: Mapping[str, str],
+    location: str | None = None,
+    retry_after: float | None = None,
+) -> Reply:
+    """What an HTTP status means for the points of a request (the same for every sink).
+
+    `fixes` maps a `BLOCKED_CAUSES` value to the setting to change, added to the message.
+    """
+    if 200 <= status < 300:
+        return Reply(Outcome.ACCEPTED, status=status)
+    if 300 <= status < 400 or status in (401, 403) or status in ENDPOINT_4XX:
+        cause = (
+            "redirect" if status < 400 else ("credentials" if status in (401, 403) else "endpoint")
+        )
+        moved = f" to {location}" if location else ""
+        what = f" (redirected{moved}; a POST is never re-sent as a GET)" if status < 400 else ""
+        return Reply(
+            Outcome.BLOCKED,
+            f"{message}{what}: points stay queued; {fixes[cause]}",
+            status,
+            cause=cause,
+        )
+    if status >= 500 or status in RETRYABLE_4XX:
+        return Reply(Outcome.RETRY, message, status, retry_after)
+    too_large = status == 413
+    return Reply(
+        Outcome.REFUSED,
+        message,
+        status,
+        reason="too_large" if too_large else "rejected",
+        splittable=too_large or status in SPLITTABLE_4XX,
+    )
 
 
 def _last_reply(state: RetryCallState) -> Reply:

@@ -39,6 +39,10 @@ class GroupBuilder:
     run_id_length: int
     selected: set[str]  # experiments with per-run series
     counts: ServerCounts
+    # Finished runs get per-run series when they ended at or after this (None: no window),
+    # or are among the newest `min_runs` of their experiment (`series` settings).
+    ended_since_ms: int | None = None
+    min_runs: int = 0
 
     def __post_init__(self) -> None:
         self.registry: Registry = self.mirror.registry()
@@ -52,10 +56,13 @@ class GroupBuilder:
         self, experiment_id: str, on_cut: Callable[[str, int], None] | None = None
     ) -> list[Metric]:
         """The families of one experiment's group; `on_cut(id, runs)` hears how many runs
-        `max_runs_per_experiment` left out of its per-run series."""
+        the series bounds (`max_runs_per_experiment`, the run window) left out of its
+        per-run series."""
         mirror = self.mirror
         selected = experiment_id in self.selected
-        runs, cut = mirror.runs_for_push(experiment_id, self.export.max_runs_per_experiment)
+        runs, cut = mirror.runs_for_push(
+            experiment_id, self.export.max_runs_per_experiment, self.ended_since_ms, self.min_runs
+        )
         if on_cut is not None:
             on_cut(experiment_id, cut if selected else 0)
         mine = sorted(
@@ -106,6 +113,7 @@ class MirrorCollector(Collector):
 
     open_builder: Callable[[], tuple[GroupBuilder, Callable[[], None]]]
     with_registry: bool
+    on_series: Callable[[int], None] = lambda _series: None  # hears each scrape's series count
 
     def collect(self) -> Iterator[Any]:
         builder, close = self.open_builder()
@@ -113,4 +121,5 @@ class MirrorCollector(Collector):
             families = merge(builder.groups(self.with_registry))
         finally:
             close()
+        self.on_series(sum(len(f.samples) for f in families))
         yield from families

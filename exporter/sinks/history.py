@@ -25,7 +25,7 @@ from exporter.config import RemoteWriteSettings
 from exporter.model import MetricPoint, RunContext
 from exporter.naming import label_value, metric_family_name
 from exporter.sinks import remote_write as wire
-from exporter.sinks.delivery import Encoded, Outcome, Reply
+from exporter.sinks.delivery import Encoded, Outcome, Reply, reply_for
 from exporter.state.outbox import EncodedBatch, QueuedBatch
 
 STEP_FAMILY = "mlflow_metric_step"
@@ -38,6 +38,15 @@ _REFUSALS = {
 }
 
 Labels = tuple[tuple[str, str], ...]
+
+FIXES = {
+    "credentials": (
+        "set REMOTE_WRITE_BEARER_TOKEN (remote_write.bearer_token) or REMOTE_WRITE_USERNAME/"
+        "REMOTE_WRITE_PASSWORD to credentials the receiver accepts (or remote_write.headers)"
+    ),
+    "redirect": "set REMOTE_WRITE_URL (remote_write.url) to the URL it moved to",
+    "endpoint": "check REMOTE_WRITE_URL (remote_write.url)",
+}
 
 
 @dataclass
@@ -66,8 +75,8 @@ class RemoteWriteSink:
         return self.settings.queue_max_samples
 
     @property
-    def drop_oldest(self) -> bool:
-        return self.settings.queue_overflow == "drop_oldest"
+    def overflow(self) -> str:
+        return self.settings.queue_overflow
 
     # ------------------------------------------------------------------ encoding
 
@@ -116,12 +125,15 @@ class RemoteWriteSink:
             return Reply(Outcome.ACCEPTED, status=sent.status)
         if sent.verdict is wire.Verdict.RETRY:
             return Reply(Outcome.RETRY, sent.message, sent.status, sent.retry_after)
-        reason = _REFUSALS[sent.verdict]
+        if sent.verdict is wire.Verdict.REJECTED and sent.status is not None:
+            # By status, as for every sink: blocked by a setting, too large, or refused
+            # points to bisect out.
+            return reply_for(sent.status, sent.message, FIXES, location=sent.location)
         return Reply(
             Outcome.REFUSED,
             sent.message,
             sent.status,
-            reason=reason,
+            reason=_REFUSALS[sent.verdict],
             splittable=sent.verdict is not wire.Verdict.REJECTED,
         )
 

@@ -19,13 +19,24 @@ import requests
 
 from exporter.config import PramathusSettings
 from exporter.errors import reason
-from exporter.logs import MASK
+from exporter.logs import redact, secret_forms
 from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import Encoded, Outcome, Reply, retry_after_seconds
+from exporter.sinks.delivery import (
+    Encoded,
+    Outcome,
+    Reply,
+    post_without_redirects,
+    reply_for,
+    retry_after_seconds,
+)
 from exporter.state.outbox import EncodedBatch, QueuedBatch
 
 SOURCE = "mlflow"
-RETRYABLE_4XX = (408, 425, 429)
+FIXES = {
+    "credentials": "set PRAMATHUS_API_KEY (pramathus.api_key) to a key the endpoint accepts",
+    "redirect": "set PRAMATHUS_ENDPOINT (pramathus.endpoint) to the URL it moved to",
+    "endpoint": "check PRAMATHUS_ENDPOINT (pramathus.endpoint)",
+}
 
 
 def iso8601(ms: float) -> str:
@@ -69,8 +80,17 @@ def point_json(point: MetricPoint, ctx: RunContext, max_tag: int) -> dict[str, A
 
 def build_payload(entries: Sequence[dict[str, Any]], now_ms: float) -> bytes:
     """The request body for one batch, as the seed's contract shapes it."""
-    body = {"timestamp": iso8601(now_ms), "source": SOURCE, "metrics": list(entries)}
+    return _payload(entries, iso8601(now_ms))
+
+
+def _payload(entries: Sequence[dict[str, Any]], timestamp: str) -> bytes:
+    body = {"timestamp": timestamp, "source": SOURCE, "metrics": list(entries)}
     return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+
+
+def _entry_bytes(entry: dict[str, Any]) -> int:
+    """What one entry adds to a body (its JSON and the `, ` joining it to the next)."""
+    return len(json.dumps(entry, ensure_ascii=False, allow_nan=False).encode()) + 2
 
 
 @dataclass
@@ -94,22 +114,49 @@ class PramathusSink:
         return self.settings.spool_max_points
 
     @property
-    def drop_oldest(self) -> bool:
-        return self.settings.spool_overflow == "drop_oldest"
+    def overflow(self) -> str:
+        return self.settings.spool_overflow
 
     def encode(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
     ) -> Encoded:
-        size, max_tag = self.settings.batch_size, self.settings.max_tag_value_length
-        out = []
-        for start in range(0, len(points), size):
-            chunk = points[start : start + size]
-            entries = [point_json(p, contexts[p.run_id], max_tag) for p in chunk]
-            out.append(EncodedBatch(str(uuid.uuid4()), len(chunk), build_payload(entries, now_ms)))
-        return Encoded(out)
+        """Batches of up to `batch_size` points and `max_body_bytes` bytes; a point that
+        alone is larger than that is set aside as `too_large`."""
+        s = self.settings
+        room = s.max_body_bytes - len(build_payload([], now_ms))
+        out: list[EncodedBatch] = []
+        too_large: list[EncodedBatch] = []
+        chunk: list[dict[str, Any]] = []
+        members: list[MetricPoint] = []
+        used = 0
+        for point in points:
+            entry = point_json(point, contexts[point.run_id], s.max_tag_value_length)
+            size = _entry_bytes(entry)
+            if size > room:
+                too_large.append(_batch([entry], now_ms))
+                continue
+            if len(chunk) == s.batch_size or used + size > room:
+                out.append(_batch(chunk, now_ms))
+                chunk, members, used = [], [], 0
+            chunk.append(entry)
+            members.append(point)
+            used += size
+        if chunk:
+            out.append(_batch(chunk, now_ms))
+        # A last batch short of `batch_size` may take points captured later this cycle.
+        tail = members if len(chunk) < s.batch_size else []
+        return Encoded(out, {"too_large": too_large} if too_large else {}, tail)
 
     def split(self, body: bytes) -> list[EncodedBatch]:
-        raise NotImplementedError("Pramathus batches are accepted or refused whole")
+        """Two halves of a body's points (a refused batch is bisected to find the points
+        a receiver refuses)."""
+        payload = json.loads(body)
+        entries = payload["metrics"]
+        half = len(entries) // 2
+        return [
+            EncodedBatch(str(uuid.uuid4()), len(part), _payload(part, payload["timestamp"]))
+            for part in (entries[:half], entries[half:])
+        ]
 
     def send(self, batch: QueuedBatch) -> Reply:
         s = self.settings
@@ -121,7 +168,8 @@ class PramathusSink:
         if s.api_key is not None:
             headers["Authorization"] = f"Bearer {s.api_key.get_secret_value()}"
         try:
-            response = self.post(
+            response, url = post_without_redirects(
+                self.post,
                 str(s.endpoint),
                 data=batch.body,
                 headers=headers,
@@ -142,14 +190,18 @@ class PramathusSink:
         if 200 <= status < 300:
             return Reply(Outcome.ACCEPTED, status=status)
         text = response.text
-        if s.api_key is not None:  # some endpoints echo the key they refuse: never repeat it
-            text = text.replace(s.api_key.get_secret_value(), MASK)
-        message = f"Pramathus answered HTTP {status}: {text[:200].replace(chr(10), ' ')}"
-        retryable = status >= 500 or status in RETRYABLE_4XX
-        return Reply(
-            Outcome.RETRY if retryable else Outcome.REFUSED,
+        # Some endpoints echo the key they refuse, or the whole Authorization header.
+        text = redact(text, secret_forms([s.api_key.get_secret_value()] if s.api_key else []))
+        where = "" if url == str(s.endpoint) else f" at {url}"
+        message = f"Pramathus answered HTTP {status}{where}: {text[:200].replace(chr(10), ' ')}"
+        return reply_for(
+            status,
             message,
-            status=status,
+            FIXES,
+            location=response.headers.get("Location"),
             retry_after=retry_after_seconds(response.headers.get("Retry-After"), time.time()),
-            reason="rejected",
         )
+
+
+def _batch(entries: Sequence[dict[str, Any]], now_ms: float) -> EncodedBatch:
+    return EncodedBatch(str(uuid.uuid4()), len(entries), build_payload(entries, now_ms))

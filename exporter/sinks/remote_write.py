@@ -48,8 +48,8 @@ from google.protobuf.message import DecodeError
 
 from exporter.config import RemoteWriteSettings
 from exporter.errors import reason
-from exporter.logs import MASK
-from exporter.sinks.delivery import retry_after_seconds
+from exporter.logs import redact
+from exporter.sinks.delivery import post_without_redirects, retry_after_seconds
 
 USER_AGENT = "mlflow-monitoring-exporter"
 PROTOCOL_HEADERS = {
@@ -289,6 +289,7 @@ class SendResult:
     status: int | None
     message: str
     retry_after: float | None = None
+    location: str | None = None  # a redirect's Location, never followed for a 301/302/303
 
 
 # Header names whose configured values are credentials (masked if a receiver echoes them).
@@ -320,14 +321,14 @@ class RemoteWriteClient:
     @property
     def shown_url(self) -> str:
         """The URL as messages show it: without query or fragment (they may carry a key)."""
-        parts = urlsplit(str(self.settings.url))
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        return _shown(str(self.settings.url))
 
     def send(self, body: bytes) -> SendResult:
         """POST `body` once and classify the answer; connection errors become RETRY."""
         s = self.settings
         try:
-            response = self.post(
+            response, url = post_without_redirects(
+                self.post,
                 str(s.url),
                 data=body,
                 headers=dict(self.headers),
@@ -342,9 +343,15 @@ class RemoteWriteClient:
         text = self._mask(response.text or "")
         verdict = classify(status, text)
         excerpt = " ".join(text.split())[:_MESSAGE_LIMIT]
-        message = f"POST {self.shown_url}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+        where = "" if url == str(s.url) else f" (at {_shown(url)})"
+        message = f"POST {self.shown_url}: HTTP {status}{where}" + (
+            f": {excerpt}" if excerpt else ""
+        )
         retry_after = retry_after_seconds(response.headers.get("Retry-After"), self.clock())
-        return SendResult(verdict, status, message, retry_after)
+        location = response.headers.get("Location")
+        return SendResult(
+            verdict, status, message, retry_after, _shown(location) if location else None
+        )
 
     def _failure(self, exc: Exception) -> str:
         detail = " ".join(self._mask(reason(exc)).split())[:_MESSAGE_LIMIT]
@@ -352,9 +359,14 @@ class RemoteWriteClient:
         return f"POST {self.shown_url} failed ({detail}): {check}"
 
     def _mask(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        return text
+        return redact(text, self._secrets)
+
+
+def _shown(url: str) -> str:
+    """A URL without user info, query or fragment (any of them may carry a credential)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _request_headers(s: RemoteWriteSettings) -> tuple[dict[str, str], tuple[str, ...]]:

@@ -61,6 +61,15 @@ class StateStore:
         with self.db.transaction():
             yield
 
+    def ensure_file(self) -> bool:
+        """Write `state.db` back if it was deleted or replaced under this process (see
+        `Database.ensure_file`); True when it was."""
+        if not self.db.ensure_file():
+            return False
+        self.mirror = Mirror(self.db.conn)
+        self.ledger = Ledger(self.db.conn)
+        return True
+
     def outbox(self, sink: str) -> Outbox:
         return Outbox(self.db.conn, sink)
 
@@ -73,6 +82,10 @@ class StateStore:
     def reader(self) -> Mirror:
         """A mirror over a separate read-only connection, for another thread (pull scrapes)."""
         return Mirror(self.db.reader())
+
+    def suspect(self) -> None:
+        """A cycle met corruption: the next start checks every page of the file."""
+        self.db.suspect()
 
     def close(self) -> None:
         self.db.close()

@@ -197,10 +197,17 @@ class Mirror:
     def write_run(self, run: Run, settle_until_ms: int, pending: int) -> None:
         """Store a run as read from MLflow (restoring it if it was a tombstone); `pending`
         says its histories are due: PENDING_WINDOW from their windows, PENDING_FULL whole."""
+        # An upsert, not a REPLACE: the run counts' triggers see an update, not a silent delete.
         self.conn.execute(
-            "INSERT OR REPLACE INTO run (run_id, experiment_id, run_name, status, user_id, "
+            "INSERT INTO run (run_id, experiment_id, run_name, status, user_id, "
             "start_time_ms, end_time_ms, tags, fingerprint, settle_until_ms, deleted_ms, pending) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (run_id) DO UPDATE SET "
+            "experiment_id = excluded.experiment_id, run_name = excluded.run_name, "
+            "status = excluded.status, user_id = excluded.user_id, "
+            "start_time_ms = excluded.start_time_ms, end_time_ms = excluded.end_time_ms, "
+            "tags = excluded.tags, fingerprint = excluded.fingerprint, "
+            "settle_until_ms = excluded.settle_until_ms, deleted_ms = NULL, "
+            "pending = excluded.pending",
             (
                 run.run_id,
                 run.experiment_id,
@@ -235,16 +242,18 @@ class Mirror:
 
     def capture_due(self, now_ms: int) -> dict[str, bool]:
         """Active runs whose histories must be read (changed and not yet captured, or still
-        settling), each with whether it must be read whole."""
+        settling), each with whether it must be read whole; newest start first, so a long
+        first capture fills dashboards where users look first."""
         # Two indexed lookups (`run_pending`, `run_by_settle`) instead of one OR, and the
-        # order made here: given `ORDER BY run_id`, SQLite walks the whole table in key order.
+        # order made here: given `ORDER BY`, SQLite walks the whole table in key order.
         rows = self.conn.execute(
-            "SELECT run_id, pending FROM run WHERE pending != 0 AND deleted_ms IS NULL "
-            "UNION SELECT run_id, pending FROM run WHERE settle_until_ms > ? "
-            "AND deleted_ms IS NULL",
+            "SELECT run_id, pending, start_time_ms FROM run WHERE pending != 0 "
+            "AND deleted_ms IS NULL UNION SELECT run_id, pending, start_time_ms FROM run "
+            "WHERE settle_until_ms > ? AND deleted_ms IS NULL",
             (now_ms,),
         )
-        return {r: p == PENDING_FULL for r, p in sorted(rows)}
+        ordered = sorted(rows, key=lambda row: (-(row[2] if row[2] is not None else -1), row[0]))
+        return {r: p == PENDING_FULL for r, p, _start in ordered}
 
     def captured(self, run_ids: Iterable[str]) -> None:
         """Every series of these runs was read and its new points queued."""
@@ -334,9 +343,8 @@ class Mirror:
         return ids
 
     def run_count(self) -> int:
-        return int(
-            self.conn.execute("SELECT count(*) FROM run WHERE deleted_ms IS NULL").fetchone()[0]
-        )
+        """Active runs (kept by triggers as runs change: no scan)."""
+        return int(self.conn.execute("SELECT coalesce(sum(n), 0) FROM run_count").fetchone()[0])
 
     def run_ids(self) -> Iterator[str]:
         for (run_id,) in self.conn.execute("SELECT run_id FROM run WHERE deleted_ms IS NULL"):
@@ -352,12 +360,22 @@ class Mirror:
         return row is not None
 
     def status_counts(self, experiment_id: str) -> dict[str, int]:
+        """Active runs of an experiment by status (kept by triggers: no scan)."""
         rows = self.conn.execute(
-            "SELECT status, count(*) FROM run WHERE experiment_id = ? AND deleted_ms IS NULL "
-            "GROUP BY status",
-            (experiment_id,),
+            "SELECT status, n FROM run_count WHERE experiment_id = ? AND n != 0", (experiment_id,)
         )
         return {status: int(n) for status, n in rows}
+
+    def experiments_with_runs_ended_between(self, low_ms: int, high_ms: int) -> set[str]:
+        """Experiments holding a finished active run whose end (its start when it has no
+        end time) lies in [low_ms, high_ms): their runs entered or left a series window."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT experiment_id FROM run "
+            "WHERE coalesce(end_time_ms, start_time_ms) >= ? "
+            "AND coalesce(end_time_ms, start_time_ms) < ? AND deleted_ms IS NULL",
+            (low_ms, high_ms),
+        )
+        return {i for (i,) in rows}
 
     def last_run_start(self, experiment_id: str) -> int | None:
         row = self.conn.execute(
@@ -366,19 +384,50 @@ class Mirror:
         ).fetchone()
         return None if row[0] is None else int(row[0])
 
-    def runs_for_push(self, experiment_id: str, limit: int) -> tuple[list[Run], int]:
-        """The newest `limit` runs (0 = all) plus every unfinished run, with latest metrics;
-        and how many finished runs the limit left out."""
-        rows = self.conn.execute(
+    def runs_for_push(
+        self,
+        experiment_id: str,
+        limit: int,
+        ended_since_ms: int | None = None,
+        min_runs: int = 0,
+    ) -> tuple[list[Run], int]:
+        """The runs of an experiment that get per-run series, with their latest metrics, and
+        how many active runs are left out.
+
+        Every unfinished run; of the newest `limit` (0 = all), those among the newest
+        `min_runs` or, when `ended_since_ms` is given, ended (or, without an end time,
+        started) at or after it; without `ended_since_ms`, all of the newest `limit`.
+        """
+        sql = (
             f"{_RUN} WHERE experiment_id = ? AND deleted_ms IS NULL "
-            "ORDER BY start_time_ms DESC, run_id",
-            (experiment_id,),
-        ).fetchall()
-        kept = rows
+            "ORDER BY start_time_ms DESC, run_id"
+        )
+        args: tuple[object, ...] = (experiment_id,)
         if limit:
-            kept = [r for i, r in enumerate(rows) if i < limit or r[3] in UNFINISHED_STATUSES]
-        latest = self.latest([r[0] for r in kept])
-        return [_run(r, latest.get(r[0], ())) for r in kept], len(rows) - len(kept)
+            sql, args = f"{sql} LIMIT ?", (experiment_id, limit)
+        newest = self.conn.execute(sql, args).fetchall()
+
+        def kept(index: int, row: Sequence[object]) -> bool:
+            if ended_since_ms is None or index < min_runs or row[3] in UNFINISHED_STATUSES:
+                return True
+            ended = row[6] if row[6] is not None else row[5]
+            return ended is not None and int(str(ended)) >= ended_since_ms
+
+        rows = [r for i, r in enumerate(newest) if kept(i, r)]
+        if limit and len(newest) == limit:  # unfinished runs older than the newest `limit`
+            seen = {r[0] for r in newest}
+            rows += [
+                r
+                for r in self.conn.execute(
+                    f"{_RUN} WHERE experiment_id = ? AND status IN {UNFINISHED_STATUSES} "
+                    "AND deleted_ms IS NULL ORDER BY start_time_ms DESC, run_id",
+                    (experiment_id,),
+                )
+                if r[0] not in seen
+            ]
+        latest = self.latest([str(r[0]) for r in rows])
+        total = sum(self.status_counts(experiment_id).values())
+        return [_run(r, latest.get(str(r[0]), ())) for r in rows], total - len(rows)
 
     def latest(self, run_ids: Sequence[str]) -> dict[str, tuple[LatestMetric, ...]]:
         """Latest value of each metric key of these runs, keys in order."""

@@ -37,6 +37,19 @@ class QueueTotals:
     points: int
 
 
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """A batch set aside, as an operator sees it."""
+
+    sink: str
+    id: int
+    reason: str
+    points: int
+    status: int | None
+    failed_ms: int
+    error: str | None
+
+
 class Outbox:
     """The queue and set-aside batches of one sink."""
 
@@ -44,13 +57,27 @@ class Outbox:
         self.conn = conn
         self.sink = sink
 
-    def add(self, batches: Sequence[EncodedBatch], created_ms: int) -> None:
-        """Queue batches behind everything already queued (call inside a transaction)."""
-        self.conn.executemany(
-            "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(self.sink, b.idempotency_key, created_ms, b.points, b.body) for b in batches],
+    def add(self, batches: Sequence[EncodedBatch], created_ms: int) -> list[int]:
+        """Queue batches behind everything already queued (call inside a transaction);
+        returns their queue ids."""
+        ids = []
+        for b in batches:
+            cur = self.conn.execute(
+                "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (self.sink, b.idempotency_key, created_ms, b.points, b.body),
+            )
+            ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def remove(self, batch_id: int) -> bool:
+        """Take a batch that was never sent out of the queue (its points are queued again
+        in another batch); False if it is not there."""
+        cur = self.conn.execute(
+            "DELETE FROM spool WHERE id = ? AND sink = ? AND attempts = 0",
+            (batch_id, self.sink),
         )
+        return cur.rowcount == 1
 
     def batches(self) -> Iterator[QueuedBatch]:
         """Queued batches, oldest first, fetched one at a time (the queue may be large)."""
@@ -65,6 +92,11 @@ class Outbox:
                 return
             last = row[0]
             yield QueuedBatch(*row)
+
+    def claim(self, batch_id: int) -> None:
+        """Write to the state before a batch is sent: a state that cannot record a delivery
+        (disk full, read-only) fails here, and nothing is sent that could not be marked."""
+        self.conn.execute("UPDATE spool SET attempts = attempts WHERE id = ?", (batch_id,))
 
     def done(self, batch_id: int) -> None:
         self.conn.execute("DELETE FROM spool WHERE id = ?", (batch_id,))
@@ -150,6 +182,47 @@ class Outbox:
             total -= row[1]
             dropped += row[1]
         return dropped
+
+    def body_limit(self) -> int | None:
+        """The largest body the receiver accepted after refusing a larger one (413)."""
+        row = self.conn.execute(
+            "SELECT value FROM record WHERE name = ?", (f"body_limit.{self.sink}",)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_body_limit(self, size: int) -> None:
+        self.conn.execute(
+            "INSERT INTO record (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (f"body_limit.{self.sink}", str(size)),
+        )
+
+    def set_aside_batches(self, reason: str | None = None) -> list[SetAside]:
+        """Set-aside batches, oldest first (of one reason, or all)."""
+        rows = self.conn.execute(
+            "SELECT id, reason, points, status, failed_ms, error FROM dead_letter "
+            "WHERE sink = ? AND (? IS NULL OR reason = ?) ORDER BY id",
+            (self.sink, reason, reason),
+        )
+        return [SetAside(self.sink, *row) for row in rows]
+
+    def replay(self, reason: str | None = None) -> QueueTotals:
+        """Put set-aside batches (of one reason, or all) back at the end of the queue, with
+        their idempotency keys; call inside a transaction."""
+        where = "sink = ? AND (? IS NULL OR reason = ?)"
+        args = (self.sink, reason, reason)
+        batches, points = self.conn.execute(
+            f"SELECT count(*), coalesce(sum(points), 0) FROM dead_letter WHERE {where}",  # noqa: S608
+            args,
+        ).fetchone()
+        self.conn.execute(
+            "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "  # noqa: S608
+            f"SELECT sink, idempotency_key, created_ms, points, body FROM dead_letter "
+            f"WHERE {where} ORDER BY id",
+            args,
+        )
+        self.conn.execute(f"DELETE FROM dead_letter WHERE {where}", args)  # noqa: S608
+        return QueueTotals(int(batches), int(points))
 
     def totals(self) -> QueueTotals:
         batches, points = self.conn.execute(

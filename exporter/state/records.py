@@ -25,6 +25,11 @@ class PushRecord:
     last_success_ms: int | None = None
     # Experiments whose runs got per-run series at the last push (`MAX_EXPERIMENTS`).
     selected: tuple[str, ...] | None = None
+    # The run window's start at the last push (`series.run_window`): runs ending between it
+    # and the next push's start moved across it, and their groups are pushed again.
+    window_since_ms: int | None = None
+    # Series in each group left on the Pushgateway (experiment id, or "" for the registry).
+    series: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +63,7 @@ class SweepRecord:
     started_ms: int | None = None
     last_completed_ms: int | None = None
     passes: int = 0
+    next_page_ms: int | None = None  # when the next page is due (pages are spaced in time)
 
 
 R = TypeVar("R")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3  # 3: trace_marks (a version 2 database gains it on open)
+SCHEMA_VERSION = (
+    3  # 3: run_count with its triggers, trace_marks (a version 2 database gains both on open)
+)
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS record (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,6 +35,10 @@ CREATE INDEX IF NOT EXISTS run_unfinished ON run (status)
     WHERE status IN ('RUNNING', 'SCHEDULED');
 CREATE INDEX IF NOT EXISTS run_deleted ON run (deleted_ms) WHERE deleted_ms IS NOT NULL;
 CREATE INDEX IF NOT EXISTS run_pending ON run (run_id) WHERE pending != 0;
+CREATE INDEX IF NOT EXISTS run_by_activity ON run (coalesce(end_time_ms, start_time_ms));
+CREATE TABLE IF NOT EXISTS run_count (
+    experiment_id TEXT NOT NULL, status TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (experiment_id, status)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS latest (
     run_id TEXT NOT NULL, metric_key TEXT NOT NULL, value REAL, step INTEGER NOT NULL,
     timestamp_ms INTEGER NOT NULL, PRIMARY KEY (run_id, metric_key)) WITHOUT ROWID;
@@ -72,9 +78,43 @@ CREATE TABLE IF NOT EXISTS trace_marks (
 """
 
 
+# `run_count` holds active runs per experiment and status, kept by these triggers as runs
+# change, so counting runs costs the same at 100 runs and at 100,000 (`write_run` upserts:
+# a REPLACE would delete without firing the delete trigger).
+_ADD = (
+    "INSERT INTO run_count (experiment_id, status, n) SELECT NEW.experiment_id, NEW.status, 1 "
+    "WHERE NEW.deleted_ms IS NULL ON CONFLICT (experiment_id, status) DO UPDATE SET n = n + 1"
+)
+_SUB = (
+    "UPDATE run_count SET n = n - 1 WHERE OLD.deleted_ms IS NULL "
+    "AND experiment_id = OLD.experiment_id AND status = OLD.status"
+)
+TRIGGERS = (
+    f"CREATE TRIGGER IF NOT EXISTS run_count_insert AFTER INSERT ON run BEGIN {_ADD}; END",
+    f"CREATE TRIGGER IF NOT EXISTS run_count_delete AFTER DELETE ON run BEGIN {_SUB}; END",
+    (
+        "CREATE TRIGGER IF NOT EXISTS run_count_update AFTER UPDATE OF experiment_id, status, "
+        f"deleted_ms ON run BEGIN {_SUB}; {_ADD}; END"
+    ),
+)
+
+
+def _counts(conn: sqlite3.Connection) -> None:
+    """Create the count triggers and, on an upgrade, count the runs once."""
+    fresh = conn.execute("SELECT 1 FROM run_count LIMIT 1").fetchone() is None
+    for statement in TRIGGERS:
+        conn.execute(statement)
+    if fresh:
+        conn.execute(
+            "INSERT INTO run_count (experiment_id, status, n) SELECT experiment_id, status, "
+            "count(*) FROM run WHERE deleted_ms IS NULL GROUP BY experiment_id, status"
+        )
+
+
 def create(conn: sqlite3.Connection) -> None:
     """Create every table that is missing and stamp the schema version."""
     conn.executescript(TABLES)
+    _counts(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -105,6 +145,7 @@ def migrate(conn: sqlite3.Connection, from_version: int) -> None:
         for statement in TABLES.split(";"):  # executescript would commit the transaction
             if statement.strip():
                 conn.execute(statement)
+        _counts(conn)
         # Fingerprints were computed differently: an empty one makes the next read of each
         # run adopt it as if first seen (its windows still keep delivered points out).
         conn.execute("UPDATE run SET fingerprint = ''")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,3 +228,43 @@ def test_only_changed_groups_are_pushed_again_and_everything_after_a_gateway_res
         g["labels"].get("experiment_id") for g in groups if g["labels"]["job"] == exporter_env.job
     }
     assert {quiet, busy} <= ids
+
+
+def test_runs_leave_the_pushgateway_as_they_leave_the_run_window_and_new_runs_appear(
+    exporter_env: ExporterEnv, tmp_path: Path, pushgateway: servers.Server, receiver: Receiver
+) -> None:
+    client, exp = exporter_env.client, exporter_env.experiment()
+    month_ago = int(time.time() * 1000) - 30 * 86_400_000
+    old = client.create_run(exp, start_time=month_ago).info.run_id
+    log_points(client, old, "loss", [1.0, 0.5], first_step=0)
+    client.set_terminated(old, end_time=month_ago + 1000)
+    recent = make_run(client, exp, {"loss": [2.0]})
+    window = Cycles(
+        exporter_env,
+        tmp_path,
+        **{"series.run_window": "20s", "series.min_runs_per_experiment": 0},
+    )
+
+    def exported() -> set[str]:
+        text = requests.get(f"{pushgateway.url}/metrics", timeout=5).text
+        mine = [x for x in text.splitlines() if f'job="{exporter_env.job}"' in x]
+        return {r[:12] for r in (old, recent, new) if any(f'run_id="{r[:12]}"' in x for x in mine)}
+
+    new = ""
+    try:
+        window.run()
+        first = exported()
+        new = make_run(client, exp, {"loss": [3.0]}, status="RUNNING")
+        deadline = time.monotonic() + 90
+        while recent[:12] in exported() and time.monotonic() < deadline:
+            window.run()
+            time.sleep(1)
+        last = exported()
+    finally:
+        window.close()
+    assert first == {recent[:12]}  # the month-old run has no per-run series
+    assert last == {new[:12]}  # the recent one left 20 s after it ended; the new one is in
+    received = {
+        (p["metadata"]["run_id"], p["metadata"]["step"]) for p in receiver.accepted_points()
+    }
+    assert {(old, 0), (old, 1), (recent, 0), (new, 0)} <= received  # history gets every point

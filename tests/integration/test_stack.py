@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from tests.support.history_servers import (
     start_victoria_metrics,
     vm_force_flush,
 )
+from tests.support.poll import poll_until, stop_process
 from tests.support.receiver import Receiver
 from tests.support.seed import make_run
 
@@ -99,14 +99,7 @@ def _explained(stack: Stack) -> Iterator[None]:
 
 def _poll(what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:
     """Call `check()` until it returns something truthy; bounded by `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not true after {timeout}s")
+    return poll_until(what, check, timeout, interval)
 
 
 @pytest.fixture(scope="module")
@@ -201,16 +194,7 @@ def stack(
                 start_new_session=True,
             )
 
-        def stop_exporter() -> None:
-            if exporter.poll() is None:
-                exporter.send_signal(signal.SIGTERM)
-                try:
-                    exporter.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(exporter.pid, signal.SIGKILL)
-                    exporter.wait(5)
-
-        cleanup.callback(stop_exporter)
+        cleanup.callback(stop_process, exporter, 15)
         try:
             servers.wait_http(f"http://127.0.0.1:{exporter_port}/livez", 30, exporter)
         except (RuntimeError, TimeoutError) as e:
@@ -246,7 +230,7 @@ def stack(
 
         # Teardown: the exporter must stop cleanly on SIGTERM (exit 0) ...
         alive = exporter.poll() is None
-        stop_exporter()
+        stop_process(exporter, 15)
         code = exporter.returncode
         # ... and everything else is stopped by `cleanup` on the way out.
     assert alive, f"exporter died during the tests:\n{_tail(exporter_log)}"

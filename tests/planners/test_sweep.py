@@ -10,7 +10,10 @@ from exporter.planners.sweep import (
     advance,
     chunks,
     key_of,
+    next_page_after,
     next_step,
+    page_spacing_ms,
+    pages_due,
     pages_per_cycle,
     unseen,
 )
@@ -35,6 +38,42 @@ def test_pages_per_cycle_spread_a_pass_over_the_reconcile_interval(
     runs: int, interval: float, reconcile: float, pages: int
 ) -> None:
     assert pages_per_cycle(runs, 1000, interval, reconcile) == pages
+
+
+def test_pages_are_spaced_so_a_pass_takes_the_reconcile_interval() -> None:
+    assert page_spacing_ms(100_000, 1000, 3600) == 36_000  # 100 pages an hour
+    assert page_spacing_ms(30, 1000, 3600) == 3_600_000  # one page an hour
+    assert page_spacing_ms(0, 1000, 3600) == 3_600_000
+
+
+@pytest.mark.parametrize(
+    ("next_page", "now", "pages"),
+    [
+        (None, NOW, 1),  # never read: one page now
+        (NOW + 1, NOW, 0),  # not yet due: most cycles read nothing
+        (NOW, NOW, 1),
+        (NOW - 35_999, NOW, 1),
+        (NOW - 36_000, NOW, 2),  # one more spacing went by
+        (NOW - 10 * 3_600_000, NOW, 2),  # a long pause is made up by a cycle's share only
+    ],
+)
+def test_pages_due_are_those_whose_time_has_come(
+    next_page: int | None, now: int, pages: int
+) -> None:
+    assert pages_due(next_page, now, 100_000, 1000, 60, 3600) == pages
+
+
+def test_pages_due_with_a_reconcile_no_longer_than_a_cycle_are_a_whole_pass() -> None:
+    assert pages_due(NOW + 10**9, NOW, 20_000, 1000, 60, 0) == 20
+    assert pages_due(None, NOW, 5_000, 1000, 3600, 60) == 5
+
+
+def test_the_next_page_is_due_a_spacing_per_page_read_later() -> None:
+    assert next_page_after(None, NOW, 1, 36_000.0, 5) == NOW + 36_000
+    assert next_page_after(NOW - 1000, NOW, 2, 36_000.0, 5) == NOW - 1000 + 72_000
+    # After a long pause the schedule restarts a cycle back, not hours back.
+    assert next_page_after(NOW - 10**8, NOW, 1, 36_000.0, 5) == NOW - 5000 + 36_000
+    assert next_page_after(NOW + 5, NOW, 0, 36_000.0, 5) == NOW + 5  # nothing read
 
 
 def test_experiments_are_cut_into_sorted_chunks_and_none_still_makes_one() -> None:

@@ -233,7 +233,7 @@ def test_connection_errors_are_retried_like_transient_statuses(
 def test_a_refused_batch_is_set_aside_with_reason_and_status_and_later_batches_still_go(
     state: StateStore, clock: FakeClock, sleep: SleepRecorder
 ) -> None:
-    refusal = FakeResponse(400, '{"error": "bad metric"}')
+    refusal = FakeResponse(409, '{"error": "bad metric"}')
     post = FakePost([200, refusal, 200])
     sink = pramathus(post, batch_size=2)
     enqueue(state, sink, points(6))
@@ -244,9 +244,9 @@ def test_a_refused_batch_is_set_aside_with_reason_and_status_and_later_batches_s
     assert sent_values(post) == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
     assert (result.batches, result.points) == (2, 4)
     assert result.set_aside == {"rejected": 2}
-    assert result.error == 'Pramathus answered HTTP 400: {"error": "bad metric"}'
+    assert result.error == 'Pramathus answered HTTP 409: {"error": "bad metric"}'
     assert dead_letters(state) == [
-        ("rejected", 400, 2, 'Pramathus answered HTTP 400: {"error": "bad metric"}')
+        ("rejected", 409, 2, 'Pramathus answered HTTP 409: {"error": "bad metric"}')
     ]
     assert state.outbox("pramathus").totals() == QueueTotals(0, 0)
 
@@ -427,7 +427,7 @@ class ScriptedSink:
     name = "scripted"
     budget_seconds = 30.0
     queue_max_points = 1000
-    drop_oldest = True
+    overflow = "wait"
 
     def __init__(self, script: list[Reply], max_attempts: int = 0) -> None:
         self.script = list(script)

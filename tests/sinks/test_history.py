@@ -254,8 +254,10 @@ def test_split_gives_two_batches_counting_their_samples_older_first() -> None:
             "out_of_order",
             True,
         ),
-        (FakeResponse(400, "snappy: corrupt input\n"), Outcome.REFUSED, "rejected", False),
-        (FakeResponse(401, "unauthorized\n"), Outcome.REFUSED, "rejected", False),
+        (FakeResponse(400, "snappy: corrupt input\n"), Outcome.REFUSED, "rejected", True),
+        (FakeResponse(409, "conflict\n"), Outcome.REFUSED, "rejected", False),
+        (FakeResponse(413, "too large\n"), Outcome.REFUSED, "too_large", True),
+        (FakeResponse(401, "unauthorized\n"), Outcome.BLOCKED, "rejected", False),
     ],
 )
 def test_refusals_map_to_set_aside_reasons_and_age_or_order_ones_can_be_split(
@@ -303,9 +305,9 @@ def test_the_body_and_remote_write_headers_are_posted() -> None:
 
 def test_queue_settings_come_from_the_remote_write_section_and_attempts_are_unbounded() -> None:
     s = make_sink(queue_max_samples=99, queue_overflow="drop_newest", delivery_budget_seconds=9)
-    assert (s.queue_max_points, s.drop_oldest, s.budget_seconds, s.max_attempts) == (
+    assert (s.queue_max_points, s.overflow, s.budget_seconds, s.max_attempts) == (
         99,
-        False,
+        "drop_newest",
         9.0,
         0,
     )

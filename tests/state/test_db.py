@@ -547,6 +547,107 @@ def test_is_corruption_is_false_for_busy_constraint_and_schema_errors(tmp_path: 
     assert not is_corruption(sqlite3.DatabaseError("made by hand, no error name"))
 
 
+# ---------------------------------------------------------------- a state file that is gone
+
+
+def queued_keys(state: StateStore) -> list[str]:
+    return [b.idempotency_key for b in state.outbox("pramathus").batches()]
+
+
+def queue_one(state: StateStore, key: str) -> None:
+    with state.transaction():
+        state.outbox("pramathus").add([EncodedBatch(key, 1, b"{}")], 1)
+
+
+def test_state_files_are_private_to_the_user(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state")
+    queue_one(state, "k")
+    state.close()
+
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "state" / FILE).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "state" / "exporter.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_an_existing_state_file_is_made_private_on_open(tmp_path: Path) -> None:
+    path = populated(tmp_path)
+    path.chmod(0o644)
+
+    StateStore(tmp_path).close()
+
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_state_file_still_in_place_is_left_alone(tmp_path: Path) -> None:
+    state = StateStore(tmp_path)
+    try:
+        assert state.ensure_file() is False
+    finally:
+        state.close()
+
+
+def test_a_deleted_state_file_is_written_back_from_the_open_database(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state")
+    queue_one(state, "before")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp_path / 'state' / FILE}{suffix}").unlink(missing_ok=True)
+
+    assert state.ensure_file() is True
+    queue_one(state, "after")  # writes go to the file on disk again
+    state.close()
+
+    reopened = StateStore(tmp_path / "state")
+    try:
+        assert queued_keys(reopened) == ["before", "after"]
+        assert (tmp_path / "state" / FILE).stat().st_mode & 0o777 == 0o600
+    finally:
+        reopened.close()
+
+
+def test_a_removed_state_directory_is_made_again_with_the_lock_retaken(tmp_path: Path) -> None:
+    import shutil
+
+    state = StateStore(tmp_path / "state")
+    queue_one(state, "before")
+    shutil.rmtree(tmp_path / "state")
+
+    assert state.ensure_file() is True
+    with pytest.raises(StateError, match="in use by another exporter process"):
+        StateStore(tmp_path / "state")  # the lock is held again
+    state.close()
+    reopened = StateStore(tmp_path / "state")
+    try:
+        assert queued_keys(reopened) == ["before"]
+    finally:
+        reopened.close()
+
+
+def test_a_replaced_state_file_is_overwritten_by_the_open_database(tmp_path: Path) -> None:
+    state = StateStore(tmp_path)
+    queue_one(state, "ours")
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).close()
+    other.replace(tmp_path / FILE)
+
+    assert state.ensure_file() is True
+    assert queued_keys(state) == ["ours"]
+    state.close()
+
+
+def test_another_process_holding_the_new_directory_stops_the_write_back(tmp_path: Path) -> None:
+    import shutil
+
+    state = StateStore(tmp_path / "state")
+    shutil.rmtree(tmp_path / "state")
+    second = StateStore(tmp_path / "state")  # another exporter started on the empty dir
+    try:
+        with pytest.raises(StateError, match="in use by another exporter process"):
+            state.ensure_file()
+    finally:
+        second.close()
+        state.close()
+
+
 def test_a_state_directory_that_is_a_file_is_refused_saying_so(tmp_path: Path) -> None:
     path = tmp_path / "state"
     path.write_text("not a directory", encoding="utf-8")
@@ -575,3 +676,48 @@ def test_every_passing_sqlite_error_is_explained_with_the_file_and_a_next_step(
     line = explain(tmp_path / "state.db", sqlite3.OperationalError(error))
     assert line.startswith(f"state database {tmp_path / 'state.db'}: {error}; ")
     assert step in line
+
+
+def test_a_large_state_gets_a_cheap_start_check_and_a_full_one_after_a_cycle_met_corruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "state"
+    path = populated(directory)
+    damage(path)
+    monkeypatch.setattr(db_module, "FULL_CHECK_MAX_BYTES", 1024)  # "large" from 1 KiB on
+
+    cheap = StateStore(directory)  # header and schema are sound: no page-by-page check
+    assert cheap.set_aside is None
+    cheap.suspect()  # what the runner does when a cycle meets SQLITE_CORRUPT
+    cheap.close()
+    assert (directory / db_module.SUSPECT).exists()
+
+    checked = StateStore(directory, clock=FakeClock(1_700_000_000.0))
+    checked.close()
+    assert checked.set_aside == directory / f"{FILE}.corrupt-1700000000000"
+    assert not (directory / db_module.SUSPECT).exists()
+
+
+def test_a_sound_state_checked_in_full_clears_the_suspicion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "state"
+    populated(directory)
+    monkeypatch.setattr(db_module, "FULL_CHECK_MAX_BYTES", 1024)
+    (directory / db_module.SUSPECT).touch()
+    state = StateStore(directory)
+    state.close()
+    assert state.set_aside is None
+    assert not (directory / db_module.SUSPECT).exists()
+
+
+def test_a_garbage_header_is_found_by_the_cheap_check_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "state"
+    directory.mkdir()
+    (directory / FILE).write_bytes(b"not a database" * 1000)
+    monkeypatch.setattr(db_module, "FULL_CHECK_MAX_BYTES", 1024)
+    state = StateStore(directory, clock=FakeClock(1_700_000_000.0))
+    state.close()
+    assert state.set_aside == directory / f"{FILE}.corrupt-1700000000000"

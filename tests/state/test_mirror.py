@@ -5,6 +5,7 @@ the registry. A real state database under `tmp_path`, no servers."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import pytest
@@ -251,6 +252,46 @@ def test_run_count_run_ids_status_counts_and_last_start_skip_tombstones(mirror: 
     assert mirror.last_run_start("nothing") is None
 
 
+def test_run_counts_follow_every_change_without_a_scan(mirror: Mirror) -> None:
+    write(mirror, make_run("a", status="RUNNING"), make_run("b"), make_run("c", "2"))
+    assert mirror.status_counts("1") == {"RUNNING": 1, "FINISHED": 1}
+    write(mirror, make_run("a", status="FINISHED"))  # a status change is an update
+    write(mirror, make_run("b"))  # a re-write of the same run counts once
+    assert mirror.status_counts("1") == {"FINISHED": 2}
+    mirror.tombstone(["b"], now_ms=5, settle_until_ms=0)
+    assert mirror.status_counts("1") == {"FINISHED": 1}
+    write(mirror, make_run("b", status="KILLED"))  # restored, with another status
+    assert mirror.status_counts("1") == {"FINISHED": 1, "KILLED": 1}
+    mirror.tombstone(["c"], now_ms=5, settle_until_ms=0)
+    assert mirror.purge_tombstones(before_ms=10) == ["c"]
+    assert mirror.status_counts("2") == {}
+    assert mirror.run_count() == 2
+    counted = mirror.conn.execute(
+        "SELECT experiment_id, status, count(*) FROM run WHERE deleted_ms IS NULL "
+        "GROUP BY experiment_id, status"
+    ).fetchall()
+    kept = mirror.conn.execute(
+        "SELECT experiment_id, status, n FROM run_count WHERE n != 0 ORDER BY 1, 2"
+    ).fetchall()
+    assert kept == counted
+
+
+def test_experiments_with_runs_ended_between_use_the_start_when_there_is_no_end(
+    mirror: Mirror,
+) -> None:
+    write(
+        mirror,
+        make_run("ended-5", "1", start=1, end=5),
+        make_run("started-7", "2", start=7, end=None),
+        make_run("ended-9", "3", start=1, end=9),
+        make_run("gone", "4", start=1, end=6),
+    )
+    mirror.tombstone(["gone"], now_ms=1, settle_until_ms=0)
+    assert mirror.experiments_with_runs_ended_between(5, 9) == {"1", "2"}
+    assert mirror.experiments_with_runs_ended_between(9, 10) == {"3"}
+    assert mirror.experiments_with_runs_ended_between(0, 5) == set()
+
+
 # ---------------------------------------------------------------- settle and capture
 
 
@@ -446,6 +487,32 @@ def test_runs_for_push_keeps_the_newest_n_plus_every_unfinished_run_and_counts_t
     assert mirror.runs_for_push("nothing", limit=2) == ([], 0)
 
 
+def test_runs_for_push_keeps_runs_ended_within_the_window_plus_the_newest_few(
+    mirror: Mirror,
+) -> None:
+    write(
+        mirror,
+        make_run("old-running", status="RUNNING", start=1, end=None),
+        make_run("s10-recent", start=10, end=900),
+        make_run("s20-old", start=20, end=30),
+        make_run("s30-old", start=30, end=40),
+        make_run("s40-no-end-old", start=40, end=None),
+        make_run("s50-old", start=50, end=60),
+    )
+
+    runs, cut = mirror.runs_for_push("1", limit=0, ended_since_ms=500, min_runs=1)
+
+    assert [r.run_id for r in runs] == ["s50-old", "s10-recent", "old-running"]
+    assert cut == 3
+    everything, none_cut = mirror.runs_for_push("1", limit=0, ended_since_ms=0, min_runs=0)
+    assert none_cut == 0
+    assert len(everything) == 6
+    # The newest `limit` bound applies first; unfinished runs beyond it stay.
+    bounded, bounded_cut = mirror.runs_for_push("1", limit=2, ended_since_ms=500, min_runs=0)
+    assert [r.run_id for r in bounded] == ["old-running"]
+    assert bounded_cut == 5
+
+
 def test_runs_for_push_breaks_start_time_ties_by_run_id(mirror: Mirror) -> None:
     write(mirror, make_run("b", start=5), make_run("c", start=5), make_run("a", start=5))
     runs, cut = mirror.runs_for_push("1", limit=2)
@@ -577,6 +644,9 @@ def test_the_per_cycle_run_queries_read_indexes_not_the_whole_run_table(
     try:
         mirror.settling(1)
         mirror.capture_due(1)
+        mirror.experiments_with_runs_ended_between(1, 2)  # the run window's edge
+        mirror.run_count()  # the sweep's pacing
+        mirror.status_counts("1")
     finally:
         conn.set_trace_callback(None)
     plans = {
@@ -584,7 +654,29 @@ def test_the_per_cycle_run_queries_read_indexes_not_the_whole_run_table(
         for sql in asked
         if sql.startswith("SELECT")
     }
-    assert len(plans) == 2
+    assert len(plans) == 5
     for sql, steps in plans.items():
-        whole_table = [s for s in steps if s == "SCAN run" or "autoindex_run" in s]
+        # "SCAN run USING INDEX x" walks the whole table too, in that index's order, unless
+        # x is partial (it holds only the rows asked for: pending, unfinished, deleted).
+        whole_table = [
+            s
+            for s in steps
+            if (
+                re.match(r"SCAN run( |$)", s)
+                and not re.search(r"INDEX run_(pending|unfinished|deleted)", s)
+            )
+            or "autoindex_run" in s
+        ]
         assert not whole_table, (sql, steps)
+
+
+def test_capture_due_lists_the_newest_runs_first(mirror: Mirror) -> None:
+    write(
+        mirror,
+        make_run("old", start=10),
+        make_run("new-b", start=30),
+        make_run("new-a", start=30),
+        make_run("none", start=None),
+        make_run("mid", start=20),
+    )
+    assert list(mirror.capture_due(now_ms=0)) == ["new-a", "new-b", "mid", "old", "none"]

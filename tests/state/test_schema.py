@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.model import Run
 from exporter.state import StateError, StateStore
 from exporter.state.db import FILE
 from exporter.state.outbox import EncodedBatch
@@ -248,7 +249,7 @@ def test_meta_and_watermark_are_dropped_and_the_version_is_current(migrated: Sta
     names = table_names(migrated.db.path)
     assert "meta" not in names
     assert "watermark" not in names
-    assert raw(migrated, "PRAGMA user_version") == [(3,)]
+    assert raw(migrated, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
 def test_the_migrated_database_has_every_table_and_column_a_fresh_one_has(
@@ -390,3 +391,28 @@ def test_the_v1_layout_here_is_the_one_the_migration_expects() -> None:
     assert "reason" not in V1_SCHEMA
     for table in ("spool", "dead_letter", "run", "experiment", "series", "sink"):
         assert f"CREATE TABLE IF NOT EXISTS {table} " in TABLES
+
+
+def test_a_version_2_state_gets_its_run_counts_once_on_upgrade(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    store = StateStore(directory)
+    with store.transaction():
+        store.mirror.write_run(Run("a", "1", "a", "RUNNING", "u", 1, None), 0, 0)
+        store.mirror.write_run(Run("b", "1", "b", "FINISHED", "u", 2, 3), 0, 0)
+        store.mirror.write_run(Run("c", "2", "c", "FINISHED", "u", 2, 3), 0, 0)
+    store.db.conn.executescript(
+        "DROP TRIGGER run_count_insert; DROP TRIGGER run_count_delete; "
+        "DROP TRIGGER run_count_update; DROP TABLE run_count; DROP INDEX run_by_activity; "
+        "PRAGMA user_version = 2;"
+    )
+    store.close()
+
+    upgraded = StateStore(directory)
+    try:
+        assert upgraded.mirror.status_counts("1") == {"RUNNING": 1, "FINISHED": 1}
+        assert upgraded.mirror.run_count() == 3
+        with upgraded.transaction():
+            upgraded.mirror.write_run(Run("d", "2", "d", "FINISHED", "u", 2, 3), 0, 0)
+        assert upgraded.mirror.status_counts("2") == {"FINISHED": 2}
+    finally:
+        upgraded.close()

@@ -100,7 +100,7 @@ def start(
     return server
 
 
-def start_mlflow(workdir: Path, port: int | None = None) -> Server:
+def start_mlflow(workdir: Path, port: int | None = None, workers: int = 1) -> Server:
     port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [
@@ -115,7 +115,7 @@ def start_mlflow(workdir: Path, port: int | None = None) -> Server:
         "--port",
         str(port),
         "--workers",
-        "1",
+        str(workers),
     ]
     return start("mlflow", cmd, port, workdir, "/health", 90, env)
 

@@ -1,0 +1,393 @@
+"""Unit tests for the delivery rule under refusals: blocked sinks, 413 and 400 bisection.
+
+A point is delivered (a 2xx for the request that carried it), still queued, or set aside
+with a reason. The queue is a real `StateStore` outbox in tmp_path; the endpoint is one of
+the small fakes below, each imitating one way a real endpoint or proxy misbehaves:
+
+- `BodyLimit`: a proxy in front of Pramathus that answers 413 above `limit` bytes (nginx's
+  `client_max_body_size`) and 200 otherwise, recording the size of every request;
+- `RefusesValues`: an endpoint answering 400 to any batch holding one of `refused` values
+  (a validation error on some points) and 200 otherwise, recording what it accepted;
+- `WrongKeyThenRight`: an endpoint answering 401 until `fixed` is set, then 200.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from exporter.config import PramathusSettings
+from exporter.model import MetricPoint, RunContext
+from exporter.sinks.delivery import Drainer, Encoded, Outcome, Reply, reply_for
+from exporter.sinks.pramathus import PramathusSink
+from exporter.state import StateStore
+from exporter.state.outbox import EncodedBatch, QueuedBatch, QueueTotals
+from tests.fakes import FakeClock, FakeResponse, SleepRecorder
+
+ENDPOINT = "https://pramathus.example.com/api/metrics"
+T0 = 1_705_314_000_000
+CONTEXTS = {"run-a": RunContext("1", "churn", "brave-owl", {"team": "ml"})}
+FIXES = {cause: f"fix {cause}" for cause in ("credentials", "redirect", "endpoint")}
+
+
+def values(body: bytes) -> list[float]:
+    return [m["value"] for m in json.loads(body)["metrics"]]
+
+
+class BodyLimit:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sizes: list[int] = []
+        self.accepted: list[float] = []
+
+    def __call__(self, url: str, data: bytes = b"", **_: Any) -> FakeResponse:
+        self.sizes.append(len(data))
+        if len(data) > self.limit:
+            return FakeResponse(413, "<html>413 Request Entity Too Large</html>")
+        self.accepted.extend(values(data))
+        return FakeResponse(200)
+
+
+class RefusesValues:
+    def __init__(self, refused: set[float]) -> None:
+        self.refused = refused
+        self.calls = 0
+        self.accepted: list[float] = []
+
+    def __call__(self, url: str, data: bytes = b"", **_: Any) -> FakeResponse:
+        self.calls += 1
+        got = values(data)
+        if self.refused & set(got):
+            return FakeResponse(400, '{"error": "invalid value"}')
+        self.accepted.extend(got)
+        return FakeResponse(200)
+
+
+class WrongKeyThenRight:
+    def __init__(self) -> None:
+        self.fixed = False
+        self.calls = 0
+        self.accepted: list[float] = []
+
+    def __call__(
+        self, url: str, data: bytes = b"", headers: Mapping[str, str] | None = None, **_: Any
+    ) -> FakeResponse:
+        self.calls += 1
+        if not self.fixed:
+            return FakeResponse(401, "invalid api key")
+        self.accepted.extend(values(data))
+        return FakeResponse(200)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[StateStore]:
+    store = StateStore(tmp_path)
+    yield store
+    store.close()
+
+
+def sink(post: Any, **overrides: Any) -> PramathusSink:
+    settings = PramathusSettings(
+        enabled=True, endpoint=ENDPOINT, api_key=SecretStr("k-123456"), **overrides
+    )
+    return PramathusSink(settings, post=post)
+
+
+def queue(state: StateStore, s: PramathusSink, n: int) -> None:
+    pts = [MetricPoint("run-a", "loss", float(i), i, T0 + i) for i in range(n)]
+    with state.transaction():
+        state.outbox(s.name).add(s.encode(pts, CONTEXTS, T0).batches, T0)
+
+
+def drain(state: StateStore, s: PramathusSink) -> Any:
+    clock = FakeClock()
+    return Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+
+
+def set_aside(state: StateStore) -> list[tuple[str, int, int | None]]:
+    rows = state.db.conn.execute("SELECT reason, points, status FROM dead_letter ORDER BY id")
+    return [tuple(r) for r in rows]
+
+
+def test_a_401_keeps_every_point_queued_stops_the_drain_and_a_right_key_delivers_all(
+    state: StateStore,
+) -> None:
+    post = WrongKeyThenRight()
+    s = sink(post, batch_size=10)
+    queue(state, s, 30)
+
+    first = drain(state, s)
+
+    assert post.calls == 1  # not retried, and no later batch tried
+    assert first.blocked == "credentials"
+    assert "PRAMATHUS_API_KEY" in (first.error or "")
+    assert state.outbox(s.name).totals() == QueueTotals(3, 30)
+    assert set_aside(state) == []
+
+    post.fixed = True
+    second = drain(state, s)
+
+    assert (second.points, second.blocked, second.error) == (30, None, None)
+    assert sorted(post.accepted) == [float(i) for i in range(30)]
+
+
+def test_a_413_splits_the_batch_until_accepted_and_remembers_the_accepted_size(
+    state: StateStore,
+) -> None:
+    post = BodyLimit(limit=4096)
+    s = sink(post, batch_size=100)
+    queue(state, s, 100)
+
+    result = drain(state, s)
+
+    assert sorted(post.accepted) == [float(i) for i in range(100)]
+    assert result.points == 100
+    assert set_aside(state) == []
+    limit = state.outbox(s.name).body_limit()
+    assert limit is not None
+    assert limit <= 4096
+
+    # Later batches larger than what was accepted are split before any is sent.
+    post.sizes.clear()
+    queue(state, s, 100)
+    assert drain(state, s).points == 100
+    assert max(post.sizes) <= limit
+    assert all(size <= 4096 for size in post.sizes)
+
+
+def test_a_single_point_too_large_for_the_endpoint_is_set_aside_as_too_large(
+    state: StateStore,
+) -> None:
+    post = BodyLimit(limit=10)
+    s = sink(post, batch_size=2)
+    queue(state, s, 2)
+
+    result = drain(state, s)
+
+    assert result.set_aside == {"too_large": 2}
+    assert set_aside(state) == [("too_large", 1, 413), ("too_large", 1, 413)]
+    assert state.outbox(s.name).totals() == QueueTotals(0, 0)
+
+
+def test_a_400_on_some_points_sets_aside_only_those(state: StateStore) -> None:
+    post = RefusesValues({3.0, 12.0})
+    s = sink(post, batch_size=16)
+    queue(state, s, 16)
+
+    result = drain(state, s)
+
+    assert sorted(post.accepted) == [float(i) for i in range(16) if i not in (3, 12)]
+    assert result.set_aside == {"rejected": 2}
+    assert set_aside(state) == [("rejected", 1, 400), ("rejected", 1, 400)]
+
+
+def test_set_aside_points_can_be_replayed_with_their_keys_and_then_delivered(
+    state: StateStore,
+) -> None:
+    post = RefusesValues({1.0})
+    s = sink(post, batch_size=1)
+    queue(state, s, 3)
+    drain(state, s)
+    outbox = state.outbox(s.name)
+    [aside] = outbox.set_aside_batches("rejected")
+    key = state.db.conn.execute("SELECT idempotency_key FROM dead_letter").fetchone()[0]
+
+    with state.transaction():
+        moved = outbox.replay(reason="too_large")
+    assert moved == QueueTotals(0, 0)
+    with state.transaction():
+        moved = outbox.replay(reason="rejected")
+
+    assert moved == QueueTotals(1, 1)
+    assert (aside.reason, aside.points, aside.status) == ("rejected", 1, 400)
+    assert outbox.set_aside_batches() == []
+    assert [b.idempotency_key for b in outbox.batches()] == [key]
+    post.refused = set()
+    assert drain(state, s).points == 1
+    assert sorted(post.accepted) == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_redirect_keeps_points_queued_and_blocks_the_sink(state: StateStore, status: int) -> None:
+    calls: list[str] = []
+
+    def post(url: str, **kwargs: Any) -> FakeResponse:
+        calls.append(url)
+        assert kwargs["allow_redirects"] is False
+        return FakeResponse(status, "", {"Location": "https://pramathus.example.com/moved"})
+
+    s = sink(post, batch_size=5)
+    queue(state, s, 10)
+
+    result = drain(state, s)
+
+    assert calls == [ENDPOINT]
+    assert result.blocked == "redirect"
+    assert result.points == 0
+    assert "https://pramathus.example.com/moved" in (result.error or "")
+    assert state.outbox(s.name).totals() == QueueTotals(2, 10)
+
+
+def test_blocked_is_an_outcome_of_its_own() -> None:
+    assert Outcome.BLOCKED.value == "blocked"
+
+
+# ---------------------------------------------------------------- what each status gets
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "detail"),
+    [
+        (200, Outcome.ACCEPTED, ""),
+        (299, Outcome.ACCEPTED, ""),
+        (300, Outcome.BLOCKED, "redirect"),
+        (301, Outcome.BLOCKED, "redirect"),
+        (399, Outcome.BLOCKED, "redirect"),
+        (400, Outcome.REFUSED, "rejected"),
+        (401, Outcome.BLOCKED, "credentials"),
+        (403, Outcome.BLOCKED, "credentials"),
+        (404, Outcome.BLOCKED, "endpoint"),
+        (405, Outcome.BLOCKED, "endpoint"),
+        (410, Outcome.BLOCKED, "endpoint"),
+        (409, Outcome.REFUSED, "rejected"),
+        (413, Outcome.REFUSED, "too_large"),
+        (422, Outcome.REFUSED, "rejected"),
+        (429, Outcome.RETRY, ""),
+        (500, Outcome.RETRY, ""),
+    ],
+)
+def test_each_status_gets_one_outcome_for_every_sink(
+    status: int, outcome: Outcome, detail: str
+) -> None:
+    reply = reply_for(status, "HTTP", FIXES)
+
+    assert reply.outcome is outcome
+    if outcome is Outcome.BLOCKED:
+        assert reply.cause == detail
+        assert reply.message.endswith(f"points stay queued; fix {detail}")
+    if outcome is Outcome.REFUSED:
+        assert reply.reason == detail
+        assert reply.splittable is (status in (400, 413, 422))
+
+
+def test_a_redirect_message_names_the_location_or_says_there_was_none() -> None:
+    moved = reply_for(301, "HTTP 301", FIXES, location="https://new.test/in")
+    bare = reply_for(302, "HTTP 302", FIXES)
+    refused = reply_for(401, "HTTP 401", FIXES, location="https://new.test/in")
+
+    assert moved.message == (
+        "HTTP 301 (redirected to https://new.test/in; a POST is never re-sent as a GET): "
+        "points stay queued; fix redirect"
+    )
+    assert bare.message == (
+        "HTTP 302 (redirected; a POST is never re-sent as a GET): points stay queued; fix redirect"
+    )
+    assert refused.message == "HTTP 401: points stay queued; fix credentials"
+
+
+# ---------------------------------------------------------------- the drainer's edges
+
+
+class Scripted:
+    """A minimal `DeliverySink` over JSON-list bodies: replies from a script (then
+    accepted), `split` halves the list; `sent` records every body sent."""
+
+    name = "scripted"
+    budget_seconds = 30.0
+    max_attempts = 0
+    queue_max_points = 1000
+    overflow = "wait"
+
+    def __init__(self, script: list[Reply]) -> None:
+        self.script = list(script)
+        self.sent: list[bytes] = []
+
+    def encode(self, pts: Any, contexts: Any, now_ms: int) -> Encoded:
+        raise NotImplementedError
+
+    def send(self, batch: QueuedBatch) -> Reply:
+        self.sent.append(batch.body)
+        return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
+
+    def split(self, body: bytes) -> list[EncodedBatch]:
+        items = json.loads(body)
+        half = len(items) // 2
+        return [
+            EncodedBatch(f"part-{i}", len(part), json.dumps(part).encode())
+            for i, part in enumerate((items[:half], items[half:]))
+        ]
+
+
+def scripted_queue(state: StateStore, s: Scripted, bodies: list[bytes]) -> None:
+    with state.transaction():
+        state.outbox(s.name).add(
+            [
+                EncodedBatch(f"k{i}", max(1, len(json.loads(b) if b.startswith(b"[") else [0])), b)
+                for i, b in enumerate(bodies)
+            ],
+            T0,
+        )
+
+
+def scripted_drain(state: StateStore, s: Scripted) -> Any:
+    clock = FakeClock()
+    return Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+
+
+def test_a_blocked_reply_without_a_cause_blocks_as_an_endpoint_problem(state: StateStore) -> None:
+    s = Scripted([Reply(Outcome.BLOCKED, "no")])
+    scripted_queue(state, s, [b"[1]"])
+
+    assert scripted_drain(state, s).blocked == "endpoint"
+
+
+def test_a_body_exactly_at_the_learnt_limit_is_sent_whole(state: StateStore) -> None:
+    s = Scripted([])
+    state.outbox(s.name).set_body_limit(len(b"[1, 2]"))
+    scripted_queue(state, s, [b"[1, 2]", b"[1, 2, 3]"])
+
+    scripted_drain(state, s)
+
+    assert s.sent == [b"[1, 2]", b"[1]", b"[2, 3]"]
+
+
+def test_a_single_point_over_the_learnt_limit_is_sent_not_split(state: StateStore) -> None:
+    s = Scripted([])
+    state.outbox(s.name).set_body_limit(2)
+    scripted_queue(state, s, [b"[1234]"])
+
+    assert scripted_drain(state, s).points == 1
+    assert s.sent == [b"[1234]"]
+
+
+def test_parts_split_before_sending_are_retried_within_the_same_budget(
+    state: StateStore,
+) -> None:
+    s = Scripted([Reply(Outcome.RETRY, "busy", 503)])
+    state.outbox(s.name).set_body_limit(4)
+    scripted_queue(state, s, [b"[1, 2]"])
+
+    result = scripted_drain(state, s)
+
+    assert (result.points, result.error) == (2, None)
+    assert s.sent == [b"[1]", b"[1]", b"[2]"]
+
+
+def test_the_limit_is_the_largest_body_accepted_after_a_413_in_that_drain(
+    state: StateStore,
+) -> None:
+    too_large = Reply(Outcome.REFUSED, "413", 413, reason="too_large", splittable=True)
+    s = Scripted([Reply(Outcome.ACCEPTED), too_large])
+    state.outbox(s.name).set_body_limit(99)  # learnt before: replaced by what is learnt now
+    scripted_queue(state, s, [b"[1, 2, 3, 4, 5]", b"[1, 2, 300]", b"[10, 2]"])
+
+    scripted_drain(state, s)
+
+    # Before the 413 nothing is learnt; after it [1] (3 bytes), [2, 300] (8), [10, 2] (7).
+    assert s.sent[2:] == [b"[1]", b"[2, 300]", b"[10, 2]"]
+    assert state.outbox(s.name).body_limit() == len(b"[2, 300]")
