@@ -217,7 +217,24 @@ def _genai(client: Any, tracking_uri: str, spec: SampleSpec) -> int:
                 trace_id=trace_id, name="helpfulness", value=float(rng.randint(1, 5)), source=human
             )
     mlflow.flush_trace_async_logging()
+    _evaluation_run(client, exp_id, spec, rng)
     return spec.traces
+
+
+def _evaluation_run(client: Any, exp_id: str, spec: SampleSpec, rng: random.Random) -> None:
+    """The runs evaluations of the app leave (as `mlflow.genai.evaluate` does): judges'
+    aggregate scores over three rounds, and an evaluation that failed part-way."""
+    start = int(time.time() * 1000) - 3 * STEP_MS
+    run = client.create_run(exp_id, start_time=start, run_name=f"judge-eval-seed{spec.seed}")
+    for step in range(3):
+        at = start + (step + 1) * STEP_MS
+        client.log_metric(run.info.run_id, "correct/mean", 0.7 + rng.uniform(0, 0.2), at, step)
+        client.log_metric(run.info.run_id, "helpfulness/mean", 3 + rng.uniform(0, 1.5), at, step)
+    client.set_terminated(run.info.run_id, status="FINISHED", end_time=start + 4 * STEP_MS)
+    # An evaluation cut short (the judge's API rate-limited it), as happens.
+    cut = client.create_run(exp_id, start_time=start, run_name=f"judge-eval-seed{spec.seed}-b")
+    client.log_metric(cut.info.run_id, "correct/mean", 0.75, start + STEP_MS, 0)
+    client.set_terminated(cut.info.run_id, status="FAILED", end_time=start + 2 * STEP_MS)
 
 
 def _sample_runs(client: Any, exp_id: str, e: int, seed: int) -> dict[str, Any]:

@@ -50,6 +50,7 @@ DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 JOB = "mlflow_metrics"  # the job label prometheus/rules and grafana/dashboards select on
 EXPERIMENTS = ["churn-prediction", "fraud-detection"]  # what generate-sample --experiments 2 makes
+GENAI = "support-chatbot"  # generate-sample's GenAI experiment (traces, judges' feedback)
 VAL_LOSS = [1.2, 1.05]  # the crashed run's `val_loss`, the only run with that key
 NEVER = "0001-01-01T00:00:00Z"  # Prometheus' lastEvaluation before a rule was evaluated
 
@@ -123,7 +124,7 @@ def stack(
         cleanup.callback(victoria.stop)
 
         config = work / "config.yaml"
-        names = ", ".join(f"'{re.escape(n)}'" for n in EXPERIMENTS)
+        names = ", ".join(f"'{re.escape(n)}'" for n in [*EXPERIMENTS, GENAI])
         config.write_text(
             f"export:\n  include_experiments: [{names}]\n  max_experiments: 0\n"
             "server:\n  host: 127.0.0.1\n"
@@ -146,6 +147,9 @@ def stack(
             "REMOTE_WRITE_URL": f"{victoria.url}{REMOTE_WRITE_PATH}",
             "EXPORTER_STATE_DIR": str(work / "state"),
             "LOG_FORMAT": "json",
+            # Trace history buckets close and settle within seconds, not minutes.
+            "TRACES_BUCKET_SECONDS": "10",
+            "TRACES_SETTLE_SECONDS": "5",
         }
         model_name = f"stack-{tag}-model"
         sample = subprocess.run(
@@ -517,6 +521,13 @@ def traffic(stack: Stack) -> Stack:
             lambda: _vm_series(stack, 'mlflow_metric_step{run_name="late-run"}'),
             timeout=30,
         )
+        servers.wait_for_query(stack.prometheus, f'mlflow_traces{{experiment_name="{GENAI}"}}', 60)
+        for family in ("traces", "latency_seconds", "tokens", "assessment_value", "cost_usd"):
+            _poll(
+                f"trace history ({family}) in VictoriaMetrics",
+                lambda family=family: _vm_series(stack, f"mlflow_trace_bucket_{family}"),
+                timeout=60,
+            )
     return stack
 
 
@@ -527,6 +538,7 @@ def test_every_dashboard_panel_query_returns_data_on_its_datasource(traffic: Sta
         "exporter-health.json",
         "training-curves.json",
         "models.json",
+        "genai.json",
     }
     datasources = _datasources(stack)
     now = time.time()
