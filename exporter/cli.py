@@ -456,7 +456,7 @@ def alert_rules(
     import shlex
     from pathlib import Path
 
-    from exporter.alert_rules import render_yaml
+    from exporter.alert_rules import render, render_yaml
 
     if check and output is None:
         _fail("--check needs --output FILE: the rule file to compare", 2)
@@ -469,7 +469,7 @@ def alert_rules(
     target = Path(output)
     config = flags.get("config") or ctx.find_root().params.get("config")
     config = config or os.environ.get("EXPORTER_CONFIG") or None
-    count = len(alerts.thresholds) + len(alerts.regressions)
+    count = sum(len(group["rules"]) for group in render(alerts)["groups"])
     if check:
         flag = f"--config {shlex.quote(config)} " if config else ""
         again = f"exporter {flag}alert-rules -o {shlex.quote(output)}"

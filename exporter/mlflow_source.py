@@ -83,6 +83,7 @@ class RunFilter:
     run_ids: tuple[str, ...] = ()
     view: View = "active"
     newest_first: bool = False
+    max_results: int | None = None  # runs per page at most (None: `mlflow.page_size`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +212,7 @@ class RestSource:
         order = "DESC" if where.newest_first else "ASC"
         payload: dict[str, Any] = {
             "experiment_ids": list(experiment_ids),
-            "max_results": self.settings.page_size,
+            "max_results": min(self.settings.page_size, where.max_results or 50_000),
             "run_view_type": _VIEWS[where.view],
             "order_by": [f"attributes.start_time {order}", f"attributes.run_id {order}"],
         }

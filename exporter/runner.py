@@ -241,9 +241,7 @@ class Runner:
         except PushError:
             with self.state.transaction():
                 # Unsure what is there now; what was pushed before the error is ours.
-                self.state.save(
-                    replace(record, groups=None, series=tuple(sorted(counts.items())))
-                )
+                self.state.save(replace(record, groups=None, series=tuple(sorted(counts.items()))))
             raise
         with self.state.transaction():
             mirror.mark_clean(plan.experiments)

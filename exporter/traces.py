@@ -61,7 +61,7 @@ class TraceStage:
             return None
         now_ms = int(self.clock() * 1000)
         experiments = {e.experiment_id: e.name for e in self.state.mirror.experiments()}
-        store = TraceMarks(self.state.db.conn)
+        store = self.state.trace_marks()
         before = store.load()
         try:
             moved = self._probe(sorted(experiments), before)

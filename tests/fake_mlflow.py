@@ -279,9 +279,10 @@ class FakeMlflow:
             reverse=where.newest_first,
         )
         offset = int(page_token or 0)
-        page = matching[offset : offset + self.page_size]
-        more = offset + self.page_size < len(matching)
-        return RunPage(page, str(offset + self.page_size) if more else None)
+        size = min(self.page_size, where.max_results or self.page_size)
+        page = matching[offset : offset + size]
+        more = offset + size < len(matching)
+        return RunPage(page, str(offset + size) if more else None)
 
     def _matches(self, run: Run, experiment_ids: Sequence[str], where: RunFilter) -> bool:
         views = {"active": ("active",), "deleted": ("deleted",), "all": ("active", "deleted")}

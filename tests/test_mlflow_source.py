@@ -166,6 +166,14 @@ def test_a_run_search_sends_the_filter_view_order_and_page_token() -> None:
     }
 
 
+def test_a_run_search_asks_for_fewer_runs_when_the_filter_caps_its_page() -> None:
+    s = source(lambda _e, _p: ok({}), page_size=1000)
+    s.runs_page(["1"], RunFilter(view="deleted", max_results=100))
+    s.runs_page(["1"], RunFilter(max_results=5000))
+    sizes = [payload["max_results"] for _m, _e, payload in s.session.calls]  # type: ignore[attr-defined]
+    assert sizes == [100, 1000]
+
+
 def test_filters_are_joined_with_and_and_unsafe_ids_are_dropped() -> None:
     where = RunFilter(started_since_ms=1, status="RUNNING", run_ids=("abc", "x' OR '1"))
     assert filter_string(where) == (

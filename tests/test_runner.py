@@ -470,6 +470,25 @@ def test_a_capture_shows_its_progress_in_readyz_gauges_and_a_log_line(
     h.state.close()
 
 
+def test_the_deleted_runs_probe_reads_a_short_page_and_the_sweep_finds_the_rest(
+    h: Harness,
+) -> None:
+    exp = h.mlflow.create_experiment("purge")
+    runs = [h.mlflow.create_run(exp) for _ in range(130)]
+    for run in runs:
+        h.mlflow.finish(run)
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE * 2)  # settled: no longer re-read by id
+    for run in runs:
+        h.mlflow.delete_run(run)
+
+    h.ok_cycle()
+    assert h.gateway.value("mlflow_experiment_runs", status="FINISHED") == [30.0]
+    h.ok_cycle(advance=3700)  # the sweep's next page
+    assert h.gateway.value("mlflow_experiment_runs", status="FINISHED") == [0.0]
+    assert sample(h.metrics, "mlflow_exporter_reconcile_found_total", kind="removed") == 30
+
+
 def test_a_settling_run_costs_history_reads_and_a_settled_one_does_not(h: Harness) -> None:
     exp = h.mlflow.create_experiment("cost")
     run = h.mlflow.create_run(exp)

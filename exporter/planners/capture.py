@@ -30,8 +30,10 @@ from exporter.state.mirror import KnownRun
 
 # The deleted-runs probe reads one page of deleted runs, newest first (MLflow cannot order
 # by deletion time, and recent runs are the ones usually deleted). Deletions beyond that
-# page are found by the background sweep.
-DELETED_PROBE = RunFilter(view="deleted", newest_first=True)
+# page are found by the background sweep. The page is short: it comes back every cycle, and
+# a server holding thousands of deleted runs would otherwise serialise 1,000 of them each
+# time (about 1.8 s of MLflow CPU a cycle).
+DELETED_PROBE = RunFilter(view="deleted", newest_first=True, max_results=100)
 
 
 class Change(enum.Enum):

@@ -581,7 +581,10 @@ def test_a_history_backfilled_with_old_timestamps_into_a_settled_run_is_delivere
     tmp_path: Path,
 ) -> None:
     exp = exporter_env.experiment("backfill")
-    with running_exporter(exporter_env, tmp_path, settle=5) as exporter:
+    # A settled run's change is the sweep's to find: a pass every cycle, not every hour.
+    with running_exporter(
+        exporter_env, tmp_path, settle=5, reconcile_interval_seconds=0
+    ) as exporter:
         run_id = make_run(client, exp, {"loss": [1.0 / (s + 1) for s in range(10)]})
         all_delivered(exporter, receiver, prometheus, exporter_env, [run_id], "the run")
         _wait_settled(exporter)
@@ -610,7 +613,10 @@ def test_a_point_relogged_at_the_same_step_is_delivered_as_a_second_point(
     tmp_path: Path,
 ) -> None:
     exp = exporter_env.experiment("relog")
-    with running_exporter(exporter_env, tmp_path, settle=10) as exporter:
+    # A settled run's change is the sweep's to find: a pass every cycle, not every hour.
+    with running_exporter(
+        exporter_env, tmp_path, settle=10, reconcile_interval_seconds=0
+    ) as exporter:
         run_id = make_run(
             client, exp, {"loss": [1.0 / (s + 1) for s in range(10)]}, status="RUNNING"
         )
