@@ -155,7 +155,7 @@ def encode_and_queue(
                 for reason, bodies in encoded.refused.items():
                     for body in bodies:
                         outbox.set_aside_new(body, now_ms, reason, "bench")
-                dropped = outbox.trim(sink.queue_max_points, sink.drop_oldest)
+                dropped = outbox.trim(sink.queue_max_points, sink.overflow == "drop_oldest")
             queue[sink.name].seconds += time.perf_counter() - started
             queue[sink.name].points += len(points)
             if dropped or encoded.refused:

@@ -32,6 +32,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from exporter.naming import metric_family_name
 from exporter.sections import Section
+from exporter.trace_alerts import TraceAlertsSettings, genai_group
 
 GROUP_NAME = "mlflow-model-alerts"
 ALERT_SOURCE = "config"
@@ -257,6 +258,8 @@ class AlertsSettings(Section):
 
     thresholds: list[ThresholdRule] = Field(default_factory=list)
     regressions: list[RegressionRule] = Field(default_factory=list)
+    # GenAI traces: SLO burns, assessment means, silent experiments (trace_alerts.py).
+    traces: TraceAlertsSettings = Field(default_factory=TraceAlertsSettings)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AlertsSettings:
@@ -529,7 +532,11 @@ def render(alerts: AlertsSettings) -> dict[str, Any]:
     first then regressions, each in configuration order. Pure: same settings, same dict."""
     rules = [_threshold_rule(r) for r in alerts.thresholds]
     rules += [_regression_rule(r) for r in alerts.regressions]
-    return {"groups": [{"name": GROUP_NAME, "rules": rules}]}
+    groups = [{"name": GROUP_NAME, "rules": rules}]
+    if not alerts.traces.empty:
+        # A file of GenAI rules alone holds only their group.
+        groups = [*(groups if rules else []), genai_group(alerts.traces)]
+    return {"groups": groups}
 
 
 HEADER = """\

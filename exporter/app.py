@@ -7,13 +7,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import structlog
+from pydantic import SecretStr
 
 from exporter.config import Settings, plain_http_credentials
 from exporter.health import Health
+from exporter.logs import secret_forms
 from exporter.mlflow_source import RestSource
 from exporter.runner import Runner
 from exporter.selfmetrics import SelfMetrics
-from exporter.sinks.delivery import DeliverySink
+from exporter.sinks.delivery import CREDENTIAL_HEADER, DeliverySink
 from exporter.sinks.groups import GroupBuilder, MirrorCollector
 from exporter.sinks.pramathus import PramathusSink
 from exporter.sinks.pushgateway import Pushgateway
@@ -24,7 +26,8 @@ log = structlog.get_logger("exporter.app")
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret value in the settings, for the log scrubber and error masking."""
+    """Every secret value in the settings in every form it travels in (raw, URL-encoded,
+    base64, `user:password` in base64), longest first, for the one redaction."""
     candidates = (
         settings.mlflow.password,
         settings.mlflow.token,
@@ -33,7 +36,17 @@ def secrets_of(settings: Settings) -> list[str]:
         settings.remote_write.password,
         settings.remote_write.bearer_token,
     )
-    return [c.get_secret_value() for c in candidates if c is not None]
+    values = [c.get_secret_value() for c in candidates if c is not None]
+    values += [v for k, v in settings.remote_write.headers.items() if CREDENTIAL_HEADER.search(k)]
+    pairs = [
+        (_plain(section.username), _plain(section.password))
+        for section in (settings.mlflow, settings.prometheus, settings.remote_write)
+    ]
+    return secret_forms(values, pairs)
+
+
+def _plain(value: SecretStr | None) -> str:
+    return "" if value is None else value.get_secret_value()
 
 
 def history_sinks(settings: Settings, state: StateStore) -> list[DeliverySink]:

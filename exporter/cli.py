@@ -70,9 +70,7 @@ def global_options(fn: F) -> F:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    for secret in _secret_values:
-        message = message.replace(secret, logs.MASK)
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {logs.redact(message, _secret_values)}", err=True)
     sys.exit(code)
 
 
@@ -91,9 +89,7 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **overrides: Any) -> Se
         sys.exit(2)
     from exporter.app import secrets_of
 
-    _secret_values[:] = sorted(
-        (v for v in secrets_of(settings) if len(v) >= 4), key=len, reverse=True
-    )
+    _secret_values[:] = secrets_of(settings)
     logs.configure(settings.logging.level, settings.logging.format, _secret_values)
     return settings
 
@@ -230,15 +226,15 @@ def check_config(ctx: click.Context, **flags: Any) -> None:
 
     settings = _settings(ctx, flags)
     _web_config(settings)
-    click.echo(yaml.safe_dump(settings.masked(), sort_keys=False).rstrip())
+    click.echo(_masked(yaml.safe_dump(settings.masked(), sort_keys=False).rstrip()))
     failed = 0
     click.echo("")
     for warning in plain_http_credentials(settings):
-        click.echo(f"warn {warning}")
+        click.echo(_masked(f"warn {warning}"))
     for name, probe in _probes(settings):
         ok, detail = probe()
         failed += not ok
-        click.echo(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+        click.echo(_masked(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}"))
     if failed:
         sys.exit(1)
 
@@ -373,9 +369,7 @@ def _sinks(sink: str | None) -> list[str]:
 
 
 def _masked(text: str) -> str:
-    for secret in _secret_values:
-        text = text.replace(secret, logs.MASK)
-    return text
+    return logs.redact(text, _secret_values)
 
 
 @main.command("generate-sample")
@@ -462,7 +456,7 @@ def alert_rules(
     import shlex
     from pathlib import Path
 
-    from exporter.alert_rules import render_yaml
+    from exporter.alert_rules import render, render_yaml
 
     if check and output is None:
         _fail("--check needs --output FILE: the rule file to compare", 2)
@@ -475,7 +469,7 @@ def alert_rules(
     target = Path(output)
     config = flags.get("config") or ctx.find_root().params.get("config")
     config = config or os.environ.get("EXPORTER_CONFIG") or None
-    count = len(alerts.thresholds) + len(alerts.regressions)
+    count = sum(len(group["rules"]) for group in render(alerts)["groups"])
     if check:
         flag = f"--config {shlex.quote(config)} " if config else ""
         again = f"exporter {flag}alert-rules -o {shlex.quote(output)}"

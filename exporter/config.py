@@ -198,7 +198,9 @@ class PramathusSettings(Section):
     max_attempts: int = Field(0, ge=0, le=1000)
     max_tag_value_length: int = Field(256, ge=0)
     spool_max_points: int = Field(1_000_000, ge=1)
-    spool_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    # Past the bound, capture for this sink waits for delivery to drain (nothing is lost:
+    # the points are read from MLflow later); dropping is an opt-in, counted as lost.
+    spool_overflow: Literal["wait", "drop_oldest", "drop_newest"] = "wait"
     verify_tls: bool = True
     ca_bundle: str | None = None
 
@@ -241,7 +243,8 @@ class RemoteWriteSettings(Section):
     # Samples older than this (relative to now) are set aside unsent; 0 = no limit.
     max_sample_age: float = Field(0.0, ge=0)
     queue_max_samples: int = Field(5_000_000, ge=1)
-    queue_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    # As pramathus.spool_overflow: wait (nothing lost), or an opt-in drop counted as lost.
+    queue_overflow: Literal["wait", "drop_oldest", "drop_newest"] = "wait"
     verify_tls: bool = True
     ca_bundle: str | None = None
 
@@ -370,8 +373,13 @@ class Settings(Section):
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     def masked(self) -> dict[str, Any]:
-        """The effective config as plain data, every secret replaced by asterisks."""
-        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        """The effective config as plain data, every secret replaced by asterisks (request
+        header values too: any of them may be a credential)."""
+        data = self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        for section in data.values():
+            if isinstance(section, dict) and isinstance(section.get("headers"), dict):
+                section["headers"] = dict.fromkeys(section["headers"], "**********")
+        return data
 
     @property
     def state_path(self) -> Path:

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from exporter.logs import MASK
+from exporter.logs import redact
 
 # degraded: cycles succeed, but something waits for an operator (points set aside).
 Status = Literal["starting", "ok", "degraded", "failing", "crashed"]
@@ -47,8 +47,7 @@ class Health:
             return None if self._progress is None else dict(self._progress)
 
     def set(self, status: Status, reason: str) -> None:
-        for secret in self.secrets:
-            reason = reason.replace(secret, MASK)
+        reason = redact(reason, self.secrets)
         with self._lock:
             ready = self._view.ready or status in ("ok", "degraded")
             self._view = HealthView(status, reason, ready)

@@ -47,6 +47,7 @@ RESERVED_NAMES = frozenset(
         "mlflow_trace_bucket_latency_seconds",
         "mlflow_trace_bucket_tokens",
         "mlflow_trace_bucket_assessment_value",
+        "mlflow_trace_bucket_cost_usd",
     }
 )
 # Suffixes that mean something to Prometheus/OpenMetrics; a gauge must not carry them.

@@ -56,8 +56,8 @@ class CycleResult:
 
     errors: dict[str, str] = field(default_factory=dict)
     crashed: str | None = None  # an unexpected exception (a bug), one line
-    experiments: int = 0
-    runs: int = 0
+    experiments: int | None = None  # None: MLflow was not read this far
+    runs: int | None = None
     pushed_series: int = 0
     points_spooled: int = 0  # new points captured and queued for the history sinks
     # What each sink had acknowledged, in its own unit (see `unit`): sink name -> count.
@@ -113,6 +113,8 @@ class Runner:
         started = self.clock()
         result = CycleResult()
         try:
+            if not self._stage(result, "state", self._ensure_state):
+                return result
             synced = self._stage(result, "mlflow", self._sync, result)
             if synced is not None and self.settings.traces.enabled:
                 self._stage(result, "traces", self._traces)
@@ -150,6 +152,18 @@ class Runner:
             self.metrics.up.set(0)
         return None
 
+    def _ensure_state(self) -> bool:
+        """True when the state file is this process's own (written back if it was
+        deleted or replaced; StateError when another process holds it now)."""
+        if self.state.ensure_file():
+            log.warning(
+                "state.written_back",
+                path=str(self.state.path),
+                detail="state.db was deleted or replaced while running; written back from "
+                "the open database, nothing will be sent again",
+            )
+        return True
+
     # ------------------------------------------------------------------ capture
 
     def _sync(self, result: CycleResult) -> SyncResult:
@@ -176,6 +190,9 @@ class Runner:
             m.last_sweep.set(self.clock())
         for sink, n in synced.dropped.items():
             m.sinks[sink].dropped.labels("queue_overflow").inc(n)
+        for sink, n in synced.waiting.items():
+            # Backpressure, not loss: these points are read from MLflow once it drains.
+            log.warning("queue.full_capture_waits", sink=sink, points_owed=n)
         for sink, n in synced.backfill_remaining.items():
             m.sinks[sink].backfill.set(n)
         result.experiments, result.runs = synced.experiments, synced.runs
@@ -400,10 +417,11 @@ class Runner:
             self.health.set("degraded", f"ok, but {aside}")
         else:
             self.health.set(status, "ok" if result.ok else result.reason())
+        counted = {"experiments": result.experiments, "runs": result.runs}
         fields: dict[str, Any] = {
             "duration_seconds": round(result.duration_seconds, 3),
-            "experiments": result.experiments,
-            "runs": result.runs,
+            # What was not counted is left out, never logged as 0.
+            **{k: v for k, v in counted.items() if v is not None},
             "series": result.pushed_series,
             "points_spooled": result.points_spooled,
             **result.sent_fields(),

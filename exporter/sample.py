@@ -53,6 +53,10 @@ class SampleSpec:
     steps: int = 30
     seed: int = 42
     model_name: str = "churn-classifier"
+    traces: int = 24  # GenAI traces written once into GENAI_EXPERIMENT
+
+
+GENAI_EXPERIMENT = "support-chatbot"
 
 
 def curves(rng: random.Random, steps: int, quality: float) -> dict[str, list[float]]:
@@ -140,11 +144,97 @@ def generate(settings: Settings, spec: SampleSpec, progress: bool = False) -> st
                 created += new
                 bar.update(1)
     made, kept = _register(client, spec.model_name, sorted(finished, reverse=True)[:3])
+    with contextlib.redirect_stdout(io.StringIO()):
+        traces = _genai(client, settings.mlflow.tracking_uri, spec)
     return (
         f"created {created} runs ({total - created} already present) in {spec.experiments} "
         f"experiments and {made} versions ({kept} already present) "
-        f"of model {spec.model_name!r} at {settings.mlflow.tracking_uri}"
+        f"of model {spec.model_name!r}, and {traces} traces in GenAI experiment "
+        f"{GENAI_EXPERIMENT!r} at {settings.mlflow.tracking_uri}"
     )
+
+
+def _genai(client: Any, tracking_uri: str, spec: SampleSpec) -> int:
+    """A small GenAI app's traces, once: "answer" (an LLM call with token usage and a cost,
+    every fifth timing out) and "retrieve", with latency varying; an LLM judge's boolean
+    `correct` on every trace and a human's `helpfulness` (1-5) on a few. Returns how many
+    traces were written (0 when the experiment already holds traces)."""
+    import mlflow
+    from mlflow.entities import AssessmentSource
+
+    existing = client.get_experiment_by_name(GENAI_EXPERIMENT)
+    exp_id = existing.experiment_id if existing else client.create_experiment(GENAI_EXPERIMENT)
+    if spec.traces <= 0 or client.search_traces(locations=[exp_id], max_results=1):
+        return 0
+    rng = random.Random(spec.seed)  # noqa: S311 - sample data, not secrets
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_id=exp_id)
+
+    @mlflow.trace(name="llm", span_type="CHAT_MODEL")
+    def llm(question: str) -> str:
+        prompt, completion = 40 + rng.randint(0, 200), 10 + rng.randint(0, 120)
+        span = mlflow.get_current_active_span()
+        if span is not None:
+            span.set_attribute(
+                "mlflow.chat.tokenUsage",
+                {
+                    "input_tokens": prompt,
+                    "output_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            )
+            # What a gateway or LiteLLM records: USD per call, from per-token prices.
+            cost = {"input_cost": prompt * 3e-6, "output_cost": completion * 15e-6}
+            span.set_attribute("mlflow.llm.cost", {**cost, "total_cost": sum(cost.values())})
+        time.sleep(rng.uniform(0.005, 0.06))
+        return f"an answer to {question}"
+
+    @mlflow.trace(name="answer")
+    def answer(i: int) -> str:
+        if i % 5 == 4:
+            raise TimeoutError("the model did not answer in time")
+        return llm(f"question {i}")
+
+    @mlflow.trace(name="retrieve", span_type="RETRIEVER")
+    def retrieve(i: int) -> list[str]:
+        time.sleep(rng.uniform(0.001, 0.02))
+        return [f"doc-{i}", f"doc-{i + 1}"]
+
+    judge = AssessmentSource(source_type="LLM_JUDGE", source_id="sample-judge")
+    human = AssessmentSource(source_type="HUMAN", source_id="reviewer@example.com")
+    for i in range(spec.traces):
+        with contextlib.suppress(TimeoutError):
+            (answer if i % 3 else retrieve)(i)
+        trace_id = mlflow.get_last_active_trace_id()
+        if trace_id is None:
+            continue
+        mlflow.flush_trace_async_logging()
+        mlflow.log_feedback(
+            trace_id=trace_id, name="correct", value=rng.random() < 0.8, source=judge
+        )
+        if i % 4 == 0:
+            mlflow.log_feedback(
+                trace_id=trace_id, name="helpfulness", value=float(rng.randint(1, 5)), source=human
+            )
+    mlflow.flush_trace_async_logging()
+    _evaluation_run(client, exp_id, spec, rng)
+    return spec.traces
+
+
+def _evaluation_run(client: Any, exp_id: str, spec: SampleSpec, rng: random.Random) -> None:
+    """The runs evaluations of the app leave (as `mlflow.genai.evaluate` does): judges'
+    aggregate scores over three rounds, and an evaluation that failed part-way."""
+    start = int(time.time() * 1000) - 3 * STEP_MS
+    run = client.create_run(exp_id, start_time=start, run_name=f"judge-eval-seed{spec.seed}")
+    for step in range(3):
+        at = start + (step + 1) * STEP_MS
+        client.log_metric(run.info.run_id, "correct/mean", 0.7 + rng.uniform(0, 0.2), at, step)
+        client.log_metric(run.info.run_id, "helpfulness/mean", 3 + rng.uniform(0, 1.5), at, step)
+    client.set_terminated(run.info.run_id, status="FINISHED", end_time=start + 4 * STEP_MS)
+    # An evaluation cut short (the judge's API rate-limited it), as happens.
+    cut = client.create_run(exp_id, start_time=start, run_name=f"judge-eval-seed{spec.seed}-b")
+    client.log_metric(cut.info.run_id, "correct/mean", 0.75, start + STEP_MS, 0)
+    client.set_terminated(cut.info.run_id, status="FAILED", end_time=start + 2 * STEP_MS)
 
 
 def _sample_runs(client: Any, exp_id: str, e: int, seed: int) -> dict[str, Any]:

@@ -32,8 +32,9 @@ class SinkMetrics:
     def __init__(self, sink: str, registry: CollectorRegistry) -> None:
         p, r, what = f"{P}{sink}_", registry, sink.replace("_", " ")
         unit = "samples" if sink == "remote_write" else "points"
+        # The name is kept for dashboards and alerts; the help says what is counted.
         self.points_sent = Counter(
-            f"{p}points_sent", f"Metric points {what} acknowledged.", registry=r
+            f"{p}points_sent", f"Metric points {what} acknowledged ({unit}).", registry=r
         )
         self.batches_sent = Counter(f"{p}batches_sent", f"Batches {what} acknowledged.", registry=r)
         self.spool_points = Gauge(

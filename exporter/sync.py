@@ -18,6 +18,7 @@ its own, so a failure part-way keeps what was done and the rest is redone next c
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections import deque
@@ -66,6 +67,7 @@ class SyncResult:
     sweep_completed: bool = False
     backfill_remaining: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # sink -> points dropped by bounds
+    waiting: dict[str, int] = field(default_factory=dict)  # sink -> points owed while full
     new_run_ids: list[str] = field(default_factory=list)  # runs the mirror did not know
     stopped: bool = False
 
@@ -346,7 +348,9 @@ class Sync:
                 self.progress.planned(len(run_ids), capture.points_bound(wanted))
                 self.progress.advance(len(idle), 0)
                 chunks = capture.group_by_key(wanted, BULK_MAX_RUNS)
-                for chunk, read in self._read_histories(chunks):
+                # Every queue full: reading more would only be read again later; the
+                # runs stay due and capture resumes as delivery drains.
+                for chunk, read in self._read_histories(chunks, wait=self._all_full):
                     new, done = self._record(chunk, read, series, remaining, now_ms, result)
                     result.points_captured += new
                     self.progress.advance(done, new)
@@ -354,14 +358,19 @@ class Sync:
             self.progress.end()
 
     def _read_histories(
-        self, chunks: Sequence[Sequence[HistoryRequest]]
+        self,
+        chunks: Sequence[Sequence[HistoryRequest]],
+        wait: Callable[[], bool] = lambda: False,
     ) -> Iterator[tuple[Sequence[HistoryRequest], list[MetricPoint]]]:
         """Each chunk with its points, in order, with up to `mlflow.concurrency` reads in
-        flight (one at a time when it is 1); a stop or an error cancels what is queued."""
+        flight (one at a time when it is 1); a stop or an error cancels what is queued, and
+        so does `wait()` (queues full: what is not read stays due)."""
         workers = self.settings.mlflow.concurrency
         if workers <= 1 or len(chunks) <= 1:
             for chunk in chunks:
                 self._check_stop()
+                if wait():
+                    return
                 yield chunk, self.source.histories(chunk)
             return
         pool = ThreadPoolExecutor(workers, thread_name_prefix="mlflow-read")
@@ -372,6 +381,8 @@ class Sync:
                 queued.append((chunk, pool.submit(self.source.histories, chunk)))
             while queued:
                 self._check_stop()
+                if wait():
+                    return
                 chunk, future = queued.popleft()
                 points = future.result()
                 following = next(pending, None)
@@ -412,10 +423,27 @@ class Sync:
                 remaining[w.run_id] -= 1
                 if remaining[w.run_id] == 0:
                     done_runs.append(w.run_id)
-            tails = self._enqueue(self.sinks, new, now_ms, result)
+            full = [sink for sink in self.sinks if self._full(sink)]
+            if full and new:
+                owed = [(series[(p.run_id, p.key)].series_id, p.identity) for p in new]
+                for sink in full:
+                    ledger.owe(sink.name, owed)
+                    result.waiting[sink.name] = result.waiting.get(sink.name, 0) + len(new)
+            open_sinks = [sink for sink in self.sinks if sink not in full]
+            tails = self._enqueue(open_sinks, new, now_ms, result)
             mirror.captured(done_runs)
         self._keep_tails(tails)
         return len(new), len(done_runs)
+
+    def _full(self, sink: DeliverySink) -> bool:
+        """True when capture for this sink must wait: its queue is at its bound and its
+        policy is to wait rather than drop."""
+        if sink.overflow != "wait":
+            return False
+        return self.state.outbox(sink.name).totals().points >= sink.queue_max_points
+
+    def _all_full(self) -> bool:
+        return all(self._full(sink) for sink in self.sinks)
 
     def _keep_tails(self, tails: dict[str, _Tail | None]) -> None:
         """Adopt the open tails of a committed transaction (a rolled back one keeps the
@@ -458,9 +486,14 @@ class Sync:
             for reason, bodies in encoded.refused.items():
                 for body in bodies:
                     outbox.set_aside_new(body, now_ms, reason, f"{sink.name} cannot take these")
-            dropped = outbox.trim(sink.queue_max_points, sink.drop_oldest)
+            if sink.overflow == "wait":
+                continue
+            dropped = outbox.trim(sink.queue_max_points, sink.overflow == "drop_oldest")
             if dropped:
-                log.warning("queue.overflow", sink=sink.name, dropped_points=dropped)
+                # An opt-in policy: these points are lost for this sink, say so.
+                log.warning(
+                    "queue.overflow_lost", sink=sink.name, policy=sink.overflow, lost_points=dropped
+                )
                 result.dropped[sink.name] = result.dropped.get(sink.name, 0) + dropped
         return tails
 
@@ -468,6 +501,9 @@ class Sync:
         """Send a later-registered sink what was captured before it registered."""
         ledger, mirror = self.state.ledger, self.state.mirror
         for sink in self.sinks:
+            if self._full(sink):
+                result.backfill_remaining[sink.name] = ledger.backfill_remaining(sink.name)
+                continue
             items = {
                 (i.series.run_id, i.series.key): i
                 for i in ledger.backfill_pending(sink.name, BACKFILL_SERIES_PER_CYCLE)
@@ -485,7 +521,11 @@ class Sync:
                 (HistoryRequest(r, k, None, tops[(r, k)]) for r, k in items if (r, k) in tops),
                 key=lambda w: (w.key, w.run_id),
             )
-            for chunk, read in self._read_histories(capture.group_by_key(wanted, BULK_MAX_RUNS)):
+            chunks = capture.group_by_key(wanted, BULK_MAX_RUNS)
+            # Past the queue's bound the rest of its backfill waits for it to drain.
+            for chunk, read in self._read_histories(
+                chunks, wait=functools.partial(self._full, sink)
+            ):
                 by_series: dict[tuple[str, str], list[MetricPoint]] = {}
                 for p in read:
                     by_series.setdefault((p.run_id, p.key), []).append(p)

@@ -61,7 +61,7 @@ class TraceStage:
             return None
         now_ms = int(self.clock() * 1000)
         experiments = {e.experiment_id: e.name for e in self.state.mirror.experiments()}
-        store = TraceMarks(self.state.db.conn)
+        store = self.state.trace_marks()
         before = store.load()
         try:
             moved = self._probe(sorted(experiments), before)
@@ -207,6 +207,10 @@ class TraceStage:
                 batch_size = getattr(getattr(sink, "settings", None), "batch_size", 5000)
                 outbox = self.state.outbox(sink.name)
                 outbox.add(encode_buckets(samples, batch_size), now_ms)
-                dropped = outbox.trim(sink.queue_max_points, sink.drop_oldest)
-                if dropped:
-                    log.warning("queue.overflow", sink=sink.name, dropped_points=dropped)
+                # Trace buckets are few: under the default `wait` policy they are always
+                # queued; only an opt-in drop policy trims (and says what was lost).
+                if sink.overflow != "wait":
+                    oldest = sink.overflow == "drop_oldest"
+                    dropped = outbox.trim(sink.queue_max_points, oldest)
+                    if dropped:
+                        log.warning("queue.overflow_lost", sink=sink.name, lost_points=dropped)

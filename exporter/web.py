@@ -179,6 +179,7 @@ _TLS_VERSIONS = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 _KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
+_HTTP_KEYS = {"headers", "http2"}
 _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version"}
 
 
@@ -211,7 +212,10 @@ def load_web_config(path: str) -> WebConfig:
             hashes[str(user)] = hashed.encode()
     if hashes:
         config.users = BasicAuth(hashes)
-    headers = _mapping(_mapping(raw, "http_server_config", problems), "headers", problems)
+    http = _mapping(raw, "http_server_config", problems)
+    # `http2` is exporter-toolkit's switch for Go's HTTP/2; this server speaks HTTP/1.1.
+    problems += [f"http_server_config.{k}: unknown key" for k in http if k not in _HTTP_KEYS]
+    headers = _mapping(http, "headers", problems)
     config.headers = {str(k): str(v) for k, v in headers.items()}
     tls = _mapping(raw, "tls_server_config", problems)
     if tls:

@@ -5,7 +5,10 @@ prometheus.yml into OUT_DIR with every occurrence of those targets pointed at 12
 ports (the exporter's address serves two scrape jobs: /metrics and the pull mode's
 /mlflow/metrics), copies the rule files beside it (rule paths are relative to the config),
 and can shorten the intervals, the global ones and any job's own, so tests see data within
-seconds. Used by scripts/run-local.sh and the stack tests.
+seconds. The compose shards' file discovery (`/etc/prometheus-shards`, mounted only by
+docker-compose.shards.yml) is left out: on loopback the directory does not exist and
+Prometheus would log an error for it on every start. Used by scripts/run-local.sh and the
+stack tests.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARD_TARGETS = "/etc/prometheus-shards/"
 TARGETS = {
     "pushgateway:9091": "pushgateway",
     "mlflow-exporter:9877": "exporter",
@@ -31,6 +36,8 @@ def render(out_dir: Path, ports: dict[str, int], interval: str | None = None) ->
     for target, name in TARGETS.items():
         text = text.replace(target, f"127.0.0.1:{ports[name]}")
     config = yaml.safe_load(text)
+    for job in config.get("scrape_configs") or []:
+        _drop_shard_discovery(job)
     if interval:
         config["global"]["scrape_interval"] = interval
         config["global"]["evaluation_interval"] = interval
@@ -48,6 +55,19 @@ def render(out_dir: Path, ports: dict[str, int], interval: str | None = None) ->
     path = out_dir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _drop_shard_discovery(job: dict[str, Any]) -> None:
+    """Remove the file discovery of compose shard targets from one scrape job."""
+    kept = [
+        sd
+        for sd in job.get("file_sd_configs") or []
+        if not all(str(f).startswith(SHARD_TARGETS) for f in sd.get("files") or [])
+    ]
+    if kept:
+        job["file_sd_configs"] = kept
+    else:
+        job.pop("file_sd_configs", None)
 
 
 def main() -> None:

@@ -3,11 +3,14 @@
 # plus a fresh FAILED demo run, the Pushgateway, Prometheus (the compose stack's prometheus/
 # files and rules), Alertmanager (receivers replaced by a local alert sink), the alert sink,
 # VictoriaMetrics (the history store: every metric point at its own timestamp, kept for years),
-# and `exporter continuous` pushing every 15 s and remote-writing history to VictoriaMetrics.
+# a local Pramathus receiver (scripts/pramathus_sink.py), and `exporter continuous` pushing
+# every 15 s, remote-writing history to VictoriaMetrics and POSTing points to the Pramathus
+# receiver: all three outputs, visible locally.
 #
 # Ports and data (override any in the environment):
 #   MLFLOW_PORT=5000 PUSHGATEWAY_PORT=9091 PROMETHEUS_PORT=9090 ALERTMANAGER_PORT=9093
-#   EXPORTER_PORT=9877 ALERT_SINK_PORT=9095 VICTORIA_PORT=8428 LOCAL_STACK_DIR=.local-stack
+#   EXPORTER_PORT=9877 ALERT_SINK_PORT=9095 VICTORIA_PORT=8428 PRAMATHUS_SINK_PORT=9096
+#   LOCAL_STACK_DIR=.local-stack
 #   STOP_GRACE=10
 # Server logs go to $LOCAL_STACK_DIR/logs/<name>.log; the terminal shows progress, the
 # exporter's log, alert lines, and a line starting with READY after the first export cycle.
@@ -31,7 +34,7 @@ bash scripts/setup.sh
 
 : "${MLFLOW_PORT:=5000}" "${PUSHGATEWAY_PORT:=9091}" "${PROMETHEUS_PORT:=9090}"
 : "${ALERTMANAGER_PORT:=9093}" "${EXPORTER_PORT:=9877}" "${ALERT_SINK_PORT:=9095}"
-: "${VICTORIA_PORT:=8428}"
+: "${VICTORIA_PORT:=8428}" "${PRAMATHUS_SINK_PORT:=9096}"
 : "${EXPORT_INTERVAL:=15}" "${LOCAL_STACK_DIR:=.local-stack}" "${STOP_GRACE:=10}"
 # Prometheus scrapes and evaluates rules this often here (15 s in the compose stack), so the
 # demo alert fires within seconds of the first push.
@@ -42,7 +45,7 @@ if ! [[ $STOP_GRACE =~ ^[0-9]+$ ]]; then
   exit 1
 fi
 port_vars=(MLFLOW_PORT PUSHGATEWAY_PORT PROMETHEUS_PORT ALERTMANAGER_PORT EXPORTER_PORT
-           ALERT_SINK_PORT VICTORIA_PORT)
+           ALERT_SINK_PORT VICTORIA_PORT PRAMATHUS_SINK_PORT)
 declare -A port_owner=()
 for var in "${port_vars[@]}"; do
   p=${!var}
@@ -89,6 +92,12 @@ export EXPORTER_STATE_DIR=$data/exporter-state
 # History: every metric point, at its own timestamp, to this stack's VictoriaMetrics.
 export REMOTE_WRITE_ENABLED=true
 export REMOTE_WRITE_URL=http://127.0.0.1:$VICTORIA_PORT/api/v1/write
+# Pramathus: every metric point as JSON batches to the local receiver, with a bearer key made
+# for this start (the receiver reads the same variable).
+export PRAMATHUS_ENABLED=true
+export PRAMATHUS_ENDPOINT=http://127.0.0.1:$PRAMATHUS_SINK_PORT/api/metrics
+PRAMATHUS_API_KEY=local-$(od -An -tx1 -N12 /dev/urandom | tr -d ' \n')
+export PRAMATHUS_API_KEY
 export LOG_FORMAT=${LOG_FORMAT:-console}
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +328,8 @@ cat <<INFO
   Pushgateway      http://127.0.0.1:$PUSHGATEWAY_PORT
   Prometheus       http://127.0.0.1:$PROMETHEUS_PORT
   Alertmanager     http://127.0.0.1:$ALERTMANAGER_PORT
-  VictoriaMetrics  http://127.0.0.1:$VICTORIA_PORT/vmui  (history)
+  VictoriaMetrics  http://127.0.0.1:$VICTORIA_PORT  (history; HTTP API only, no UI in Debian's build)
+  Pramathus sink   http://127.0.0.1:$PRAMATHUS_SINK_PORT/api/metrics  ->  $data/pramathus-points.ndjson
   Exporter         http://127.0.0.1:$EXPORTER_PORT/metrics  /healthz  /readyz
   Alert sink       http://127.0.0.1:$ALERT_SINK_PORT  ->  $data/alerts.log
   Data and logs    $data  (logs/<server>.log)
@@ -340,18 +350,24 @@ spawn alertmanager prometheus-alertmanager --config.file="$data/alertmanager.yml
   --cluster.listen-address=
 spawn alert-sink "$py" scripts/alert_sink.py serve --port "$ALERT_SINK_PORT" \
   --log "$data/alerts.log"
+spawn pramathus-sink "$py" scripts/pramathus_sink.py serve --port "$PRAMATHUS_SINK_PORT" \
+  --log "$data/pramathus.log" --points "$data/pramathus-points.ndjson"
 # The same settings as the compose stack's victoriametrics service: years of retention (the
 # default month would also refuse older points), one sample per series and millisecond (a
-# batch re-sent after a lost acknowledgement does not count twice).
+# batch re-sent after a lost acknowledgement does not count twice). Fresh samples show in
+# queries within seconds, not after the default 30 s latency offset.
 spawn victoria-metrics victoria-metrics -httpListenAddr="127.0.0.1:$VICTORIA_PORT" \
-  -storageDataPath="$data/victoria-metrics" -retentionPeriod=100y -dedup.minScrapeInterval=1ms
-for name in mlflow pushgateway prometheus alertmanager alert-sink victoria-metrics; do
+  -storageDataPath="$data/victoria-metrics" -retentionPeriod=100y -dedup.minScrapeInterval=1ms \
+  -search.latencyOffset=1s
+for name in mlflow pushgateway prometheus alertmanager alert-sink pramathus-sink \
+  victoria-metrics; do
   running[$name]=1
 done
 
 # Fast ones first, so each progress line appears about when its server is ready.
 wait_ready pushgateway "$PUSHGATEWAY_PORT" /-/ready 30
 wait_ready alert-sink "$ALERT_SINK_PORT" / 30
+wait_ready pramathus-sink "$PRAMATHUS_SINK_PORT" / 30
 wait_ready victoria-metrics "$VICTORIA_PORT" /health 30
 wait_ready alertmanager "$ALERTMANAGER_PORT" /-/ready 30
 wait_ready prometheus "$PROMETHEUS_PORT" /-/ready 60
@@ -369,15 +385,18 @@ printf '  %-16s %s\n' "demo failure" "$demo"
 # --port repeats EXPORTER_PORT so `ps` shows which stack this exporter belongs to.
 spawn exporter .venv/bin/exporter continuous --port "$EXPORTER_PORT"
 running[exporter]=1
-# The terminal view: the exporter's log (new file each start) and the alert lines added from
-# now on (alerts.log keeps earlier starts' alerts), prefixed by source. Inside the stack group,
-# so the teardown stops it too.
+# The terminal view: the exporter's log (new file each start) and the alert and Pramathus
+# batch lines added from now on (both files keep earlier starts' lines), prefixed by source.
+# Inside the stack group, so the teardown stops it too.
 alerts_seen=$(stat -c %s "$data/alerts.log" 2>/dev/null || echo 0)
-# shellcheck disable=SC2016  # $1..$3 are the inner script's arguments
+batches_seen=$(stat -c %s "$data/pramathus.log" 2>/dev/null || echo 0)
+# shellcheck disable=SC2016  # $1..$5 are the inner script's arguments
 spawn display --stdout bash -c '
   tail -n +1 -F "$1" 2>/dev/null | sed -u "s/^/exporter | /" &
   tail -c "+$(($3 + 1))" -F "$2" 2>/dev/null | sed -u "s/^/ALERT    | /" &
-  wait' display "$logs/exporter.log" "$data/alerts.log" "$alerts_seen"
+  tail -c "+$(($5 + 1))" -F "$4" 2>/dev/null | sed -u "s/^/PRAMATHUS| /" &
+  wait' display "$logs/exporter.log" "$data/alerts.log" "$alerts_seen" \
+  "$data/pramathus.log" "$batches_seen"
 running[display]=1
 
 deadline=$((SECONDS + 180))
@@ -391,12 +410,23 @@ until http_ok "$EXPORTER_PORT" /readyz; do
   sleep 0.5
 done
 run_name=$(sed -n 's/^logged FAILED run \([^ ]*\) .*/\1/p' <<<"$demo")
+# Query URLs over the time the sample's val/loss history spans (hours or days ago: a query
+# at "now" would show nothing). The first cycle has remote-written it; bounded wait.
+history_urls=$("$py" scripts/history_url.py "http://127.0.0.1:$VICTORIA_PORT" mlflow_val_loss \
+  --timeout 30 || true)
+export_url=$(sed -n 1p <<<"$history_urls")
+range_url=$(sed -n 2p <<<"$history_urls")
+points=$(wc -l <"$data/pramathus-points.ndjson" 2>/dev/null || echo 0)
 cat <<EOF
 READY  first export cycle done ($(elapsed)). Where to look:
   Prometheus    http://127.0.0.1:$PROMETHEUS_PORT/graph?g0.expr=mlflow_accuracy&g0.tab=1
                 try: mlflow_accuracy, mlflow_run_info{status="FAILED"}, ALERTS
-  History       http://127.0.0.1:$VICTORIA_PORT/vmui  (VictoriaMetrics)
-                try: mlflow_val_loss, mlflow_metric_step{metric_key="val/loss"}
+  History       VictoriaMetrics, every val/loss point at its own time (JSON; no UI here):
+                $export_url
+                range query over the sample's time span:
+                ${range_url:-(no val/loss history yet; see $logs/exporter.log)}
+  Pramathus     $points points received so far, one JSON line each: $data/pramathus-points.ndjson
+                (batches also shown below as "PRAMATHUS|" lines)
   Alertmanager  http://127.0.0.1:$ALERTMANAGER_PORT  (MlflowRunFailed for ${run_name:-the demo run} within a minute or so)
   Alert log     $data/alerts.log  (also shown below as "ALERT |" lines)
   Grafana       not available locally (no Grafana package); dashboards: docker compose up

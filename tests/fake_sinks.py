@@ -39,7 +39,7 @@ class RecordingSink:
     budget_seconds: float = 5.0
     max_attempts: int = 0
     queue_max_points: int = 1_000_000
-    drop_oldest: bool = True
+    overflow: str = "wait"
     script: list[Reply] = field(default_factory=list)
     accepted: list[PointKey] = field(default_factory=list)
     contexts: dict[str, RunContext] = field(default_factory=dict)

@@ -54,8 +54,10 @@ from exporter.planners.series import (
     experiment_key,
     registry_families,
 )
+from exporter.planners.traces import trace_families
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.history import _series as remote_write_series
+from exporter.trace_model import NamedValues, TraceLive
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "prometheus"
@@ -96,6 +98,21 @@ def _samples(families: Iterable[Metric]) -> Iterator[tuple[str, dict[str, str]]]
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
         for sample in family.samples:
             yield sample.name, {k: v for k, v in sample.labels.items() if v != ""}
+
+
+# Every trace series an experiment holding traces can show (planners/traces.py).
+TRACE_LIVE = TraceLive(
+    NamedValues(
+        {"OK": 3},
+        {"input": 10.0, "output": 5.0, "total": 15.0},
+        {"P50": 1.0, "P95": 2.0, "P99": 3.0},
+    ),
+    {"chat": NamedValues({"OK": 3}, {"input": 10.0}, {"P95": 2.0})},
+    cost_usd=0.5,
+    assessments={"correct": 3},
+    assessment_means={"correct": 0.5},
+    last_trace_ms=1_700_000_000_000,
+)
 
 
 def _self_families() -> list[Metric]:
@@ -159,6 +176,7 @@ def exposed() -> Exposed:
         (dict(experiment_key("1")), experiment_families(view, registry.stage_by_run(), 12,
                                                         lambda _key: True)),
         (dict(REGISTRY_KEY), registry_families(registry, ServerCounts({"active": 1}), 12)),
+        (dict(experiment_key("1")), trace_families(TRACE_LIVE, "1", "churn")),
     ]  # fmt: skip
     for key, families in groups:
         for name, labels in _samples(families):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import structlog
@@ -24,13 +25,33 @@ def settings(tmp_path: Path, **env: str) -> Settings:
 def test_every_secret_of_the_settings_is_collected_for_masking(tmp_path: Path) -> None:
     s = settings(
         tmp_path,
-        MLFLOW_TRACKING_PASSWORD="a1",
-        MLFLOW_TRACKING_TOKEN="b2",
-        PRAMATHUS_API_KEY="c3",
-        PROMETHEUS_GATEWAY_PASSWORD="d4",
-        REMOTE_WRITE_PASSWORD="e5",
+        MLFLOW_TRACKING_PASSWORD="a1",  # too short to mask (it would mask ordinary words)
+        MLFLOW_TRACKING_TOKEN="tok-b2b2",
+        PRAMATHUS_API_KEY="c3c3c3",
+        PROMETHEUS_GATEWAY_PASSWORD="d4d4",
+        REMOTE_WRITE_PASSWORD="e5e5e5",
     )
-    assert sorted(secrets_of(s)) == ["a1", "b2", "c3", "d4", "e5"]
+    secrets = secrets_of(s)
+
+    for raw in ("tok-b2b2", "c3c3c3", "d4d4", "e5e5e5"):
+        assert raw in secrets
+    assert "a1" not in secrets
+    assert base64.b64encode(b":e5e5e5").decode() in secrets  # remote write basic auth
+    assert base64.b64encode(b":d4d4").decode() in secrets  # Pushgateway basic auth
+    assert secrets == sorted(secrets, key=len, reverse=True)
+
+
+def test_url_encoded_secrets_and_secret_headers_are_collected(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("remote_write:\n  headers: {X-Api-Key: hk-123456, X-Scope-OrgID: tenant-a}\n")
+    s = load_settings(config, env={"PRAMATHUS_API_KEY": "a/b+c d"})
+
+    secrets = secrets_of(s)
+
+    assert "a%2Fb%2Bc%20d" in secrets
+    assert "a%2Fb%2Bc+d" in secrets
+    assert "hk-123456" in secrets
+    assert "tenant-a" not in secrets
 
 
 def test_enabled_history_sinks_are_wired_and_remote_write_follows_the_label_length(

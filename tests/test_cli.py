@@ -8,9 +8,11 @@ tests/test_alert_rules.py.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -744,3 +746,44 @@ def test_dead_letters_replay_by_sink_and_reason_queues_only_those(tmp_path: Path
         "pramathus: 2 points in 1 batches queued again",
         "remote_write: 4 points in 1 batches queued again",
     ]
+
+
+def test_check_config_masks_every_header_value_of_a_sink(
+    tmp_path: Path, backends: FakeRequests
+) -> None:
+    config = write(
+        tmp_path,
+        """\
+mlflow: {tracking_uri: "http://127.0.0.1:9"}
+remote_write:
+  enabled: true
+  url: http://127.0.0.1:9/api/v1/write
+  headers: {X-Api-Key: hk-9f8e7d6c5b, X-Scope-OrgID: team-a}
+""",
+    )
+
+    result = invoke("check-config", "--config", config)
+
+    assert "hk-9f8e7d6c5b" not in result.output
+    assert "team-a" not in result.output
+    assert f"X-Api-Key: '{MASK}'" in result.stdout
+    assert f"X-Scope-OrgID: '{MASK}'" in result.stdout
+
+
+def test_an_error_echoing_basic_credentials_is_masked_in_every_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exporter.app import secrets_of
+    from exporter.config import load_settings
+
+    basic = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    settings = load_settings(unreachable_config(tmp_path, 9))
+    monkeypatch.setattr(cli, "_secret_values", secrets_of(settings))
+
+    with pytest.raises(SystemExit):
+        cli._fail(f"MLflow said: {basic} refused, sent {quote(PASSWORD, safe='')}")
+
+    err = capsys.readouterr().err
+    assert basic not in err
+    assert quote(PASSWORD, safe="") not in err
+    assert err == f"error: MLflow said: {MASK} refused, sent {MASK}\n"

@@ -47,7 +47,7 @@ def test_defaults_apply_when_nothing_is_configured() -> None:
     assert s.pramathus.endpoint is None
     assert s.pramathus.api_key is None
     assert s.pramathus.batch_size == 500
-    assert s.pramathus.spool_overflow == "drop_oldest"
+    assert s.pramathus.spool_overflow == "wait"
     assert s.export.interval_seconds == 60
     assert s.export.max_experiments == 0
     assert s.export.state_dir == "./state"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from exporter.logs import MASK, SecretScrubber, configure
+from exporter.logs import MASK, SecretScrubber, configure, redact, secret_forms
 
 SECRET = "pk_live_9Zq-TOPSECRET"
 
@@ -51,8 +52,8 @@ def test_secrets_shorter_than_four_characters_are_not_scrubbed() -> None:
 
 
 def test_without_secrets_the_event_passes_through_untouched() -> None:
-    event = {"event": "x"}
-    assert SecretScrubber()(None, "info", event) is event
+    event = {"event": "x", "n": 1}
+    assert SecretScrubber()(None, "info", event) == {"event": "x", "n": 1}
 
 
 def test_json_format_writes_one_json_line_per_event_with_secrets_masked(
@@ -139,3 +140,59 @@ def test_a_logger_made_before_a_reconfiguration_follows_the_new_configuration(
     configure("INFO", "json", [])  # e.g. the CLI configures logging once settings are read
     log.info("kept")
     assert [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines()] == ["kept"]
+
+
+# ---------------------------------------------------------------- the one redaction
+
+
+def test_every_form_of_a_secret_is_known_longest_first() -> None:
+    forms = secret_forms(["a/b+c d"], [("user", "pass-word")])
+
+    assert forms == sorted(forms, key=len, reverse=True)
+    assert set(forms) == {
+        "a/b+c d",
+        "a%2Fb%2Bc%20d",
+        "a%2Fb%2Bc+d",
+        base64.b64encode(b"a/b+c d").decode(),
+        base64.b64encode(b"user:pass-word").decode(),
+    }
+
+
+def test_short_secrets_and_short_passwords_have_no_forms() -> None:
+    assert secret_forms(["abc"], [("user", "abc")]) == []
+    assert secret_forms(["abcd"], [("u", "abcd")])[-1] == "abcd"
+    assert base64.b64encode(b"u:abcd").decode() in secret_forms([], [("u", "abcd")])
+
+
+def test_an_echoed_basic_authorization_header_is_masked_without_knowing_it() -> None:
+    echoed = "401: got Authorization: Basic dXNlcjpodW50ZXIy from 10.0.0.1"
+
+    assert redact(echoed) == f"401: got Authorization: Basic {MASK} from 10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("bearer abc.def-ghi", f"bearer {MASK}"),
+        ("Basic auth and bearer tokens", "Basic auth and bearer tokens"),
+        ('{"authorization": "Bearer xyz12345"}', f'{{"authorization": "Bearer {MASK}"}}'),
+        ('{"Authorization":"tok123"}', f'{{"Authorization":"{MASK}"}}'),
+        ("x-api-key=abc123&x=1", f"x-api-key={MASK}&x=1"),
+        ("api_key: hunter22", f"api_key: {MASK}"),
+        ("password='s3cr3t', user=bob", f"password='{MASK}', user=bob"),
+        ("Proxy-Authorization: Basic Zm9vOmJhcg==", f"Proxy-Authorization: Basic {MASK}"),
+        ("no credential here: status 401", "no credential here: status 401"),
+    ],
+)
+def test_credential_values_echoed_in_bodies_are_masked(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_the_scrubber_masks_base64_forms_and_echoed_credentials_in_events() -> None:
+    basic = base64.b64encode(b"alice:pass-word").decode()
+    forms = secret_forms([], [("alice", "pass-word")])
+
+    out = SecretScrubber(forms)(None, "info", {"event": f"seen {basic} in a log", "n": 1})
+
+    assert out == {"event": f"seen {MASK} in a log", "n": 1}
+    assert SecretScrubber()(None, "info", {"e": "Bearer abcdefgh"}) == {"e": f"Bearer {MASK}"}

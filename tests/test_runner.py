@@ -23,6 +23,7 @@ from exporter.runner import CycleResult, Runner
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import Outcome, Reply
 from exporter.state import StateStore
+from exporter.state.outbox import Outbox
 from tests.fake_mlflow import FakeMlflow
 from tests.fake_sinks import FakeGateway, RecordingSink
 from tests.fakes import FakeClock, SleepRecorder
@@ -949,3 +950,131 @@ def test_set_aside_points_make_health_degraded_not_a_plain_ok(h: Harness) -> Non
     assert (view.status, view.ready, view.healthy) == ("degraded", True, True)
     assert "pramathus rejected: 2" in view.reason
     assert "exporter dead-letters replay" in view.reason
+
+
+def _seed_1320(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("bounded")
+    run_a, run_b = h.mlflow.create_run(exp), h.mlflow.create_run(exp)
+    for k in range(3):
+        h.mlflow.log_many(run_a, f"a{k}", [float(s) for s in range(40)])
+    for k in range(600):
+        h.mlflow.log_many(run_b, f"b{k:03d}", [1.0, 2.0])
+    h.mlflow.finish(run_a)
+    h.mlflow.finish(run_b)
+
+
+def test_a_full_queue_is_backpressure_every_point_arrives_once_over_later_cycles(
+    tmp_path: Path,
+) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+    down = Reply(Outcome.RETRY, "HTTP 503", 503)
+    sink.script = [down] * 1000  # the endpoint is down for the whole first cycle
+
+    h.cycle()
+    queued = h.state.outbox(sink.name).totals().points
+    assert 500 <= queued < 500 + 2 * 100  # waited at the bound (a read may overshoot it)
+    assert sink.accepted == []
+
+    sink.script = []
+    for _ in range(6):
+        h.cycle()
+    assert len(sink.accepted) == 1320
+    assert h.exactly_once(sink)
+    assert (
+        sample(h.metrics, "mlflow_exporter_pramathus_dropped_points_total", reason="queue_overflow")
+        == 0
+    )
+    h.state.close()
+
+
+def test_a_full_sink_waits_while_the_other_sink_gets_everything(tmp_path: Path) -> None:
+    stuck = RecordingSink(name="pramathus", batch_size=100, queue_max_points=200)
+    other = RecordingSink(name="remote_write", batch_size=100)
+    h = Harness(tmp_path, sinks=[stuck, other])
+    _seed_1320(h)
+    stuck.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 1000
+
+    h.cycle()
+
+    assert len(other.accepted) == 1320
+    assert h.exactly_once(other)
+    assert stuck.accepted == []
+    stuck.script = []
+    for _ in range(8):
+        h.cycle()
+    assert h.exactly_once(stuck)
+    assert h.exactly_once(other)  # nothing sent twice to the sink that went on
+    h.state.close()
+
+
+def test_an_opt_in_drop_policy_counts_what_it_drops_as_lost(tmp_path: Path) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500, overflow="drop_oldest")
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+    sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 1000
+
+    with structlog.testing.capture_logs() as logs:
+        h.cycle()
+
+    dropped = sample(
+        h.metrics, "mlflow_exporter_pramathus_dropped_points_total", reason="queue_overflow"
+    )
+    assert dropped == 1320 - h.state.outbox(sink.name).totals().points > 0
+    assert any(e["event"] == "queue.overflow_lost" for e in logs)
+    h.state.close()
+
+
+def test_a_state_that_cannot_record_a_delivery_sends_nothing_and_names_the_path(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exp = h.mlflow.create_experiment("disk-full")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0])
+    h.sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 100
+    h.cycle()  # queued while the endpoint is down
+    h.sink.script = []
+
+    def full(*_: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Outbox, "claim", full)
+    posts = h.sink.posts
+    result = h.cycle()
+
+    assert h.sink.posts == posts  # nothing sent that could not be marked delivered
+    assert str(h.state.path) in result.errors["state"]
+    assert "database or disk is full" in result.errors["state"]
+    monkeypatch.undo()
+    h.ok_cycle()
+    assert h.exactly_once()
+
+
+def test_a_deleted_state_file_is_written_back_and_nothing_is_sent_again(h: Harness) -> None:
+    exp = h.mlflow.create_experiment("deleted-state")
+    run = h.mlflow.create_run(exp)
+    h.mlflow.log_many(run, "loss", [1.0, 2.0, 3.0])
+    h.ok_cycle()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{h.state.path}{suffix}").unlink(missing_ok=True)
+
+    with structlog.testing.capture_logs() as logs:
+        h.ok_cycle()
+    h.reopen()  # a restart reads the written-back file
+    h.ok_cycle()
+
+    warning = next(e for e in logs if e["event"] == "state.written_back")
+    assert warning["path"] == str(h.state.path)
+    assert h.exactly_once()
+
+
+def test_a_failed_cycle_never_logs_counts_it_did_not_take(h: Harness) -> None:
+    h.mlflow.broken["experiments/search"] = MlflowError("cannot reach MLflow at http://x")
+
+    with structlog.testing.capture_logs() as logs:
+        h.cycle()
+
+    failed = next(e for e in logs if e["event"] == "cycle.failed")
+    assert "experiments" not in failed
+    assert "runs" not in failed

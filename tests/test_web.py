@@ -333,6 +333,7 @@ def test_an_empty_web_config_means_plain_http_without_auth(tmp_path: Path) -> No
             "tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  client_ca_file: {key}\n",
             "tls_server_config.client_ca_file: not a PEM CA bundle",
         ),
+        ("http_server_config:\n  header: x\n", "http_server_config.header: unknown key"),
         ("- a list\n", "top level must be a mapping"),
         ("a: [unclosed\n", "is not valid YAML"),
     ],

@@ -427,6 +427,8 @@ def history_queries(
             queries[f"tokens:{kind}"] = TraceQuery(
                 ids, "TRACES", f"{kind}_tokens", ("SUM",), (), s, e, bucket_s
             )
+        # Costs are bucketed by their LLM span's start (MLflow's rollup day rule).
+        queries["cost"] = TraceQuery(ids, "SPANS", "total_cost", ("SUM",), (), s, e, bucket_s)
         out.append(queries)
     return out
 
@@ -440,7 +442,7 @@ def bucket_samples(
     """One sample per bucket and series: traces by state (every state, in buckets holding
     traces), latency quantiles in seconds, token sums, assessment means (bounded names)."""
     exp = (("experiment_id", experiment_id), ("experiment_name", experiment_name))
-    rows: list[tuple[str, tuple[str, str], int, float]] = []
+    rows: list[tuple[str, tuple[str, str] | None, int, float]] = []
     counts: dict[int, dict[str, float]] = {}
     for p in _bucketed(answers["traces"], "COUNT"):
         counts.setdefault(p.bucket_ms or 0, {})[p.dimensions.get("trace_status", "")] = p.values[
@@ -461,6 +463,10 @@ def bucket_samples(
         for kind in TOKEN_KINDS
         for p in _bucketed(answers[f"tokens:{kind}"], "SUM")
     )
+    rows.extend(
+        ("cost_usd", None, p.bucket_ms or 0, p.values["SUM"])
+        for p in _bucketed(answers.get("cost", ()), "SUM")
+    )
     allowed = set(assessment_names)
     for p in _bucketed(answers["means"], "AVG"):
         name = p.dimensions.get("assessment_name", "")
@@ -469,7 +475,13 @@ def bucket_samples(
                 ("assessment_value", ("assessment_name", name), p.bucket_ms or 0, p.values["AVG"])
             )
     return [
-        BucketSample(experiment_id, f"mlflow_trace_bucket_{suffix}", (*exp, label), bucket, value)
+        BucketSample(
+            experiment_id,
+            f"mlflow_trace_bucket_{suffix}",
+            (*exp, label) if label else exp,
+            bucket,
+            value,
+        )
         for suffix, label, bucket, value in rows
     ]
 
@@ -570,5 +582,6 @@ TRACE_FAMILIES = frozenset(
         "mlflow_trace_bucket_latency_seconds",
         "mlflow_trace_bucket_tokens",
         "mlflow_trace_bucket_assessment_value",
+        "mlflow_trace_bucket_cost_usd",
     }
 )

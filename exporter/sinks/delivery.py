@@ -92,7 +92,10 @@ class DeliverySink(Protocol):
     def queue_max_points(self) -> int: ...
 
     @property
-    def drop_oldest(self) -> bool: ...
+    def overflow(self) -> str:
+        """Past `queue_max_points`: `wait` (capture for this sink waits), or an opt-in
+        `drop_oldest` / `drop_newest` (counted and logged as lost)."""
+        ...
 
     def encode(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
@@ -127,13 +130,18 @@ class Drainer:
     outbox: Outbox
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
-    _refused_size: int | None = field(default=None, init=False)  # a 413's body, this drain
+    # The body size limit learnt by earlier drains (bodies above it are split unsent), and
+    # the largest body accepted after a 413 in this drain (the new limit).
+    _limit: int | None = field(default=None, init=False)
+    _learnt: int | None = field(default=None, init=False)
+    _refused_large: bool = field(default=False, init=False)
 
     def drain(self, should_stop: Callable[[], bool] = lambda: False) -> DrainResult:
         """Send queued batches oldest first until the queue is empty, a batch must wait,
         the delivery budget is spent, or `should_stop()`."""
         result = DrainResult()
         deadline = self.clock() + self.sink.budget_seconds
+        self._limit = self.outbox.body_limit()
         for batch in self.outbox.batches():
             if should_stop():
                 result.stopped = True
@@ -149,17 +157,19 @@ class Drainer:
         return result
 
     def _deliver(self, batch: QueuedBatch, deadline: float, result: DrainResult) -> bool:
-        limit = self.outbox.body_limit()
+        limit = self._limit
         if limit is not None and len(batch.body) > limit and batch.points > 1:
             # A receiver refused bodies this large before: split before sending.
             return self._split(batch, deadline, result)
+        self.outbox.claim(batch.id)  # raises if the state cannot be written: send nothing
         reply = self._send_with_retries(batch, deadline)
         if reply.outcome is Outcome.ACCEPTED:
             self.outbox.done(batch.id)
             result.batches += 1
             result.points += batch.points
-            if self._refused_size is not None and len(batch.body) > (limit or 0):
-                self.outbox.set_body_limit(len(batch.body))
+            if self._refused_large:
+                self._learnt = max(self._learnt or 0, len(batch.body))
+                self.outbox.set_body_limit(self._learnt)
             return True
         if reply.outcome in (Outcome.RETRY, Outcome.BLOCKED):
             self.outbox.failed(batch.id, reply.message)
@@ -168,7 +178,7 @@ class Drainer:
                 result.blocked = reply.cause or "endpoint"
             return False
         if reply.reason == "too_large":
-            self._refused_size = len(batch.body)
+            self._refused_large = True
         if reply.splittable and batch.points > 1:
             return self._split(batch, deadline, result)
         self.outbox.set_aside(

@@ -75,8 +75,8 @@ class RemoteWriteSink:
         return self.settings.queue_max_samples
 
     @property
-    def drop_oldest(self) -> bool:
-        return self.settings.queue_overflow == "drop_oldest"
+    def overflow(self) -> str:
+        return self.settings.queue_overflow
 
     # ------------------------------------------------------------------ encoding
 

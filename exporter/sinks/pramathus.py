@@ -19,7 +19,7 @@ import requests
 
 from exporter.config import PramathusSettings
 from exporter.errors import reason
-from exporter.logs import MASK
+from exporter.logs import redact, secret_forms
 from exporter.model import MetricPoint, RunContext
 from exporter.sinks.delivery import (
     Encoded,
@@ -114,8 +114,8 @@ class PramathusSink:
         return self.settings.spool_max_points
 
     @property
-    def drop_oldest(self) -> bool:
-        return self.settings.spool_overflow == "drop_oldest"
+    def overflow(self) -> str:
+        return self.settings.spool_overflow
 
     def encode(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
@@ -190,8 +190,8 @@ class PramathusSink:
         if 200 <= status < 300:
             return Reply(Outcome.ACCEPTED, status=status)
         text = response.text
-        if s.api_key is not None:  # some endpoints echo the key they refuse: never repeat it
-            text = text.replace(s.api_key.get_secret_value(), MASK)
+        # Some endpoints echo the key they refuse, or the whole Authorization header.
+        text = redact(text, secret_forms([s.api_key.get_secret_value()] if s.api_key else []))
         where = "" if url == str(s.endpoint) else f" at {url}"
         message = f"Pramathus answered HTTP {status}{where}: {text[:200].replace(chr(10), ' ')}"
         return reply_for(

@@ -48,7 +48,7 @@ from google.protobuf.message import DecodeError
 
 from exporter.config import RemoteWriteSettings
 from exporter.errors import reason
-from exporter.logs import MASK
+from exporter.logs import redact
 from exporter.sinks.delivery import post_without_redirects, retry_after_seconds
 
 USER_AGENT = "mlflow-monitoring-exporter"
@@ -359,9 +359,7 @@ class RemoteWriteClient:
         return f"POST {self.shown_url} failed ({detail}): {check}"
 
     def _mask(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        return text
+        return redact(text, self._secrets)
 
 
 def _shown(url: str) -> str:

@@ -4,7 +4,8 @@
 - `mirror.py`: what MLflow holds (experiments, runs, latest values, registry);
 - `ledger.py`: what was captured (series windows, point identities, sinks, backfills);
 - `outbox.py`: per-sink delivery queues and set-aside batches;
-- `records.py`: small typed facts (push state, label length, sweep cursor, ...).
+- `records.py`: small typed facts (push state, label length, sweep cursor, ...);
+- `traces.py`: per-experiment trace marks (fingerprints, live series, history marks).
 
 Everything is handed out as dataclasses; no other module sees a connection.
 """
@@ -22,6 +23,7 @@ from exporter.state.db import Database, StateError, explain, is_corruption
 from exporter.state.ledger import Ledger
 from exporter.state.mirror import Mirror
 from exporter.state.outbox import Outbox
+from exporter.state.traces import TraceMarks
 
 __all__ = [
     "Ledger",
@@ -61,8 +63,21 @@ class StateStore:
         with self.db.transaction():
             yield
 
+    def ensure_file(self) -> bool:
+        """Write `state.db` back if it was deleted or replaced under this process (see
+        `Database.ensure_file`); True when it was."""
+        if not self.db.ensure_file():
+            return False
+        self.mirror = Mirror(self.db.conn)
+        self.ledger = Ledger(self.db.conn)
+        return True
+
     def outbox(self, sink: str) -> Outbox:
         return Outbox(self.db.conn, sink)
+
+    def trace_marks(self) -> TraceMarks:
+        """Per-experiment trace marks (fingerprints, live series, history marks)."""
+        return TraceMarks(self.db.conn)
 
     def load(self, kind: type[R]) -> R:
         return records.load(self.db.conn, kind)

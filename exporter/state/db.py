@@ -8,12 +8,18 @@ state, never half of one. Opening it tells real corruption apart from a passing 
 - anything else (locked or busy beyond the busy timeout, disk full, permissions, I/O errors)
   is a `StateError`: the file is kept as it is and the command or cycle fails, so a state
   that is merely busy is never thrown away.
+
+The files hold run names and tags of every run: the directory is made 0700 and the files
+0600. `ensure_file` (each cycle) notices a `state.db` deleted or replaced under the running
+process (the open connection keeps the old inode alive) and writes it back from that
+connection, so nothing is sent again under new keys after a restart.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +29,7 @@ from typing import IO
 from exporter.state.schema import SCHEMA_VERSION, create, migrate
 
 FILE = "state.db"
+LOCK = "exporter.lock"
 # Wait this long for a lock held by another connection (a pull scrape, a backup tool)
 # before failing; a cycle that fails this way is retried next interval with state intact.
 BUSY_TIMEOUT_SECONDS = 10.0
@@ -78,6 +85,7 @@ class Database:
         self._lock = _lock_directory(directory)
         try:
             self.conn = self._open()
+            self._identity = _identity(self.path)
         except BaseException:
             self._lock.close()
             raise
@@ -88,6 +96,9 @@ class Database:
             if self.path.exists():
                 full = suspect.exists() or self.path.stat().st_size <= FULL_CHECK_MAX_BYTES
                 _probe(self.path, full)
+                self.path.chmod(0o600)
+            else:
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             suspect.unlink(missing_ok=True)
             return _connect(self.path)
         except sqlite3.DatabaseError as exc:
@@ -140,6 +151,47 @@ class Database:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
         return conn
 
+    def ensure_file(self) -> bool:
+        """Check that `state.db` is still the file this process opened; if it was deleted
+        or replaced, re-take the directory lock and write the database back from the open
+        connection (SQLite's backup API). True when it had to be written back; StateError
+        when another process holds the directory now."""
+        try:
+            if _identity(self.path) == self._identity:
+                return False
+        except OSError:
+            pass
+        self._relock()
+        partial = self.path.with_name(f"{FILE}.restoring")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{partial}{suffix}").unlink(missing_ok=True)
+        os.close(os.open(partial, os.O_CREAT | os.O_WRONLY, 0o600))
+        target = sqlite3.connect(partial)
+        try:
+            self.conn.backup(target)
+        finally:
+            target.close()
+        for suffix in ("-wal", "-shm"):  # of a replacing file: they are not ours
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        partial.replace(self.path)
+        self.conn.close()
+        self.conn = _connect(self.path)
+        self._identity = _identity(self.path)
+        return True
+
+    def _relock(self) -> None:
+        lock_path = self.directory / LOCK
+        try:
+            held = os.fstat(self._lock.fileno())
+            now = lock_path.stat()
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return  # the lock file is still the one this process holds
+        except OSError:
+            pass
+        lock = _lock_directory(self.directory)  # StateError if another process holds it
+        self._lock.close()
+        self._lock = lock
+
     def suspect(self) -> None:
         """A cycle met corruption: the next start checks every page of the file."""
         with contextlib.suppress(OSError):  # the cycle's own error is what gets reported
@@ -150,6 +202,11 @@ class Database:
         self._lock.close()
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
 def _lock_directory(directory: Path) -> IO[str]:
     if directory.exists() and not directory.is_dir():
         raise StateError(
@@ -157,8 +214,11 @@ def _lock_directory(directory: Path) -> IO[str]:
             "EXPORTER_STATE_DIR (or --state-dir) to a directory"
         )
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = (directory / "exporter.lock").open("a+")
+        if not directory.exists():
+            directory.mkdir(parents=True, mode=0o700)
+            directory.chmod(0o700)  # whatever the umask
+        fd = os.open(directory / LOCK, os.O_CREAT | os.O_RDWR | os.O_APPEND, 0o600)
+        lock = os.fdopen(fd, "a+")
     except OSError as exc:
         raise StateError(
             f"state directory {directory} is not usable ({exc.strerror or exc}); set "

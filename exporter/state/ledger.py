@@ -184,6 +184,20 @@ class Ledger:
             )
         return items
 
+    def owe(self, sink: str, items: Iterable[tuple[int, Identity]]) -> None:
+        """Remember points captured while a sink's queue was full: its backfill reads them
+        from MLflow once the queue has room (a frozen window a series already has stays)."""
+        rows = list(items)
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO backfill (sink, series_id, window_start) VALUES (?, ?, NULL)",
+            sorted({(sink, series_id) for series_id, _ in rows}),
+        )
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO backfill_point (sink, series_id, step, timestamp_ms, "
+            "value_bits) VALUES (?, ?, ?, ?, ?)",
+            [(sink, series_id, *identity) for series_id, identity in rows],
+        )
+
     def backfill_done(self, sink: str, series_ids: Iterable[int]) -> None:
         for series_id in series_ids:
             for table in ("backfill_point", "backfill"):

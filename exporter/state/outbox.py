@@ -93,6 +93,11 @@ class Outbox:
             last = row[0]
             yield QueuedBatch(*row)
 
+    def claim(self, batch_id: int) -> None:
+        """Write to the state before a batch is sent: a state that cannot record a delivery
+        (disk full, read-only) fails here, and nothing is sent that could not be marked."""
+        self.conn.execute("UPDATE spool SET attempts = attempts WHERE id = ?", (batch_id,))
+
     def done(self, batch_id: int) -> None:
         self.conn.execute("DELETE FROM spool WHERE id = ?", (batch_id,))
 

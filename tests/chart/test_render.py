@@ -18,9 +18,10 @@ import yaml
 
 from exporter.config import SECRET_ENV
 from tests.chart.values import ALL_ON, SECRET_DATA
-from tests.support.chart import CHART, REPO, container, find, notes, objects, one
+from tests.support.chart import CHART, REPO, container, find, notes, objects, one, render
 
-KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+# The chart's minimum (Chart.yaml kubeVersion), 1.30, and the newest kubernetes-validate ships.
+KUBE_VERSIONS = ["1.25.0", "1.30.0", kubernetes_validate.latest_version()]
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # no schemas shipped
 CASES = {"defaults": {}, "all-on": ALL_ON, "no-persistence": {"persistence": {"enabled": False}}}
 
@@ -56,6 +57,11 @@ def test_every_object_passes_kubernetes_strict_schemas(
         kubernetes_validate.validate(obj, version, strict=True)
         checked += 1
     assert checked >= 5
+
+
+def test_the_oldest_schema_checked_is_the_charts_minimum_kubernetes() -> None:
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert meta["kubeVersion"] == f">={KUBE_VERSIONS[0]}-0"
 
 
 def test_a_wrong_field_fails_the_strict_schema() -> None:
@@ -205,8 +211,6 @@ def test_no_secret_value_appears_in_any_rendered_manifest() -> None:
 
 
 def _render_text(values: dict[str, Any]) -> list[str]:
-    from tests.support.chart import render
-
     return list(render(values).values())
 
 
@@ -247,8 +251,14 @@ def test_the_service_monitor_scrapes_every_shard_with_https_and_basic_auth() -> 
         assert e["scheme"] == "https"
         assert e["basicAuth"]["password"] == {"name": "scrape-auth", "key": "password"}
         assert e["tlsConfig"] == {"ca": {"secret": {"name": "exporter-tls", "key": "ca.crt"}}}
-    relabel = endpoints["/mlflow/metrics"]["relabelings"]
-    assert relabel == [{"targetLabel": "job", "replacement": "mlflow_metrics"}]
+    pulled = endpoints["/mlflow/metrics"]
+    assert pulled["relabelings"] == [{"targetLabel": "job", "replacement": "mlflow_metrics"}]
+    assert "honorLabels" not in pulled  # the instance tells shards apart, as in prometheus.yml
+    assert (pulled["interval"], pulled["scrapeTimeout"]) == ("60s", "30s")
+    assert (endpoints["/metrics"]["interval"], endpoints["/metrics"]["scrapeTimeout"]) == (
+        "30s",
+        "10s",
+    )
 
 
 def test_in_push_mode_the_service_monitor_scrapes_only_self_metrics() -> None:

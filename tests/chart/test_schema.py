@@ -3,13 +3,15 @@ and secret values are refused before anything renders, naming the key."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import helm_python
 import pytest
 
+from exporter.config import ENV_KEYS, SECRET_ENV, Settings
 from tests.chart.values import ALL_ON
-from tests.support.chart import render
+from tests.support.chart import CHART, render
 
 
 @pytest.mark.parametrize(
@@ -64,3 +66,21 @@ def test_what_the_chart_sets_per_pod_cannot_be_set_in_config(key: str) -> None:
 def test_the_defaults_and_every_optional_part_pass_the_schema() -> None:
     assert render({})
     assert render(ALL_ON)
+
+
+def test_config_takes_every_section_of_the_exporters_config_but_server() -> None:
+    """A section added to exporter/config.py must be added to the chart's schema too; the
+    chart sets `server` itself (listen address, web config file)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    sections = set(schema["properties"]["config"]["properties"])
+    assert sections == set(Settings.model_fields) - {"server"}
+
+
+@pytest.mark.parametrize("variable", SECRET_ENV)
+def test_every_secret_the_exporter_reads_from_a_file_is_refused_as_a_value(
+    variable: str,
+) -> None:
+    # (tests/chart/test_render.py checks that each has a Secret reference feeding its _FILE.)
+    section, key = ENV_KEYS[variable].split(".")
+    with pytest.raises(helm_python.HelmValuesError):
+        render({"config": {section: {key: "s3cret-value"}}})

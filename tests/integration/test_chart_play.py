@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
 from exporter.planners.scope import shard_of
 from tests.integration.conftest import ExporterEnv
@@ -256,3 +257,103 @@ def held_groups(pushgateway: servers.Server, exporter_env: ExporterEnv) -> Count
         for g in groups
         if g["labels"].get("job") == exporter_env.job
     )
+
+
+def scrape_jobs(monitor: dict[str, Any], targets: list[str]) -> list[dict[str, Any]]:
+    """The Prometheus scrape jobs the Prometheus Operator makes of a ServiceMonitor's
+    endpoints, with the Service's endpoints (one per pod) as static targets."""
+    jobs = []
+    for n, endpoint in enumerate(monitor["spec"]["endpoints"]):
+        job: dict[str, Any] = {
+            "job_name": f"serviceMonitor/{monitor['metadata']['name']}/{n}",
+            "metrics_path": endpoint["path"],
+            "scheme": endpoint["scheme"],
+            "honor_labels": endpoint.get("honorLabels", False),
+            # Intervals shortened so the test sees data within seconds.
+            "scrape_interval": "1s",
+            "scrape_timeout": "1s",
+            "static_configs": [{"targets": targets}],
+        }
+        assert set(endpoint) <= {
+            "port", "path", "scheme", "interval", "scrapeTimeout", "relabelings"
+        }, f"cannot play {sorted(endpoint)}"  # fmt: skip
+        relabel = [
+            {"target_label": r["targetLabel"], "replacement": r["replacement"]}
+            for r in endpoint.get("relabelings", [])
+        ]
+        if relabel:
+            job["relabel_configs"] = relabel
+        jobs.append(job)
+    return jobs
+
+
+def test_the_service_monitor_scrapes_every_shard_in_pull_mode(
+    exporter_env: ExporterEnv,
+    mlflow_server: servers.Server,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    seeded = seed(exporter_env)
+    chart_values = values(3, exporter_env, mlflow_server, receiver)
+    chart_values["config"]["prometheus"]["mode"] = "pull"
+    chart_values["serviceMonitor"] = {"enabled": True}
+    rendered = objects(chart_values)
+    [monitor] = [o for o in rendered if o["kind"] == "ServiceMonitor"]
+    plays = pod_plays(rendered, tmp_path, secrets={"pramathus": {"api-key": PRAMATHUS_KEY}})
+    pods = start_pods(plays, tmp_path)
+    prometheus = None
+    try:
+        wait_for_cycles(pods)
+        targets = [f"127.0.0.1:{p.port}" for p in pods]
+        jobs = scrape_jobs(monitor, targets)
+        assert [j["metrics_path"] for j in jobs] == ["/metrics", "/mlflow/metrics"]
+        workdir = tmp_path / "prometheus"
+        workdir.mkdir()
+        config = {"global": {"scrape_interval": "1s"}, "scrape_configs": jobs}
+        prometheus = servers.start_prometheus(workdir, yaml.safe_dump(config))
+        # Each shard's experiments, pulled from that shard, under the job the rules select.
+        want = {
+            f"127.0.0.1:{p.port}": sum(shard_of(e, 3) == p.play.ordinal for e in seeded.runs)
+            for p in pods
+        }
+        query = f'count by (instance) (mlflow_experiment_info{{job="{exporter_env.job}"}})'
+        got: dict[str, int] = {}
+        up: dict[tuple[str, str], str] = {}
+        deadline = time.monotonic() + WAIT
+        # `up` carries each target's job label: the relabelled one where a relabeling sets it.
+        job_label = {
+            j["job_name"]: next(
+                (
+                    r["replacement"]
+                    for r in j.get("relabel_configs", [])
+                    if r["target_label"] == "job"
+                ),
+                j["job_name"],
+            )
+            for j in jobs
+        }
+        assert exporter_env.job in job_label.values()
+        want_up = {(job_label[j["job_name"]], t) for j in jobs for t in targets}
+        while time.monotonic() < deadline and (got != want or up != dict.fromkeys(want_up, "1")):
+            time.sleep(0.5)
+            got = {
+                labels(r)["instance"]: int(value(r)) for r in servers.prom_query(prometheus, query)
+            }
+            up = {
+                (labels(r)["job"], labels(r)["instance"]): value(r)
+                for r in servers.prom_query(prometheus, "up")
+            }
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        stop_pods(pods)
+    assert got == want
+    assert up == dict.fromkeys(want_up, "1")  # every shard, both endpoints
+
+
+def labels(result: dict[str, Any]) -> dict[str, str]:
+    return result["metric"]  # type: ignore[no-any-return]
+
+
+def value(result: dict[str, Any]) -> str:
+    return str(result["value"][1])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -64,6 +66,18 @@ def test_export_once_makes_mlflow_latest_values_queryable_in_prometheus(
     assert servers.prom_query(
         prometheus, f'count by (experiment_name) (mlflow_accuracy{{job="{job}"}})'
     )
+    # The README's join for run names, as written there, on this test's job.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text("utf-8")
+    [join] = re.findall(r"`(mlflow_val_loss \* on \(experiment_id, run_id\)[^`]+)`", readme)
+    ours = join.replace("mlflow_val_loss", f"mlflow_val_loss{{{sel}}}").replace(
+        "mlflow_run_info", f'mlflow_run_info{{job="{job}"}}'
+    )
+    named = servers.prom_query(prometheus, ours)
+    run_name = exporter_env.client.get_run(run_id).info.run_name
+    assert {(s["metric"]["metric_key"], s["metric"]["run_name"]) for s in named} == {  # type: ignore[index]
+        ("val/loss", run_name),
+        ("val.loss", run_name),
+    }
 
 
 def test_every_logged_point_reaches_pramathus_exactly_once(

@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.integration.conftest import ExporterEnv
 from tests.support import servers
+from tests.support.poll import poll_until
 from tests.support.receiver import Receiver, Reply, point_of
 from tests.support.seed import log_points, make_run, mlflow_points
 
@@ -94,13 +95,7 @@ def _events(stderr: str) -> list[dict[str, Any]]:
 
 def _wait_until(what: str, probe: Callable[[], T | None], timeout: float = 30) -> T:
     """Poll `probe` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s")
+    return poll_until(what, probe, timeout)
 
 
 def _timed(

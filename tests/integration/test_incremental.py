@@ -71,7 +71,9 @@ def test_an_idle_cycle_makes_a_handful_of_requests_whatever_the_number_of_runs(
         make_run(exporter_env.client, exp, {"loss": [1.0, 0.5], "acc": [0.1 * (i % 10)]})
     cycles.run()
     idle, result = cycles.run()
-    assert idle <= 10
+    # Runs and registry take about 8, the traces stage 2 (one probe each for traces and
+    # assessments over every experiment): issue 18's budget is 12 in all.
+    assert idle <= 12
     assert result.runs == 30
     assert result.points_spooled == 0
 
@@ -131,7 +133,7 @@ def test_a_second_process_resumes_incrementally_from_the_state_directory(
     assert again.returncode == 0
     assert "0 points sent" in again.stdout
     requests_made = int(again.stdout.split(" MLflow requests")[0].rsplit(" ", 1)[-1])
-    assert requests_made <= 10
+    assert requests_made <= 12  # runs and registry, plus the traces stage's two probes
 
 
 def test_cardinality_bounds_cut_runs_and_metrics_and_count_what_they_cut(

@@ -33,6 +33,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.support import servers
+from tests.support.poll import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +46,7 @@ PORT_VARS = (
     "EXPORTER_PORT",
     "ALERT_SINK_PORT",
     "VICTORIA_PORT",
+    "PRAMATHUS_SINK_PORT",
 )
 READY_TIMEOUT = 180  # MLflow ~10-15 s, sample data, the exporter's first cycle
 ALERT_TIMEOUT = 120  # push -> scrape (5 s) -> rule eval (5 s) -> group_wait (5 s) -> sink
@@ -264,6 +266,62 @@ def _history(stack: LocalStack) -> set[tuple[str, str]]:
     return {(s["experiment_name"], s["run_name"]) for s in r.json()["data"]}
 
 
+def _ready_block(terminal: str) -> str:
+    """The READY block: from the READY line to the first line not indented under it."""
+    block = terminal[terminal.index("\nREADY ") + 1 :].splitlines()
+    return "\n".join([block[0], *[x for x in block[1:] if x.startswith("  ")][:40]])
+
+
+def _history_urls(ready: str, port: int) -> list[str]:
+    return re.findall(rf"http://127\.0\.0\.1:{port}/api/v1/\S+", ready)
+
+
+def _check_history_urls_return_data(ready: str, port: int) -> None:
+    """The READY block's VictoriaMetrics URLs answer the sample's val/loss history."""
+    export, query_range = _history_urls(ready, port)
+    assert "/api/v1/export?" in export
+    lines = [x for x in requests.get(export, timeout=30).text.splitlines() if x.strip()]
+    assert lines, f"{export} returned nothing"
+    assert all('"__name__":"mlflow_val_loss"' in x for x in lines)
+    assert "/api/v1/query_range?" in query_range
+    body = requests.get(query_range, timeout=30).json()
+    assert body["status"] == "success", body
+    result = body["data"]["result"]
+    assert result, f"{query_range} returned no series"
+    assert sum(len(series["values"]) for series in result) > len(result)  # curves, not dots
+
+
+def _pramathus_points(stack: LocalStack) -> list[dict[str, Any]]:
+    path = stack.data / "pramathus-points.ndjson"
+    return [json.loads(x) for x in _read(path).splitlines()]
+
+
+def _pramathus_problem(stack: LocalStack) -> str | None:
+    """Why the local Pramathus receiver does not (yet) hold points of every run of the stack's
+    MLflow, each point once; None when it does."""
+    client = MlflowClient(f"http://127.0.0.1:{stack.ports['MLFLOW_PORT']}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    run_ids = {r.info.run_id for r in client.search_runs(experiments, max_results=5000)}
+    points = _pramathus_points(stack)
+    identities = Counter(
+        (p["metadata"]["run_id"], p["name"], p["metadata"]["step"], p["timestamp"]) for p in points
+    )
+    if identities and max(identities.values()) > 1:
+        return f"points recorded twice: {identities.most_common(3)}"
+    missing = run_ids - {p["metadata"]["run_id"] for p in points}
+    return f"{len(missing)} runs without points, of {len(run_ids)}" if missing else None
+
+
+def _check_pramathus_got_every_run_once(stack: LocalStack) -> None:
+    problem: list[str | None] = [None]
+
+    def done() -> bool:
+        problem[0] = _pramathus_problem(stack)
+        return problem[0] is None
+
+    poll_until("Pramathus points of every run, once", done, 60, 1, lambda: f"{problem[0]}")
+
+
 # What the first start left in MLflow, for the second start to compare with.
 FIRST: dict[str, object] = {}
 
@@ -311,12 +369,26 @@ def test_first_start_is_ready_fires_the_demo_alert_and_stops_on_ctrl_c(
     for name in (
         "pushgateway",
         "alert-sink",
+        "pramathus-sink",
         "victoria-metrics",
         "alertmanager",
         "prometheus",
         "mlflow",
     ):
         assert re.search(rf"^  {name} +ready", terminal, re.MULTILINE), name
+    ready = _ready_block(terminal)
+    assert "/vmui" not in terminal, "Debian's VictoriaMetrics has no UI to point at"
+    _check_history_urls_return_data(ready, stack.ports["VICTORIA_PORT"])
+    assert re.search(r"Pramathus +[1-9]\d* points received", ready), ready
+    _check_pramathus_got_every_run_once(stack)
+    assert all(p["idempotency_key"] for p in _pramathus_points(stack))
+    assert re.search(r"^PRAMATHUS\| \S+Z batch \w+: \d+ points from ", terminal, re.MULTILINE)
+    # Prometheus runs the repo's config without a complaint (the compose shards' file
+    # discovery used to log "Error adding file watch" here).
+    errors = [
+        x for x in _read(stack.data / "logs" / "prometheus.log").splitlines() if "level=error" in x
+    ]
+    assert errors == []
     assert "exporter | " in terminal
     assert "/api/2.0/mlflow" not in terminal, "MLflow's access log reached the terminal"
     assert "experiment=stack-demo" in line
@@ -329,6 +401,7 @@ def test_first_start_is_ready_fires_the_demo_alert_and_stops_on_ctrl_c(
         "prometheus",
         "alertmanager",
         "alert-sink",
+        "pramathus-sink",
         "victoria-metrics",
         "exporter",
     ):
@@ -363,6 +436,8 @@ def test_second_start_reuses_the_sample_data_fires_again_and_stops_when_a_server
         # ... but a fresh demo failure, whose alert fires too.
         assert demo_runs == FIRST["demo_runs"] + 1  # type: ignore[operator]
         stack.wait_for_alert(demo.group(1))
+        # Pramathus got the new run's points, and nothing of the first start's again.
+        _check_pramathus_got_every_run_once(stack)
     except BaseException:
         stack.kill_everything()
         raise

@@ -10,11 +10,8 @@ an empty exposition, so the scrape job can stay configured. Every wait is bounde
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scripts.render_prometheus import render
 from tests.integration.conftest import ExporterEnv
 from tests.support import servers
+from tests.support.poll import poll_until, stop_process
 from tests.support.seed import log_points, make_run
 
 pytestmark = pytest.mark.integration
@@ -56,13 +54,7 @@ def exporter(exporter_env: ExporterEnv, work: Path, mode: str) -> Iterator[tuple
         yield port, log
         assert proc.poll() is None, f"exporter died:\n{_tail(log)}"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_process(proc, 15)
 
 
 def _tail(log: Path) -> str:
@@ -73,14 +65,7 @@ def _poll(
     what: str, probe: Callable[[], T | None], timeout: float, explain: Callable[[], str]
 ) -> T:
     """Call `probe` until it returns something truthy, at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not after {timeout}s (last: {last!r})\n{explain()}")
+    return poll_until(what, probe, timeout, 0.5, explain)
 
 
 def _diagnose(prometheus: servers.Server, port: int, log: Path) -> str:

@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -60,6 +61,12 @@ def _snapshot(
     return names, versions, dict(client.get_registered_model(MODEL).aliases)
 
 
+def _genai_traces(client: MlflowClient) -> list[Any]:
+    exp = client.get_experiment_by_name("support-chatbot")
+    assert exp is not None
+    return list(client.search_traces(locations=[exp.experiment_id], include_spans=False))
+
+
 def test_generate_sample_twice_with_one_seed_creates_nothing_the_second_time(
     own_mlflow: servers.Server, tmp_path: Path
 ) -> None:
@@ -67,14 +74,29 @@ def test_generate_sample_twice_with_one_seed_creates_nothing_the_second_time(
 
     first = _generate(own_mlflow.url)
     names, versions, aliases = _snapshot(client)
-    assert sum(names.values()) == 16
+    assert sum(names.values()) == 16 + 2  # and the GenAI experiment's evaluation runs
     assert max(names.values()) == 1, f"duplicate run names: {names}"
     assert len(versions) == 3
     # (a Counter, not sorted(): MLflow types a stage as `str | None`, and None does not sort)
     assert Counter(stage for _, _, stage in versions) == Counter(["None", "Production", "Staging"])
     assert set(aliases) == {"champion", "challenger"}
 
+    traces = _genai_traces(client)
+    assert len(traces) == 24
+    trace_names = {
+        t.info.trace_metadata.get("mlflow.traceName") or t.info.tags.get("mlflow.traceName")
+        for t in traces
+    }
+    assert trace_names == {"answer", "retrieve"}
+    assert {str(t.info.state).rsplit(".", 1)[-1] for t in traces} == {"OK", "ERROR"}
+    assert sum(bool(t.info.token_usage) for t in traces) > 0
+    judged = {a.name for t in traces for a in t.info.assessments}
+    assert judged == {"correct", "helpfulness"}
+    assert "and 24 traces in GenAI experiment 'support-chatbot'" in first, first
+
     second = _generate(own_mlflow.url)
+    assert len(_genai_traces(client)) == 24
+    assert "and 0 traces" in second, second
     # Nothing new and nothing moved: same runs, same versions on the same runs, same stages
     # and aliases.
     assert _snapshot(client) == (names, versions, aliases)
@@ -88,5 +110,5 @@ def test_generate_sample_twice_with_one_seed_creates_nothing_the_second_time(
     third = _generate(own_mlflow.url, "--seed", "7")
     assert third.startswith("created 16 runs (0 already present)"), third
     names7, _, _ = _snapshot(client)
-    assert sum(names7.values()) == 32
+    assert sum(names7.values()) == 32 + 2  # the GenAI sample is written once, whatever the seed
     assert max(names7.values()) == 1

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from tests.support.history_servers import (
     start_victoria_metrics,
     vm_force_flush,
 )
+from tests.support.poll import poll_until, stop_process
 from tests.support.receiver import Receiver
 from tests.support.seed import make_run
 
@@ -50,6 +50,7 @@ DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 JOB = "mlflow_metrics"  # the job label prometheus/rules and grafana/dashboards select on
 EXPERIMENTS = ["churn-prediction", "fraud-detection"]  # what generate-sample --experiments 2 makes
+GENAI = "support-chatbot"  # generate-sample's GenAI experiment (traces, judges' feedback)
 VAL_LOSS = [1.2, 1.05]  # the crashed run's `val_loss`, the only run with that key
 NEVER = "0001-01-01T00:00:00Z"  # Prometheus' lastEvaluation before a rule was evaluated
 
@@ -98,14 +99,7 @@ def _explained(stack: Stack) -> Iterator[None]:
 
 def _poll(what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:
     """Call `check()` until it returns something truthy; bounded by `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not true after {timeout}s")
+    return poll_until(what, check, timeout, interval)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +124,7 @@ def stack(
         cleanup.callback(victoria.stop)
 
         config = work / "config.yaml"
-        names = ", ".join(f"'{re.escape(n)}'" for n in EXPERIMENTS)
+        names = ", ".join(f"'{re.escape(n)}'" for n in [*EXPERIMENTS, GENAI])
         config.write_text(
             f"export:\n  include_experiments: [{names}]\n  max_experiments: 0\n"
             "server:\n  host: 127.0.0.1\n"
@@ -153,6 +147,9 @@ def stack(
             "REMOTE_WRITE_URL": f"{victoria.url}{REMOTE_WRITE_PATH}",
             "EXPORTER_STATE_DIR": str(work / "state"),
             "LOG_FORMAT": "json",
+            # Trace history buckets close and settle within seconds, not minutes.
+            "TRACES_BUCKET_SECONDS": "10",
+            "TRACES_SETTLE_SECONDS": "5",
         }
         model_name = f"stack-{tag}-model"
         sample = subprocess.run(
@@ -197,16 +194,7 @@ def stack(
                 start_new_session=True,
             )
 
-        def stop_exporter() -> None:
-            if exporter.poll() is None:
-                exporter.send_signal(signal.SIGTERM)
-                try:
-                    exporter.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(exporter.pid, signal.SIGKILL)
-                    exporter.wait(5)
-
-        cleanup.callback(stop_exporter)
+        cleanup.callback(stop_process, exporter, 15)
         try:
             servers.wait_http(f"http://127.0.0.1:{exporter_port}/livez", 30, exporter)
         except (RuntimeError, TimeoutError) as e:
@@ -242,7 +230,7 @@ def stack(
 
         # Teardown: the exporter must stop cleanly on SIGTERM (exit 0) ...
         alive = exporter.poll() is None
-        stop_exporter()
+        stop_process(exporter, 15)
         code = exporter.returncode
         # ... and everything else is stopped by `cleanup` on the way out.
     assert alive, f"exporter died during the tests:\n{_tail(exporter_log)}"
@@ -533,6 +521,13 @@ def traffic(stack: Stack) -> Stack:
             lambda: _vm_series(stack, 'mlflow_metric_step{run_name="late-run"}'),
             timeout=30,
         )
+        servers.wait_for_query(stack.prometheus, f'mlflow_traces{{experiment_name="{GENAI}"}}', 60)
+        for family in ("traces", "latency_seconds", "tokens", "assessment_value", "cost_usd"):
+            _poll(
+                f"trace history ({family}) in VictoriaMetrics",
+                lambda family=family: _vm_series(stack, f"mlflow_trace_bucket_{family}"),
+                timeout=60,
+            )
     return stack
 
 
@@ -543,6 +538,7 @@ def test_every_dashboard_panel_query_returns_data_on_its_datasource(traffic: Sta
         "exporter-health.json",
         "training-curves.json",
         "models.json",
+        "genai.json",
     }
     datasources = _datasources(stack)
     now = time.time()

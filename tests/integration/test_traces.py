@@ -48,7 +48,8 @@ TRACE_METRICS_PATH = "/api/3.0/mlflow/traces/metrics"
 
 
 def write_app_traces(server: Server, experiment_id: str, n: int = 8) -> list[str]:
-    """Traces of two names: "answer" (an LLM span with token usage, every 4th raises) and
+    """Traces of two names: "answer" (an LLM span with token usage and a cost; every other
+    one raises) and
     "retrieve"; latency varies with i. Returns their trace ids."""
     mlflow.set_tracking_uri(server.url)
     ids: list[str] = []
@@ -61,12 +62,16 @@ def write_app_traces(server: Server, experiment_id: str, n: int = 8) -> list[str
             "mlflow.chat.tokenUsage",
             {"input_tokens": 10 + i, "output_tokens": 3 * i, "total_tokens": 10 + 4 * i},
         )
+        span.set_attribute(
+            "mlflow.llm.cost",
+            {"input_cost": 0.001 * i, "output_cost": 0.002, "total_cost": 0.001 * i + 0.002},
+        )
         time.sleep(0.005 * (i % 4))
         return f"answer {i}"
 
     @mlflow.trace(name="answer")
     def answer(i: int) -> str:
-        if i % 4 == 3:
+        if i % 4 == 2:
             raise RuntimeError("the model timed out")
         return llm(i)
 
@@ -228,6 +233,7 @@ def test_live_series_match_what_mlflow_holds_and_aggregates(
     got = pushed(pushgateway, exporter_env.job)
     traces = exporter_env.client.search_traces(locations=[exp], include_spans=False)
     states = Counter(str(t.info.state) for t in traces)
+    assert any(s.endswith("ERROR") and n for s, n in states.items()), states
     for status in ("OK", "ERROR", "IN_PROGRESS"):
         want = sum(n for s, n in states.items() if s.endswith(status))
         assert value(got, "mlflow_traces", experiment_id=exp, status=status) == want
@@ -245,6 +251,8 @@ def test_live_series_match_what_mlflow_holds_and_aggregates(
             for s in ("OK", "ERROR", "IN_PROGRESS")
         )
         assert total == by_name[name] == len(trace_ids) // 2
+    costs = [0.001 * i + 0.002 for i in range(len(trace_ids)) if i % 4 == 0]  # answers not raising
+    assert value(got, "mlflow_trace_cost_usd", experiment_id=exp) == pytest.approx(sum(costs))
     quantiles = mlflow_aggregate(
         mlflow_server,
         exp,

@@ -8,6 +8,8 @@ CA file, and a real Prometheus scrapes `/metrics` with `scheme: https`, `tls_con
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -132,6 +134,18 @@ def test_a_client_trusting_another_ca_or_speaking_plain_http_is_refused(
     assert requests.get(url + "/livez", verify=str(certs.ca), timeout=10).status_code == 200
 
 
+def test_a_silent_client_does_not_hold_up_the_others(tls_exporter: tuple[str, Certs]) -> None:
+    """The TLS handshake happens in the connection's own thread: a client that connects and
+    says nothing (a stalled handshake) does not block the accept loop."""
+    url, certs = tls_exporter
+    host, port = url.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10):
+        started = time.monotonic()
+        answer = requests.get(url + "/livez", verify=str(certs.ca), timeout=10)
+        assert answer.status_code == 200
+        assert time.monotonic() - started < 5
+
+
 def test_curl_with_the_ca_file_and_basic_auth(tls_exporter: tuple[str, Certs]) -> None:
     url, certs = tls_exporter
     done = subprocess.run(
@@ -206,3 +220,30 @@ def test_prometheus_scrapes_with_basic_auth_and_tls_config(
         prometheus.stop()
     assert up == want
     assert cycles, "Prometheus scraped no exporter self-metric over TLS"
+
+
+def test_a_bad_web_config_stops_the_real_process_with_exit_2(tmp_path: Path, certs: Certs) -> None:
+    path = tmp_path / "web-config.yml"
+    path.write_text(
+        f"tls_server_config:\n  cert_file: {certs.server_cert}\n  key_file: {tmp_path}/gone.key\n"
+        "basic_auth_users:\n  prometheus: clear-text-pw\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "EXPORTER_WEB_CONFIG_FILE": str(path),
+        "EXPORTER_STATE_DIR": str(tmp_path / "state"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "continuous"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "basic_auth_users.prometheus: not a bcrypt hash" in done.stderr
+    assert f"tls_server_config.key_file: no such file {tmp_path}/gone.key" in done.stderr
+    assert "clear-text-pw" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "state").exists()  # stopped before anything started

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.model import (
     MODEL_STAGES,
@@ -362,3 +364,19 @@ def test_families_keep_the_first_help_text_and_skip_missing_values() -> None:
 def test_a_fixed_collector_yields_exactly_its_families() -> None:
     families: list[Metric] = [GaugeMetricFamily("mlflow_a", "a", value=1)]
     assert list(FixedCollector(families).collect()) == families
+
+
+def test_the_readme_example_series_has_exactly_the_labels_a_run_metric_gets() -> None:
+    # The README's first screen shows one pushed series; the Pushgateway adds `job`.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text("utf-8")
+    [line] = [x for x in readme.splitlines() if x.startswith("mlflow_val_loss{")]
+    [family] = text_string_to_metric_families(line + "\n")
+    [example] = family.samples
+    f = by_name(experiment_families(view(), {}, 12, everything))
+    [produced] = [s for s in f["mlflow_val_loss"] if s["metric_key"] == "val/loss"]
+
+    assert set(example.labels) == {*produced, "job"} - {"value"}
+    assert example.labels["metric_key"] == "val/loss"
+    assert len(example.labels["run_id"]) == len(produced["run_id"]) == 12
+    assert produced["model_stage"] == example.labels["model_stage"] == "none"
+    assert "run_name" in f["mlflow_run_info"][0]  # the join the README names

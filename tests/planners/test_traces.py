@@ -197,13 +197,14 @@ def test_bucket_samples_hold_every_state_seconds_tokens_and_bounded_means() -> N
         "tokens:input": [point({"SUM": 4}, 0)],
         "tokens:output": [],
         "tokens:total": [point({}, 0)],
+        "cost": [point({"SUM": 0.25}, 0)],
         "means": [
             point({"AVG": 0.5}, 0, assessment_name="correct"),
             point({"AVG": 2}, 0, assessment_name="unbounded"),
         ],
     }
     samples = plan.bucket_samples("7", "bot", answers, ["correct"])
-    got = {(s.family, s.labels[-1], s.value) for s in samples}
+    got = {(s.family, s.labels[-1], s.value) for s in samples if len(s.labels) == 3}
     assert got == {
         ("mlflow_trace_bucket_traces", ("status", "OK"), 2),
         ("mlflow_trace_bucket_traces", ("status", "ERROR"), 0),
@@ -215,3 +216,5 @@ def test_bucket_samples_hold_every_state_seconds_tokens_and_bounded_means() -> N
         ("mlflow_trace_bucket_assessment_value", ("assessment_name", "correct"), 0.5),
     }
     assert {s.bucket_ms for s in samples} == {0}
+    (cost,) = [s for s in samples if s.family == "mlflow_trace_bucket_cost_usd"]
+    assert (cost.labels, cost.value) == ((("experiment_id", "7"), ("experiment_name", "bot")), 0.25)

@@ -427,7 +427,7 @@ class ScriptedSink:
     name = "scripted"
     budget_seconds = 30.0
     queue_max_points = 1000
-    drop_oldest = True
+    overflow = "wait"
 
     def __init__(self, script: list[Reply], max_attempts: int = 0) -> None:
         self.script = list(script)

@@ -23,15 +23,16 @@ from pydantic import SecretStr
 
 from exporter.config import PramathusSettings
 from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import Drainer, Outcome
+from exporter.sinks.delivery import Drainer, Encoded, Outcome, Reply, reply_for
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
-from exporter.state.outbox import QueueTotals
+from exporter.state.outbox import EncodedBatch, QueuedBatch, QueueTotals
 from tests.fakes import FakeClock, FakeResponse, SleepRecorder
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
 T0 = 1_705_314_000_000
 CONTEXTS = {"run-a": RunContext("1", "churn", "brave-owl", {"team": "ml"})}
+FIXES = {cause: f"fix {cause}" for cause in ("credentials", "redirect", "endpoint")}
 
 
 def values(body: bytes) -> list[float]:
@@ -234,3 +235,159 @@ def test_a_redirect_keeps_points_queued_and_blocks_the_sink(state: StateStore, s
 
 def test_blocked_is_an_outcome_of_its_own() -> None:
     assert Outcome.BLOCKED.value == "blocked"
+
+
+# ---------------------------------------------------------------- what each status gets
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "detail"),
+    [
+        (200, Outcome.ACCEPTED, ""),
+        (299, Outcome.ACCEPTED, ""),
+        (300, Outcome.BLOCKED, "redirect"),
+        (301, Outcome.BLOCKED, "redirect"),
+        (399, Outcome.BLOCKED, "redirect"),
+        (400, Outcome.REFUSED, "rejected"),
+        (401, Outcome.BLOCKED, "credentials"),
+        (403, Outcome.BLOCKED, "credentials"),
+        (404, Outcome.BLOCKED, "endpoint"),
+        (405, Outcome.BLOCKED, "endpoint"),
+        (410, Outcome.BLOCKED, "endpoint"),
+        (409, Outcome.REFUSED, "rejected"),
+        (413, Outcome.REFUSED, "too_large"),
+        (422, Outcome.REFUSED, "rejected"),
+        (429, Outcome.RETRY, ""),
+        (500, Outcome.RETRY, ""),
+    ],
+)
+def test_each_status_gets_one_outcome_for_every_sink(
+    status: int, outcome: Outcome, detail: str
+) -> None:
+    reply = reply_for(status, "HTTP", FIXES)
+
+    assert reply.outcome is outcome
+    if outcome is Outcome.BLOCKED:
+        assert reply.cause == detail
+        assert reply.message.endswith(f"points stay queued; fix {detail}")
+    if outcome is Outcome.REFUSED:
+        assert reply.reason == detail
+        assert reply.splittable is (status in (400, 413, 422))
+
+
+def test_a_redirect_message_names_the_location_or_says_there_was_none() -> None:
+    moved = reply_for(301, "HTTP 301", FIXES, location="https://new.test/in")
+    bare = reply_for(302, "HTTP 302", FIXES)
+    refused = reply_for(401, "HTTP 401", FIXES, location="https://new.test/in")
+
+    assert moved.message == (
+        "HTTP 301 (redirected to https://new.test/in; a POST is never re-sent as a GET): "
+        "points stay queued; fix redirect"
+    )
+    assert bare.message == (
+        "HTTP 302 (redirected; a POST is never re-sent as a GET): points stay queued; fix redirect"
+    )
+    assert refused.message == "HTTP 401: points stay queued; fix credentials"
+
+
+# ---------------------------------------------------------------- the drainer's edges
+
+
+class Scripted:
+    """A minimal `DeliverySink` over JSON-list bodies: replies from a script (then
+    accepted), `split` halves the list; `sent` records every body sent."""
+
+    name = "scripted"
+    budget_seconds = 30.0
+    max_attempts = 0
+    queue_max_points = 1000
+    overflow = "wait"
+
+    def __init__(self, script: list[Reply]) -> None:
+        self.script = list(script)
+        self.sent: list[bytes] = []
+
+    def encode(self, pts: Any, contexts: Any, now_ms: int) -> Encoded:
+        raise NotImplementedError
+
+    def send(self, batch: QueuedBatch) -> Reply:
+        self.sent.append(batch.body)
+        return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
+
+    def split(self, body: bytes) -> list[EncodedBatch]:
+        items = json.loads(body)
+        half = len(items) // 2
+        return [
+            EncodedBatch(f"part-{i}", len(part), json.dumps(part).encode())
+            for i, part in enumerate((items[:half], items[half:]))
+        ]
+
+
+def scripted_queue(state: StateStore, s: Scripted, bodies: list[bytes]) -> None:
+    with state.transaction():
+        state.outbox(s.name).add(
+            [
+                EncodedBatch(f"k{i}", max(1, len(json.loads(b) if b.startswith(b"[") else [0])), b)
+                for i, b in enumerate(bodies)
+            ],
+            T0,
+        )
+
+
+def scripted_drain(state: StateStore, s: Scripted) -> Any:
+    clock = FakeClock()
+    return Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+
+
+def test_a_blocked_reply_without_a_cause_blocks_as_an_endpoint_problem(state: StateStore) -> None:
+    s = Scripted([Reply(Outcome.BLOCKED, "no")])
+    scripted_queue(state, s, [b"[1]"])
+
+    assert scripted_drain(state, s).blocked == "endpoint"
+
+
+def test_a_body_exactly_at_the_learnt_limit_is_sent_whole(state: StateStore) -> None:
+    s = Scripted([])
+    state.outbox(s.name).set_body_limit(len(b"[1, 2]"))
+    scripted_queue(state, s, [b"[1, 2]", b"[1, 2, 3]"])
+
+    scripted_drain(state, s)
+
+    assert s.sent == [b"[1, 2]", b"[1]", b"[2, 3]"]
+
+
+def test_a_single_point_over_the_learnt_limit_is_sent_not_split(state: StateStore) -> None:
+    s = Scripted([])
+    state.outbox(s.name).set_body_limit(2)
+    scripted_queue(state, s, [b"[1234]"])
+
+    assert scripted_drain(state, s).points == 1
+    assert s.sent == [b"[1234]"]
+
+
+def test_parts_split_before_sending_are_retried_within_the_same_budget(
+    state: StateStore,
+) -> None:
+    s = Scripted([Reply(Outcome.RETRY, "busy", 503)])
+    state.outbox(s.name).set_body_limit(4)
+    scripted_queue(state, s, [b"[1, 2]"])
+
+    result = scripted_drain(state, s)
+
+    assert (result.points, result.error) == (2, None)
+    assert s.sent == [b"[1]", b"[1]", b"[2]"]
+
+
+def test_the_limit_is_the_largest_body_accepted_after_a_413_in_that_drain(
+    state: StateStore,
+) -> None:
+    too_large = Reply(Outcome.REFUSED, "413", 413, reason="too_large", splittable=True)
+    s = Scripted([Reply(Outcome.ACCEPTED), too_large])
+    state.outbox(s.name).set_body_limit(99)  # learnt before: replaced by what is learnt now
+    scripted_queue(state, s, [b"[1, 2, 3, 4, 5]", b"[1, 2, 300]", b"[10, 2]"])
+
+    scripted_drain(state, s)
+
+    # Before the 413 nothing is learnt; after it [1] (3 bytes), [2, 300] (8), [10, 2] (7).
+    assert s.sent[2:] == [b"[1]", b"[2, 300]", b"[10, 2]"]
+    assert state.outbox(s.name).body_limit() == len(b"[2, 300]")

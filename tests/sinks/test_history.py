@@ -305,9 +305,9 @@ def test_the_body_and_remote_write_headers_are_posted() -> None:
 
 def test_queue_settings_come_from_the_remote_write_section_and_attempts_are_unbounded() -> None:
     s = make_sink(queue_max_samples=99, queue_overflow="drop_newest", delivery_budget_seconds=9)
-    assert (s.queue_max_points, s.drop_oldest, s.budget_seconds, s.max_attempts) == (
+    assert (s.queue_max_points, s.overflow, s.budget_seconds, s.max_attempts) == (
         99,
-        False,
+        "drop_newest",
         9.0,
         0,
     )

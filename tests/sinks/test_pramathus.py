@@ -211,13 +211,13 @@ def test_queue_settings_come_from_the_pramathus_section() -> None:
     s = sink(
         spool_max_points=7, spool_overflow="drop_newest", delivery_budget_seconds=12, max_attempts=4
     )
-    assert (s.queue_max_points, s.drop_oldest, s.budget_seconds, s.max_attempts) == (
+    assert (s.queue_max_points, s.overflow, s.budget_seconds, s.max_attempts) == (
         7,
-        False,
+        "drop_newest",
         12.0,
         4,
     )
-    assert sink().drop_oldest is True
+    assert sink().overflow == "wait"
 
 
 # ---------------------------------------------------------------- one POST

@@ -547,6 +547,107 @@ def test_is_corruption_is_false_for_busy_constraint_and_schema_errors(tmp_path: 
     assert not is_corruption(sqlite3.DatabaseError("made by hand, no error name"))
 
 
+# ---------------------------------------------------------------- a state file that is gone
+
+
+def queued_keys(state: StateStore) -> list[str]:
+    return [b.idempotency_key for b in state.outbox("pramathus").batches()]
+
+
+def queue_one(state: StateStore, key: str) -> None:
+    with state.transaction():
+        state.outbox("pramathus").add([EncodedBatch(key, 1, b"{}")], 1)
+
+
+def test_state_files_are_private_to_the_user(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state")
+    queue_one(state, "k")
+    state.close()
+
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "state" / FILE).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "state" / "exporter.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_an_existing_state_file_is_made_private_on_open(tmp_path: Path) -> None:
+    path = populated(tmp_path)
+    path.chmod(0o644)
+
+    StateStore(tmp_path).close()
+
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_state_file_still_in_place_is_left_alone(tmp_path: Path) -> None:
+    state = StateStore(tmp_path)
+    try:
+        assert state.ensure_file() is False
+    finally:
+        state.close()
+
+
+def test_a_deleted_state_file_is_written_back_from_the_open_database(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state")
+    queue_one(state, "before")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tmp_path / 'state' / FILE}{suffix}").unlink(missing_ok=True)
+
+    assert state.ensure_file() is True
+    queue_one(state, "after")  # writes go to the file on disk again
+    state.close()
+
+    reopened = StateStore(tmp_path / "state")
+    try:
+        assert queued_keys(reopened) == ["before", "after"]
+        assert (tmp_path / "state" / FILE).stat().st_mode & 0o777 == 0o600
+    finally:
+        reopened.close()
+
+
+def test_a_removed_state_directory_is_made_again_with_the_lock_retaken(tmp_path: Path) -> None:
+    import shutil
+
+    state = StateStore(tmp_path / "state")
+    queue_one(state, "before")
+    shutil.rmtree(tmp_path / "state")
+
+    assert state.ensure_file() is True
+    with pytest.raises(StateError, match="in use by another exporter process"):
+        StateStore(tmp_path / "state")  # the lock is held again
+    state.close()
+    reopened = StateStore(tmp_path / "state")
+    try:
+        assert queued_keys(reopened) == ["before"]
+    finally:
+        reopened.close()
+
+
+def test_a_replaced_state_file_is_overwritten_by_the_open_database(tmp_path: Path) -> None:
+    state = StateStore(tmp_path)
+    queue_one(state, "ours")
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).close()
+    other.replace(tmp_path / FILE)
+
+    assert state.ensure_file() is True
+    assert queued_keys(state) == ["ours"]
+    state.close()
+
+
+def test_another_process_holding_the_new_directory_stops_the_write_back(tmp_path: Path) -> None:
+    import shutil
+
+    state = StateStore(tmp_path / "state")
+    shutil.rmtree(tmp_path / "state")
+    second = StateStore(tmp_path / "state")  # another exporter started on the empty dir
+    try:
+        with pytest.raises(StateError, match="in use by another exporter process"):
+            state.ensure_file()
+    finally:
+        second.close()
+        state.close()
+
+
 def test_a_state_directory_that_is_a_file_is_refused_saying_so(tmp_path: Path) -> None:
     path = tmp_path / "state"
     path.write_text("not a directory", encoding="utf-8")
