@@ -99,6 +99,8 @@ class Runner:
 
     def __post_init__(self) -> None:
         self.progress = CaptureProgress(self.clock, self._show_progress)
+        for sink in self.sinks:
+            self.metrics.sink(sink.name)  # its families exist (at zero) before it delivers
 
     def _show_progress(self, view: ProgressView) -> None:
         m = self.metrics
@@ -189,12 +191,12 @@ class Runner:
             m.sweep_passes.inc()
             m.last_sweep.set(self.clock())
         for sink, n in synced.dropped.items():
-            m.sinks[sink].dropped.labels("queue_overflow").inc(n)
+            m.sink(sink).dropped.labels("queue_overflow").inc(n)
         for sink, n in synced.waiting.items():
             # Backpressure, not loss: these points are read from MLflow once it drains.
             log.warning("queue.full_capture_waits", sink=sink, points_owed=n)
         for sink, n in synced.backfill_remaining.items():
-            m.sinks[sink].backfill.set(n)
+            m.sink(sink).backfill.set(n)
         result.experiments, result.runs = synced.experiments, synced.runs
         result.points_spooled = synced.points_captured
         # The new run ids as a count: a first cycle would otherwise log every run id.
@@ -386,7 +388,7 @@ class Runner:
     def _deliver(self, result: CycleResult, sink: DeliverySink) -> None:
         drainer = Drainer(sink, self.state.outbox(sink.name), self.clock, self.sleep)
         drained = drainer.drain(self.should_stop)
-        m = self.metrics.sinks[sink.name]
+        m = self.metrics.sink(sink.name)
         m.points_sent.inc(drained.points)
         m.batches_sent.inc(drained.batches)
         for cause in BLOCKED_CAUSES:

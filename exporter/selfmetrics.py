@@ -7,6 +7,7 @@ alerts see zeros instead of nothing.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -14,11 +15,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from exporter import __version__
 
 P = "mlflow_exporter_"
-STAGES = ("mlflow", "traces", "pushgateway", "pramathus", "remote_write", "state", "internal")
+# Cycle stages besides the sinks: each sink is a stage of its own, named after it.
+STAGES = ("mlflow", "traces", "pushgateway", "state", "internal")
 CYCLE_RESULTS = ("success", "failure", "crash")
 EXCLUDED_KINDS = ("experiments", "runs", "metrics", "trace_names")
 RECONCILE_KINDS = ("new", "changed", "restored", "removed")
-SINKS = ("pramathus", "remote_write")
+# The built-in history sinks, whose families exist even while they are off (dashboards and
+# alerts refer to them); any other sink gets its families when it is registered.
+BUILTIN_SINKS = ("pramathus", "remote_write")
 # Why points are set aside for good: refused by the receiver (4xx), older than it (or
 # max_sample_age) takes, out of order for it, or sharing a timestamp with another point.
 SET_ASIDE_REASONS = ("rejected", "too_large", "too_old", "out_of_order", "duplicate_timestamp")
@@ -122,9 +126,12 @@ class TraceMetrics:
 
 
 class SelfMetrics:
-    """Every self-metric, registered in its own `CollectorRegistry`."""
+    """Every self-metric, registered in its own `CollectorRegistry`.
 
-    def __init__(self) -> None:
+    `sinks`: the history sinks whose delivery families exist from the start; `sink(name)`
+    adds one later (a sink is never looked up by a name fixed here)."""
+
+    def __init__(self, sinks: Iterable[str] = BUILTIN_SINKS) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.up = Gauge(f"{P}up", "1 when the last cycle could read MLflow.", registry=r)
         self.cycles = Counter(
@@ -227,7 +234,7 @@ class SelfMetrics:
             f"{P}build_info", "Exporter build (always 1).", ["version", "python"], registry=r
         )
         info.labels(__version__, platform.python_version()).set(1)
-        self.sinks = {sink: SinkMetrics(sink, r) for sink in SINKS}
+        self.sinks: dict[str, SinkMetrics] = {}
         self.traces = TraceMetrics(r, self.excluded)
         for stage in STAGES:
             self.errors.labels(stage)
@@ -239,3 +246,13 @@ class SelfMetrics:
             self.reconcile_found.labels(kind)
         for state in ("due", "done"):
             self.capture_runs.labels(state)
+        for name in sinks:
+            self.sink(name)
+
+    def sink(self, name: str) -> SinkMetrics:
+        """The delivery metrics of the sink `name`, created (at zero, with its error stage)
+        the first time it is asked for."""
+        if name not in self.sinks:
+            self.sinks[name] = SinkMetrics(name, self.registry)
+            self.errors.labels(name)
+        return self.sinks[name]

@@ -335,6 +335,31 @@ def test_a_disabled_sink_forgets_its_queue(h: Harness) -> None:
 # ---------------------------------------------------------------------- costs
 
 
+def test_a_third_sink_gets_its_own_metrics_and_error_stage_from_its_name(
+    tmp_path: Path,
+) -> None:
+    # Sink names used to be a fixed tuple in selfmetrics: a third one raised KeyError.
+    third = RecordingSink(name="third_sink")
+    h = Harness(tmp_path, sinks=[RecordingSink(), RecordingSink(name="remote_write"), third])
+    try:
+        queued = "mlflow_exporter_third_sink_spool_points"
+        assert h.metrics.registry.get_sample_value(queued) == 0.0  # there before any cycle
+        assert sample(h.metrics, "mlflow_exporter_errors_total", stage="third_sink") == 0.0
+        run = h.mlflow.create_run(h.mlflow.create_experiment("three"))
+        h.mlflow.log_many(run, "loss", [0.5, 0.25, 0.125])
+        h.ok_cycle()
+        third.script = [Reply(Outcome.RETRY, "third answered HTTP 503")] * 100
+        h.mlflow.log(run, "loss", 0.0625, step=3)
+        assert not h.cycle().ok
+    finally:
+        h.state.close()
+
+    assert sample(h.metrics, "mlflow_exporter_third_sink_points_sent_total") == 3
+    assert sample(h.metrics, "mlflow_exporter_third_sink_spool_points") == 1
+    assert sample(h.metrics, "mlflow_exporter_errors_total", stage="third_sink") == 1
+    assert sample(h.metrics, "mlflow_exporter_pramathus_points_sent_total") == 4
+
+
 def test_an_idle_cycle_makes_the_same_few_requests_whatever_the_number_of_runs(
     tmp_path: Path,
 ) -> None:

@@ -150,6 +150,10 @@ def stack(
             # Trace history buckets close and settle within seconds, not minutes.
             "TRACES_BUCKET_SECONDS": "10",
             "TRACES_SETTLE_SECONDS": "5",
+            # The sample's traces are written once, before the exporter starts: a window of
+            # a day keeps the windowed series (latency, judges' means) as long as the test
+            # runs, however slow a busy machine makes it (the default is 300 s).
+            "TRACES_WINDOW_SECONDS": "86400",
         }
         model_name = f"stack-{tag}-model"
         sample = subprocess.run(
