@@ -196,3 +196,10 @@ def test_the_scrubber_masks_base64_forms_and_echoed_credentials_in_events() -> N
 
     assert out == {"event": f"seen {MASK} in a log", "n": 1}
     assert SecretScrubber()(None, "info", {"e": "Bearer abcdefgh"}) == {"e": f"Bearer {MASK}"}
+
+
+def test_every_secret_keeps_its_forms_when_several_are_configured() -> None:
+    forms = secret_forms(["first-secret", "second/secret"])
+
+    assert {"first-secret", "second/secret", "second%2Fsecret"} <= set(forms)
+    assert base64.b64encode(b"first-secret").decode() in forms

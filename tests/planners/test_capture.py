@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from exporter.mlflow_source import RunFilter
+from exporter.mlflow_source import HistoryRequest, RunFilter
 from exporter.model import LatestMetric, MetricPoint, Run
 from exporter.planners.capture import (
     Change,
@@ -18,6 +18,7 @@ from exporter.planners.capture import (
     needed_by_backfill,
     new_points,
     next_window,
+    points_bound,
     recheck_by_id,
 )
 from exporter.state.ledger import Series, WindowStats
@@ -303,3 +304,13 @@ def test_a_point_read_twice_in_one_answer_is_new_once() -> None:
 
 def test_a_backfill_leaves_out_an_uncaptured_point_at_the_frozen_window_step() -> None:
     assert needed_by_backfill([point(6)], window_start=6, identities=frozenset()) == []
+
+
+def test_points_bound_counts_one_point_per_step_of_each_read() -> None:
+    whole = HistoryRequest("r", "loss", None, 9)  # steps 0..9
+    tail = HistoryRequest("r", "acc", 5, 9)  # steps 5..9
+    empty = HistoryRequest("r", "lr", 5, 3)  # a range already read: at most one point
+    assert points_bound([whole]) == 10
+    assert points_bound([tail]) == 5
+    assert points_bound([empty]) == 1
+    assert points_bound([whole, tail, empty]) == 16

@@ -203,3 +203,18 @@ def test_a_first_page_full_of_one_start_time_starts_the_pass_and_wraps_its_chunk
     record = SweepRecord(chunk=4, after_start_ms=5, after_run_id="a")
     moved = advance(record, 2, RunPage([], "tok"), [key_of(5, "b")], NOW)
     assert (moved.record.chunk, moved.record.started_ms) == (0, NOW)
+
+
+def test_a_reconcile_interval_equal_to_a_cycle_reads_a_whole_pass_each_cycle() -> None:
+    assert pages_due(NOW + 10**9, NOW, 5_000, 1000, 60, 60) == 5
+
+
+def test_a_page_never_read_is_one_page_however_close_the_spacing() -> None:
+    # 4,000 pages over 2 s: half a millisecond apart; a first read is still one page.
+    assert pages_due(None, NOW, 4_000, 1, 1, 2) == 1
+
+
+def test_a_long_pause_makes_up_exactly_one_cycle_of_pages() -> None:
+    # 1,000 pages over 7 s (7 ms apart) at a 1 s interval: a cycle's share is 1000 ms,
+    # 142 spacings, plus the page that was due.
+    assert pages_due(NOW - 10**6, NOW, 1_000, 1, 1, 7) == 143

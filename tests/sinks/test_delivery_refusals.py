@@ -14,6 +14,7 @@ the small fakes below, each imitating one way a real endpoint or proxy misbehave
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -431,3 +432,25 @@ def test_the_last_attempt_gets_what_is_left_of_the_budget_or_one_second(
     Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
 
     assert timeouts == pytest.approx(expected)
+
+
+def test_an_accepted_reply_carries_the_status_the_endpoint_answered() -> None:
+    assert reply_for(204, "HTTP 204", FIXES).status == 204
+    assert reply_for(200, "HTTP 200", FIXES).status == 200
+
+
+def test_a_batch_whose_row_cannot_be_written_is_not_sent(state: StateStore) -> None:
+    # A full or read-only state refuses the claim's write; a trigger makes SQLite refuse it
+    # for the first batch's row only, so a claim that wrote no row would let it go out.
+    s = Scripted([])
+    scripted_queue(state, s, [b"[1]", b"[2]"])
+    first = next(iter(state.outbox(s.name).batches())).id
+    state.db.conn.execute(
+        "CREATE TEMP TRIGGER full BEFORE UPDATE ON spool "
+        f"WHEN OLD.id = {first} BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+
+    with pytest.raises(sqlite3.Error, match="disk is full"):
+        scripted_drain(state, s)
+
+    assert s.sent == []
