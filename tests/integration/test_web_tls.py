@@ -247,3 +247,59 @@ def test_a_bad_web_config_stops_the_real_process_with_exit_2(tmp_path: Path, cer
     assert "clear-text-pw" not in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "state").exists()  # stopped before anything started
+
+
+def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
+    """The Dockerfile's HEALTHCHECK command, as the container runs it, once."""
+    env = {**os.environ, "EXPORTER_PORT": str(port)}
+    return subprocess.run(
+        [sys.executable, "-m", "exporter.healthcheck"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def assert_becomes_healthy(port: int) -> None:
+    """/healthz turns 200 once a cycle succeeded: run the check until it passes, to a bound."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        result = run_healthcheck(port)
+        if result.returncode == 0:
+            return
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(1)
+
+
+def test_the_container_health_check_passes_under_tls_and_fails_once_the_exporter_is_gone(
+    exporter_env: ExporterEnv, tmp_path: Path, certs: Certs
+) -> None:
+    config = {
+        "tls_server_config": {
+            "cert_file": str(certs.server_cert),
+            "key_file": str(certs.server_key),
+        }
+    }
+    proc, port, log = start_exporter(exporter_env, tmp_path, config)
+    try:
+        wait_alive(f"https://127.0.0.1:{port}", proc, log, verify=str(certs.ca))
+        assert_becomes_healthy(port)
+    finally:
+        stop(proc)
+    gone = run_healthcheck(port)
+    assert gone.returncode == 1
+    assert gone.stderr.startswith("unhealthy: http://127.0.0.1:")
+    assert "Traceback" not in gone.stderr
+
+
+def test_the_container_health_check_passes_over_plain_http(
+    exporter_env: ExporterEnv, tmp_path: Path
+) -> None:
+    proc, port, log = start_exporter(exporter_env, tmp_path, {})
+    try:
+        wait_alive(f"http://127.0.0.1:{port}", proc, log)
+        assert_becomes_healthy(port)
+    finally:
+        stop(proc)
