@@ -20,6 +20,7 @@ from exporter.model import (
     LIFECYCLE_STAGES,
     MODEL_STAGES,
     RUN_STATUSES,
+    UNFINISHED_STATUSES,
     Experiment,
     LatestMetric,
     ModelVersion,
@@ -69,6 +70,17 @@ class ExperimentView:
     last_run_start_ms: int | None
     versions: Sequence[ModelVersion] = ()  # versions built from runs of this experiment
     version_metrics: Mapping[str, Sequence[LatestMetric]] = field(default_factory=dict)
+    # Where the run window starts (`series.run_window`; None: no window). Runs that ended
+    # before it are shown only as one of the experiment's newest runs: their series say
+    # what they reached, without the per-key logging time (their end time says when).
+    window_since_ms: int | None = None
+
+    def in_window(self, run: Run) -> bool:
+        """Whether the run is running or ended (without an end time: started) in the window."""
+        if self.window_since_ms is None or run.status in UNFINISHED_STATUSES:
+            return True
+        ended = run.end_time_ms if run.end_time_ms is not None else run.start_time_ms
+        return ended is not None and ended >= self.window_since_ms
 
 
 def experiment_families(
@@ -106,7 +118,8 @@ def experiment_families(
         _seconds(view.last_run_start_ms),
     )
     for run in view.runs:
-        _run_series(f, exp, run, stages.get(run.run_id, "none"), run_id_length, metric_allowed)
+        stage = stages.get(run.run_id, "none")
+        _run_series(f, exp, run, stage, run_id_length, metric_allowed, view.in_window(run))
     _version_metrics(f, view, run_id_length, metric_allowed)
     return f.families()
 
@@ -118,6 +131,7 @@ def _run_series(
     stage: str,
     length: int,
     allowed: Callable[[str], bool],
+    logged_times: bool,
 ) -> None:
     rl = {**exp, "run_id": run.run_id[:length]}
     f.add(
@@ -156,6 +170,8 @@ def _run_series(
             m.value,
         )
         f.add("mlflow_metric_step", "Step of the latest value of an MLflow run metric.", ml, m.step)
+        if not logged_times:
+            continue
         f.add(
             "mlflow_metric_timestamp_seconds",
             "When the latest value of an MLflow run metric was logged (Unix time).",

@@ -77,6 +77,7 @@ class GroupBuilder:
             last_run_start_ms=mirror.last_run_start(experiment_id),
             versions=[v for v in self.registry.versions if v.run_id in set(mine)],
             version_metrics=mirror.latest(mine),
+            window_since_ms=self.ended_since_ms,
         )
         families = experiment_families(view, self._stages, self.run_id_length, self._allowed)
         name = view.experiment.name

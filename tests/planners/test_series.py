@@ -150,6 +150,29 @@ def test_a_run_without_a_version_has_model_stage_none_and_a_running_run_no_end_t
     assert "mlflow_run_end_time_seconds" not in f
 
 
+def test_a_run_that_ended_before_the_window_keeps_values_and_steps_without_logging_times() -> None:
+    old = run(RUN_B, end_time_ms=T + 9000)  # ended before the window: one of the newest
+    edge = run(RUN_A, end_time_ms=T + 10_000)  # ended at the window's start: inside
+    running = run("c" * 32, status="RUNNING", start_time_ms=T, end_time_ms=None)
+    unended = run("d" * 32, status="FAILED", start_time_ms=T + 10_000, end_time_ms=None)
+    runs = [old, edge, running, unended]
+
+    f = by_name(
+        experiment_families(view(runs=runs, window_since_ms=T + 10_000), {}, 12, everything)
+    )
+
+    timed = {s["run_id"] for s in f["mlflow_metric_timestamp_seconds"]}
+    assert timed == {RUN_A[:12], "c" * 12, "d" * 12}
+    assert {s["run_id"] for s in f["mlflow_metric_step"]} == {r.run_id[:12] for r in runs}
+    assert {s["run_id"] for s in f["mlflow_val_loss"]} == {r.run_id[:12] for r in runs}
+    assert {s["run_id"] for s in f["mlflow_run_end_time_seconds"]} == {RUN_B[:12], RUN_A[:12]}
+
+
+def test_without_a_window_every_run_keeps_its_logging_times() -> None:
+    f = by_name(experiment_families(view(runs=[run(end_time_ms=0)]), {}, 12, everything))
+    assert len(f["mlflow_metric_timestamp_seconds"]) == 2
+
+
 @pytest.mark.parametrize("length", [8, 12, 32])
 def test_run_ids_are_cut_to_the_label_length(length: int) -> None:
     f = by_name(experiment_families(view(), {}, length, everything))
