@@ -270,3 +270,37 @@ def test_runs_leave_the_pushgateway_as_they_leave_the_run_window_and_new_runs_ap
         (p["metadata"]["run_id"], p["metadata"]["step"]) for p in receiver.accepted_points()
     }
     assert {(old, 0), (old, 1), (recent, 0), (new, 0)} <= received  # history gets every point
+
+
+def test_an_experiments_newest_run_from_before_the_window_shows_its_values_without_logging_times(
+    exporter_env: ExporterEnv, tmp_path: Path, pushgateway: servers.Server
+) -> None:
+    client = exporter_env.client
+    quiet, busy = exporter_env.experiment("quiet"), exporter_env.experiment("busy")
+    month_ago = int(time.time() * 1000) - 30 * 86_400_000
+    old = client.create_run(quiet, start_time=month_ago).info.run_id
+    log_points(client, old, "loss", [1.0, 0.5], first_step=0)
+    client.set_terminated(old, end_time=month_ago + 1000)
+    recent = make_run(client, busy, {"loss": [2.0]})
+    cycles = Cycles(
+        exporter_env,
+        tmp_path,
+        **{"series.run_window": "1d", "series.min_runs_per_experiment": 1},
+    )
+    try:
+        cycles.run()
+    finally:
+        cycles.close()
+    text = requests.get(f"{pushgateway.url}/metrics", timeout=5).text
+
+    def families_of(run_id: str) -> set[str]:
+        return {
+            line.split("{", 1)[0]
+            for line in text.splitlines()
+            if f'run_id="{run_id[:12]}"' in line and f'job="{exporter_env.job}"' in line
+        }
+
+    per_key = {"mlflow_loss", "mlflow_metric_step", "mlflow_metric_timestamp_seconds"}
+    assert families_of(recent) >= per_key | {"mlflow_run_info"}
+    assert families_of(old) >= {"mlflow_loss", "mlflow_metric_step", "mlflow_run_end_time_seconds"}
+    assert "mlflow_metric_timestamp_seconds" not in families_of(old)
