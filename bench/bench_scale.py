@@ -14,7 +14,8 @@ uuid4 run ids, each copy a little older. Then, all on 127.0.0.1 with real server
   `EXPORTER_MLFLOW_CONCURRENCY` 1 and 4, against `mlflow server --workers 1` and `--workers 4`
   (`--boots`): wall time, MLflow requests, MLflow CPU, exporter peak RSS, points the
   Pramathus stand-in received (each boot has its own) against what MLflow holds, and the
-  `capture.progress` lines it logged;
+  `capture.progress` lines it logged, and the most requests in flight at once (a counting
+  proxy, `bench/proxy.py`, sits between the exporter and MLflow);
 - **idle**: `exporter continuous --interval 5` on the state of the default boot against the
   one-worker MLflow: MLflow CPU per idle minute, requests per minute, exporter CPU;
 - **series**: the exporter's series on the Pushgateway and the size of its `/metrics` page;
@@ -45,6 +46,7 @@ from typing import Any
 import requests
 
 from bench.bench_incremental import ROOT, cheapest_reads, group_cpu
+from bench.proxy import CountingProxy
 from bench.receiver import LeanReceiver
 from bench.seed import METRICS, seed
 from tests.support import servers
@@ -169,8 +171,10 @@ def boot(
 ) -> dict[str, Any]:
     """One `export-once` on an empty state, with its own Pramathus stand-in."""
     receiver = LeanReceiver(watch_step=-1)
+    proxy = CountingProxy(mlflow.url)  # counts the requests in flight at once
     env = {
         **exporter_env(mlflow, gateway, f"scale_{label}"),
+        "MLFLOW_TRACKING_URI": proxy.url,
         "PRAMATHUS_ENDPOINT": receiver.url,
         "EXPORTER_STATE_DIR": str(workdir / f"state-{label}"),
         "EXPORTER_MLFLOW_CONCURRENCY": str(concurrency),
@@ -187,9 +191,10 @@ def boot(
             timeout=3 * 3600,
         )
         seconds = time.perf_counter() - started
-        got = receiver.snapshot()
+        got, through = receiver.snapshot(), proxy.snapshot()
     finally:
         receiver.stop()
+        proxy.stop()
     if done.returncode != 0:
         raise RuntimeError(f"export-once failed ({done.returncode}): {done.stderr[-800:]}")
     progress = [json.loads(x) for x in done.stderr.splitlines() if '"capture.progress"' in x]
@@ -198,6 +203,7 @@ def boot(
         "concurrency": concurrency,
         "seconds": seconds,
         "requests": int(done.stdout.split(" MLflow requests")[0].rsplit(" ", 1)[-1]),
+        "most_in_flight": through["most_in_flight"],
         "mlflow_cpu_s": group_cpu(mlflow.proc.pid) - cpu0,
         "rss_mb": int(done.stderr.split("peak_rss_kb ")[-1].split()[0]) / 1024,
         "points_received": got["points"],
@@ -412,7 +418,8 @@ def report(results: list[dict[str, Any]]) -> str:
             cells.append(
                 ""
                 if b is None
-                else f"{_f(b['seconds'])} s, {b['requests']:,} requests, MLflow "
+                else f"{_f(b['seconds'])} s, {b['requests']:,} requests "
+                f"({b.get('most_in_flight', '?')} at most in flight), MLflow "
                 f"{_f(b['mlflow_cpu_s'])} CPU s, {_f(b['rss_mb'], 0)} MB, "
                 f"{_f(b['distinct_points'])}/{_f(r['store']['points'])} points, "
                 f"{b['progress_lines']} progress lines"

@@ -9,8 +9,28 @@ from collections.abc import Iterable
 
 PREFIX = "mlflow_"
 
+# The GenAI trace families (planners/traces.py): live series and, at bucket times, history.
+TRACE_FAMILIES = frozenset(
+    {
+        "mlflow_traces",
+        "mlflow_trace_tokens",
+        "mlflow_trace_cost_usd",
+        "mlflow_trace_latency_seconds",
+        "mlflow_trace_last_bucket_end_seconds",
+        "mlflow_trace_assessments",
+        "mlflow_trace_assessment_value",
+        "mlflow_trace_name_traces",
+        "mlflow_trace_name_tokens",
+        "mlflow_trace_name_latency_seconds",
+        "mlflow_trace_bucket_traces",
+        "mlflow_trace_bucket_latency_seconds",
+        "mlflow_trace_bucket_tokens",
+        "mlflow_trace_bucket_assessment_value",
+        "mlflow_trace_bucket_cost_usd",
+    }
+)
 # Names the exporter itself pushes; a user metric must never land on one of them.
-RESERVED_NAMES = frozenset(
+RESERVED_NAMES = TRACE_FAMILIES | frozenset(
     {
         "mlflow_metric_step",
         "mlflow_metric_timestamp_seconds",
@@ -32,22 +52,6 @@ RESERVED_NAMES = frozenset(
         "mlflow_registered_models",
         "mlflow_model_versions",
         "mlflow_model_aliases",
-        # GenAI traces (planners/traces.py)
-        "mlflow_traces",
-        "mlflow_trace_tokens",
-        "mlflow_trace_cost_usd",
-        "mlflow_trace_latency_seconds",
-        "mlflow_trace_last_bucket_end_seconds",
-        "mlflow_trace_assessments",
-        "mlflow_trace_assessment_value",
-        "mlflow_trace_name_traces",
-        "mlflow_trace_name_tokens",
-        "mlflow_trace_name_latency_seconds",
-        "mlflow_trace_bucket_traces",
-        "mlflow_trace_bucket_latency_seconds",
-        "mlflow_trace_bucket_tokens",
-        "mlflow_trace_bucket_assessment_value",
-        "mlflow_trace_bucket_cost_usd",
     }
 )
 # Suffixes that mean something to Prometheus/OpenMetrics; a gauge must not carry them.

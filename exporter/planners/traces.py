@@ -564,24 +564,3 @@ def _named(
                 {**labels, "quantile": q},
                 values.latency_ms[key] / 1000,
             )
-
-
-TRACE_FAMILIES = frozenset(
-    {
-        "mlflow_traces",
-        "mlflow_trace_tokens",
-        "mlflow_trace_cost_usd",
-        "mlflow_trace_latency_seconds",
-        "mlflow_trace_last_bucket_end_seconds",
-        "mlflow_trace_assessments",
-        "mlflow_trace_assessment_value",
-        "mlflow_trace_name_traces",
-        "mlflow_trace_name_tokens",
-        "mlflow_trace_name_latency_seconds",
-        "mlflow_trace_bucket_traces",
-        "mlflow_trace_bucket_latency_seconds",
-        "mlflow_trace_bucket_tokens",
-        "mlflow_trace_bucket_assessment_value",
-        "mlflow_trace_bucket_cost_usd",
-    }
-)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.naming import RESERVED_NAMES, metric_family_name
+from exporter.naming import RESERVED_NAMES, TRACE_FAMILIES, metric_family_name
 from exporter.planners import traces as plan
 from exporter.planners.traces import Marks, MovedRead, Step
 from exporter.trace_model import Fingerprint, NamedValues, TraceLive, TracePoint
@@ -181,11 +181,11 @@ def test_families_carry_experiment_labels_seconds_and_every_state() -> None:
     assert ("mlflow_trace_last_bucket_end_seconds", exp, 60.0) in samples
     assert ("mlflow_trace_name_traces", (*exp, ("status", "OK"), ("trace_name", "a")), 2) in samples
     names = {name for name, _, _ in samples}
-    assert names <= plan.TRACE_FAMILIES <= RESERVED_NAMES
+    assert names <= TRACE_FAMILIES <= RESERVED_NAMES
 
 
 def test_a_user_metric_never_lands_on_a_trace_family() -> None:
-    for family in plan.TRACE_FAMILIES:
+    for family in TRACE_FAMILIES:
         key = family.removeprefix("mlflow_")
         assert metric_family_name(key) != family
 
