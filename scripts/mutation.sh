@@ -10,17 +10,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rm -rf mutants
-# mutmut draws a progress line per mutant; the summary below is what matters.
-.venv/bin/mutmut run --max-children "${MUTMUT_CHILDREN:-2}" >/dev/null 2>&1 || true
-results=$(.venv/bin/mutmut results --all true 2>/dev/null)
+# mutmut redraws one progress line per mutant: keep its output in a log, show its last state
+# (the counts by verdict) and its exit code, and all of it when it gave no verdicts at all.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+.venv/bin/mutmut run --max-children "${MUTMUT_CHILDREN:-2}" >"$log" 2>&1
+rc=$?
+set -e
+echo "mutmut run exited $rc; its last line: $(tr '\r' '\n' <"$log" | grep -v '^[[:space:]]*$' | tail -n 1)"
+results=$(.venv/bin/mutmut results --all true 2>/dev/null || true)
 total=$(grep -c ': ' <<<"$results" || true)
+if [ "$total" -eq 0 ]; then
+  echo "mutmut produced no mutants (a failing clean run, or nothing to mutate); its output:"
+  tr '\r' '\n' <"$log" | grep -v '^[[:space:]]*$' | tail -n 40 | sed 's/^/  /'
+  exit 1
+fi
 survived=$(grep ': survived$' <<<"$results" | sed 's/^ *//; s/: survived$//' | sort)
 # A mutant that makes the tests hang (a timeout) was caught as surely as a failing one.
 unfinished=$(grep -Ev ': (killed|survived|timeout)$' <<<"$results" | grep ': ' || true)
 explained=$(grep -oE '`exporter\.[A-Za-z0-9_.ǁ]+__mutmut_[0-9]+`' README.md | tr -d '`' | sort -u)
 
 killed=$(grep -cE ': (killed|timeout)$' <<<"$results" || true)
-echo "mutants: $total, killed: $killed, survived: $(grep -c . <<<"$survived" || true)"
+echo "mutants: $total, killed: $killed, survived: $(grep -c . <<<"$survived" || true)," \
+  "score: $((100 * killed / total))%"
 status=0
 if [ -n "$unfinished" ]; then
   echo "mutants that did not run to a verdict (timeout, error, not checked):"
