@@ -25,7 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from exporter.alert_rules import AlertsSettings
+from exporter.alert_settings import AlertsSettings
+from exporter.durations import seconds
 from exporter.sections import Section
 
 DEFAULT_CONFIG_ENV = "EXPORTER_CONFIG"
@@ -215,17 +216,6 @@ class PramathusSettings(Section):
         return _required_when_enabled(data, handler, "pramathus", "endpoint")
 
 
-def _duration_seconds(value: Any) -> Any:
-    """Seconds as a number, or a Prometheus-style duration such as `90s`, `15m`, `60d`, `1y`."""
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*", value)
-        if not match:
-            raise ValueError("not a duration like 3600, 90s, 15m, 12h, 60d, 2w or 1y")
-        unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
-        return float(match.group(1)) * unit[match.group(2)]
-    return value
-
-
 class RemoteWriteSettings(Section):
     """Every metric point at its own timestamp to a Prometheus remote-write receiver."""
 
@@ -248,7 +238,7 @@ class RemoteWriteSettings(Section):
     verify_tls: bool = True
     ca_bundle: str | None = None
 
-    _age = field_validator("max_sample_age", mode="before")(_duration_seconds)
+    _age = field_validator("max_sample_age", mode="before")(seconds)
 
     @field_validator("url")
     @classmethod
@@ -317,7 +307,7 @@ class SeriesSettings(Section):
     run_window: float = Field(7 * 86400.0, ge=0)  # seconds or 90s/15m/12h/7d/2w; 0: no window
     min_runs_per_experiment: int = Field(100, ge=0)
 
-    _window = field_validator("run_window", mode="before")(_duration_seconds)
+    _window = field_validator("run_window", mode="before")(seconds)
 
 
 class TracesSettings(Section):

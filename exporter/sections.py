@@ -1,5 +1,5 @@
-"""The base of every configuration section (here so section models can live beside the code
-that uses them, such as `alert_rules.py`, without importing `config.py` back)."""
+"""The base of every configuration section (its own module so `alert_settings.py`, the
+`alerts:` section's schema, can use it without importing `config.py` back)."""
 
 from __future__ import annotations
 

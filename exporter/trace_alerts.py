@@ -15,11 +15,17 @@ the experiment (and what it judges), so it fires once whatever the mode.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator, model_validator
-
-from exporter.sections import Section
+from exporter.alert_settings import (
+    AssessmentAlert,
+    SilenceAlert,
+    TraceAlertsSettings,
+    TraceRule,
+    TraceSlo,
+)
+from exporter.durations import prometheus_seconds
+from exporter.promql import ALERT_SOURCE, any_of, number, selector
 
 GROUP_NAME = "mlflow-genai-alerts"
 # The SRE workbook's page-worthy pairs: (long window, short window, burn rate, suffix, severity).
@@ -30,106 +36,15 @@ BURN_PAIRS = (
 _EXP = "experiment_id, experiment_name"
 
 
-def _duration(value: Any) -> Any:
-    from exporter.alert_rules import _prometheus_duration  # the shared grammar, lazily
-
-    return _prometheus_duration(value)
-
-
-def _patterns(value: Any) -> Any:
-    from exporter.alert_rules import _regex_list
-
-    return _regex_list(value)
-
-
-def _name(value: str) -> str:
-    from exporter.alert_rules import _ALERT_NAME
-
-    if not _ALERT_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is not a valid alert name (letters, digits and _)")
-    return value
-
-
-class _TraceRule(Section):
-    name: str
-    experiments: list[str] = Field(default_factory=list)
-    exclude_experiments: list[str] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict)
-
-    _check_name = field_validator("name")(_name)
-    _check_patterns = field_validator("experiments", "exclude_experiments", mode="before")(
-        _patterns
-    )
-
-
-class TraceSlo(_TraceRule):
-    """Error-rate and/or latency objectives of the experiments' traces."""
-
-    # Share of finished traces that must not end in ERROR, e.g. 0.99.
-    error_objective: float | None = Field(None, gt=0, lt=1)
-    # Latency bound (seconds) for the quantile, and the share of time it must hold.
-    latency_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
-    latency_quantile: Literal["0.5", "0.95", "0.99"] = "0.95"
-    latency_objective: float = Field(0.99, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _something(self) -> TraceSlo:
-        if self.error_objective is None and self.latency_seconds is None:
-            raise ValueError("set error_objective, latency_seconds or both")
-        return self
-
-
-class AssessmentAlert(_TraceRule):
-    """An assessment's mean over the window below a bound for `for`."""
-
-    assessment: str = Field(min_length=1)
-    below: float = Field(allow_inf_nan=False)
-    for_: str = Field("30m", alias="for")
-    severity: Literal["critical", "warning", "info"] = "warning"
-
-    _for = field_validator("for_", mode="before")(_duration)
-
-
-class SilenceAlert(_TraceRule):
-    """Experiments that received traces and have had none for `after` (until `within`)."""
-
-    after: str = "1h"
-    within: str = "1d"
-    severity: Literal["critical", "warning", "info"] = "warning"
-
-    _durations = field_validator("after", "within", mode="before")(_duration)
-
-
-class TraceAlertsSettings(Section):
-    slos: list[TraceSlo] = Field(default_factory=list)
-    assessments: list[AssessmentAlert] = Field(default_factory=list)
-    silences: list[SilenceAlert] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _unique(self) -> TraceAlertsSettings:
-        names = [r.name for r in (*self.slos, *self.assessments, *self.silences)]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"alert names used twice: {', '.join(twice)}; names must be unique")
-        return self
-
-    @property
-    def empty(self) -> bool:
-        return not (self.slos or self.assessments or self.silences)
-
-
 # --------------------------------------------------------------------------- PromQL
 
 
-def _selector(metric: str, rule: _TraceRule, *extra: tuple[str, str, str]) -> str:
-    from exporter.alert_rules import _any_of
-    from exporter.alert_rules import _selector as selector
-
+def _selector(metric: str, rule: TraceRule, *extra: tuple[str, str, str]) -> str:
     matchers = list(extra)
     if rule.experiments:
-        matchers.append(("experiment_name", "=~", _any_of(rule.experiments)))
+        matchers.append(("experiment_name", "=~", any_of(rule.experiments)))
     if rule.exclude_experiments:
-        matchers.append(("experiment_name", "!~", _any_of(rule.exclude_experiments)))
+        matchers.append(("experiment_name", "!~", any_of(rule.exclude_experiments)))
     return selector(metric, *matchers)
 
 
@@ -147,19 +62,15 @@ def error_ratio(rule: TraceSlo, window: str) -> str:
 
 def slow_share(rule: TraceSlo, window: str) -> str:
     """Share of `window` during which the latency quantile was above the bound."""
-    from exporter.alert_rules import _number
-
     series = _selector(
         "mlflow_trace_latency_seconds", rule, ("quantile", "=", rule.latency_quantile)
     )
-    bound = _number(rule.latency_seconds or 0)
+    bound = number(rule.latency_seconds or 0)
     return f"avg_over_time((max by ({_EXP}) ({series}) > bool {bound})[{window}:1m])"
 
 
 def _burn(ratio: Any, budget: float, long: str, short: str, rate: float) -> str:
-    from exporter.alert_rules import _number
-
-    limit = _number(round(rate * budget, 10))
+    limit = number(round(rate * budget, 10))
     return f"(\n  {ratio(long)}\n) > {limit}\nand on ({_EXP})\n(\n  {ratio(short)}\n) > {limit}\n"
 
 
@@ -206,12 +117,10 @@ def _slo_rules(rule: TraceSlo) -> list[dict[str, Any]]:
 
 
 def _assessment_rule(rule: AssessmentAlert) -> dict[str, Any]:
-    from exporter.alert_rules import _number
-
     series = _selector(
         "mlflow_trace_assessment_value", rule, ("assessment_name", "=", rule.assessment)
     )
-    expr = f"max by ({_EXP}, assessment_name) ({series}) < {_number(rule.below)}\n"
+    expr = f"max by ({_EXP}, assessment_name) ({series}) < {number(rule.below)}\n"
     return _rule(
         rule.name,
         expr,
@@ -219,18 +128,16 @@ def _assessment_rule(rule: AssessmentAlert) -> dict[str, Any]:
         rule.severity,
         rule.labels,
         "{{ $labels.assessment_name }} of {{ $labels.experiment_name }} is below "
-        + _number(rule.below),
+        + number(rule.below),
         "The mean {{ $labels.assessment_name }} of the traces of the last window is "
-        "{{ $value }} in {{ $labels.experiment_name }}, below " + _number(rule.below) + " "
+        "{{ $value }} in {{ $labels.experiment_name }}, below " + number(rule.below) + " "
         f"(rule {rule.name}).",
     )
 
 
 def _silence_rule(rule: SilenceAlert) -> dict[str, Any]:
-    from exporter.alert_rules import _number, duration_seconds
-
-    after = _number(duration_seconds(rule.after))
-    until = _number(duration_seconds(rule.after) + duration_seconds(rule.within))
+    after = number(prometheus_seconds(rule.after))
+    until = number(prometheus_seconds(rule.after) + prometheus_seconds(rule.within))
     quiet = f"time() - max by ({_EXP}) ({_selector('mlflow_trace_last_bucket_end_seconds', rule)})"
     expr = f"{quiet} > {after}\nand\n{quiet} < {until}\n"
     return _rule(
@@ -254,8 +161,6 @@ def _rule(
     summary: str,
     description: str,
 ) -> dict[str, Any]:
-    from exporter.alert_rules import ALERT_SOURCE
-
     return {
         "alert": name,
         "expr": expr,

@@ -23,16 +23,15 @@ from exporter import cli, config, model
 from exporter.alert_rules import (
     GROUP_NAME,
     HEADER,
-    AlertsSettings,
-    RunStatus,
-    duration_seconds,
-    promql_string,
     regression_expr,
     render,
     render_yaml,
     threshold_expr,
 )
+from exporter.alert_settings import AlertsSettings, RunStatus
 from exporter.config import ConfigError, load_settings
+from exporter.durations import prometheus_seconds as duration_seconds
+from exporter.promql import promql_string
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "prometheus" / "model-alerts.example.yaml"

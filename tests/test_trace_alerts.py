@@ -12,9 +12,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from exporter.alert_rules import AlertsSettings, render, render_yaml
+from exporter.alert_rules import render, render_yaml
+from exporter.alert_settings import AlertsSettings, TraceAlertsSettings
 from exporter.config import load_settings
-from exporter.trace_alerts import GROUP_NAME, TraceAlertsSettings
+from exporter.trace_alerts import GROUP_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "prometheus" / "genai-alerts.example.yaml"
