@@ -18,6 +18,7 @@ connection, so nothing is sent again under new keys after a restart.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import sqlite3
@@ -130,6 +131,8 @@ def reserve_wal(conn: sqlite3.Connection, frames: int) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # a file system that cannot allocate ahead: the claim's write still checks
         raise StateError(
             f"state database {path}: no room to record a delivery ([Errno {exc.errno}] "
             f"{exc.strerror}); nothing is sent until it can be recorded: free space on its "

@@ -9,6 +9,7 @@ write past the limit fails with EFBIG, which SQLite reports as "disk I/O error".
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import sqlite3
@@ -128,3 +129,20 @@ def test_a_state_that_cannot_be_opened_for_lack_of_room_says_the_os_error(
 
     assert "[Errno 27] File too large" in str(failed.value)
     assert os.fspath(tmp_path / "state" / "state.db") in str(failed.value)
+
+
+def test_a_file_system_that_cannot_allocate_ahead_still_lets_the_claim_through(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = queued(store)
+    outbox = store.outbox("pramathus")
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        # Imitates a file system without fallocate (glibc answers EOPNOTSUPP there).
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    outbox.claim(batch)  # no room taken ahead; the claim's own write still has to succeed
+    outbox.done(batch.id)
+
+    assert list(outbox.batches()) == []
