@@ -19,9 +19,12 @@ class LeanReceiver:
         self.points = 0
         self.batches = 0
         self.repeats = 0  # a point identity (run, key, step, timestamp, value) seen before
+        # A repeat under another idempotency key than its first arrival's: a resend that the
+        # endpoint could not deduplicate (the delivery rule says this never happens).
+        self.repeats_under_new_key = 0
         self.idempotency_keys: set[str] = set()
         self.watched: list[tuple[str, str, int]] = []  # (run, key, step) of points at watch_step
-        self._seen: set[int] = set()
+        self._seen: dict[int, int] = {}  # point identity -> hash of its first idempotency key
         self._lock = threading.Lock()
         receiver = self
 
@@ -53,9 +56,13 @@ class LeanReceiver:
                 meta = m["metadata"]
                 ident = hash((meta["run_id"], m["name"], meta["step"], m["timestamp"], m["value"]))
                 self.points += 1
-                if ident in self._seen:
+                first_key = self._seen.get(ident)
+                if first_key is not None:
                     self.repeats += 1
-                self._seen.add(ident)
+                    if first_key != hash(key):
+                        self.repeats_under_new_key += 1
+                else:
+                    self._seen[ident] = hash(key)
                 if meta["step"] == self._watch_step:
                     self.watched.append((meta["run_id"], m["name"], meta["step"]))
 
@@ -65,6 +72,7 @@ class LeanReceiver:
                 "points": self.points,
                 "distinct_points": len(self._seen),
                 "repeats": self.repeats,
+                "repeats_under_new_key": self.repeats_under_new_key,
                 "batches": self.batches,
                 "idempotency_keys": len(self.idempotency_keys),
             }

@@ -13,6 +13,7 @@ from exporter.config import Settings, plain_http_credentials
 from exporter.health import Health
 from exporter.logs import secret_forms
 from exporter.mlflow_source import RestSource
+from exporter.planners.scope import owns_registry
 from exporter.runner import Runner
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import CREDENTIAL_HEADER, DeliverySink
@@ -111,6 +112,6 @@ def pull_collector(runner: Runner) -> Callable[[], MirrorCollector]:
         mirror = runner.state.reader()
         return runner.builder(mirror), mirror.conn.close
 
-    with_registry = runner.settings.export.shard_index == 0
+    with_registry = owns_registry(runner.settings.export)
     gauge = runner.metrics.exported_series
     return lambda: MirrorCollector(open_builder, with_registry, gauge.set)

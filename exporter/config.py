@@ -62,6 +62,7 @@ ENV_KEYS: dict[str, str] = {
     "EXPORTER_WEB_CONFIG_FILE": "server.web_config_file",
     "EXPORTER_SHARD_INDEX": "export.shard_index",
     "EXPORTER_SHARD_COUNT": "export.shard_count",
+    "EXPORTER_REGISTRY_GROUP": "export.registry_group",
     "LOG_LEVEL": "logging.level",
     "LOG_FORMAT": "logging.format",
     "REMOTE_WRITE_ENABLED": "remote_write.enabled",
@@ -273,6 +274,10 @@ class ExportSettings(Section):
     exclude_metrics: list[str] = Field(default_factory=list)
     shard_index: int = Field(0, ge=0)
     shard_count: int = Field(1, ge=1)
+    # Push (or serve) the registry group: the model registry and the experiment counts of
+    # this exporter's scope. Exporters of different scopes sharing one Pushgateway job
+    # would overwrite each other's group: set it true on exactly one of them.
+    registry_group: bool = True
     state_dir: str = "./state"
 
     @model_validator(mode="after")

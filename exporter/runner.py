@@ -21,7 +21,7 @@ from exporter.health import Health, Status
 from exporter.mlflow_source import MlflowError, MlflowSource
 from exporter.naming import short_id_length
 from exporter.planners import push as push_plan
-from exporter.planners.scope import metric_filter, owns_group, with_run_series
+from exporter.planners.scope import metric_filter, owns_group, owns_registry, with_run_series
 from exporter.planners.series import REGISTRY_KEY, GroupKey, ServerCounts, experiment_key
 from exporter.progress import CaptureProgress, ProgressView
 from exporter.selfmetrics import BLOCKED_CAUSES, SelfMetrics
@@ -230,7 +230,7 @@ class Runner:
             mirror.dirty_experiments(),
             record,
             start,
-            owns_registry=export.shard_index == 0,
+            owns_registry=owns_registry(export),
             verify=synced is not None and synced.sweep_completed,
         )
         counts = dict(record.series)

@@ -385,6 +385,11 @@ def test_credentials_over_plain_http_to_a_remote_host_are_warned_about() -> None
 # ---------------------------------------------------------------- shard from a StatefulSet pod
 
 
+def test_the_registry_group_is_pushed_by_default_and_can_be_given_to_another_exporter() -> None:
+    assert load_settings(env={}).export.registry_group is True
+    assert load_settings(env={"EXPORTER_REGISTRY_GROUP": "false"}).export.registry_group is False
+
+
 def test_the_pod_index_label_gives_the_shard_index_directly() -> None:
     # The chart's EXPORTER_SHARD_INDEX comes from the apps.kubernetes.io/pod-index label.
     env = {"EXPORTER_SHARD_INDEX": "2", "EXPORTER_SHARD_COUNT": "3", "EXPORTER_POD_NAME": "m-0"}

@@ -68,13 +68,19 @@ def owns(experiment_id: str, export: ExportSettings) -> bool:
     return shard_of(experiment_id, export.shard_count) == export.shard_index
 
 
+def owns_registry(export: ExportSettings) -> bool:
+    """Whether this exporter pushes (or serves) the registry group: shard 0 of a sharded
+    exporter, unless `export.registry_group` gives it to another exporter of the job."""
+    return export.shard_index == 0 and export.registry_group
+
+
 def owns_group(key: tuple[tuple[str, str], ...], export: ExportSettings) -> bool:
-    """Pushgateway groups this shard manages on its job: its experiments', and (shard 0)
-    the registry group."""
+    """Pushgateway groups this exporter manages on its job: its experiments', and the
+    registry group when it owns it (a sweep deletes only these, and only once pushed)."""
     labels = dict(key)
     if set(labels) == {"experiment_id"}:
         return owns(labels["experiment_id"], export)
-    return labels == {"group": "registry"} and export.shard_index == 0
+    return labels == {"group": "registry"} and owns_registry(export)
 
 
 def with_run_series(activity: Mapping[str, int], max_experiments: int) -> set[str]:

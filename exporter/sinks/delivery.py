@@ -163,7 +163,7 @@ class Drainer:
         if limit is not None and len(batch.body) > limit and batch.points > 1:
             # A receiver refused bodies this large before: split before sending.
             return self._split(batch, deadline, result)
-        self.outbox.claim(batch.id)  # raises if the state cannot be written: send nothing
+        self.outbox.claim(batch)  # raises if the state cannot record it: send nothing
         reply = self._send_with_retries(batch, deadline)
         if reply.outcome is Outcome.ACCEPTED:
             self.outbox.done(batch.id)

@@ -18,9 +18,11 @@ connection, so nothing is sent again under new keys after a restart.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,13 +62,95 @@ _NEXT_STEP = (
 
 
 def explain(path: Path, exc: sqlite3.Error) -> str:
-    """One line naming the state file, SQLite's words and the next step to take."""
+    """One line naming the state file, SQLite's words (with the OS error behind a disk
+    error) and the next step to take."""
     text = str(exc)
     step = next(
         (hint for word, hint in _NEXT_STEP if word in text.lower()),
         "fix the cause; the state is kept as it is and the next cycle retries",
     )
-    return f"state database {path}: {text}; {step}"
+    cause = os_cause(path) if _is_disk_error(exc) else None
+    said = f" ({cause})" if cause else ""
+    return f"state database {path}: {text}{said}; {step}"
+
+
+def _is_disk_error(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "")
+    return name.startswith(("SQLITE_IOERR", "SQLITE_FULL"))
+
+
+def os_cause(path: Path) -> str | None:
+    """The OS error behind a disk error of SQLite's, which does not carry it ("disk I/O
+    error" is EFBIG under a file size limit, or EIO), by asking the OS for as much room
+    beside the state as its largest file holds, in a scratch file deleted at once. None
+    when the OS grants it (the cause has passed, or lies elsewhere)."""
+    files = [Path(f"{path}{suffix}") for suffix in ("", "-wal")]
+    size = max((f.stat().st_size for f in files if f.exists()), default=0) + _ROOM_MARGIN
+    probe = path.with_name(f"{FILE}.room")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+_ROOM_MARGIN = 64 * 1024
+# The WAL's own header, and each frame's header before its page (sqlite.org/walformat.html).
+_WAL_HEADER = 32
+_FRAME_HEADER = 24
+
+
+def reserve_wal(conn: sqlite3.Connection, frames: int) -> None:
+    """Make sure the WAL can take `frames` more pages without growing on disk.
+
+    A delivery is recorded after its 2xx: if that write failed (disk full, file size
+    limit) the points would be sent again. The room is taken before the request instead
+    (`posix_fallocate`, which fails with the OS error when there is none): SQLite writes
+    its next frames inside the file, never past room already granted. The next frame goes
+    at or before the end of the frames in use (`mxFrame` of the wal-index header, read
+    from the shared-memory file), so the file grows only by what is missing. StateError
+    naming the file and the OS error when the room cannot be had: nothing is sent."""
+    path = Path(conn.execute("PRAGMA database_list").fetchone()[2])
+    wal = Path(f"{path}-wal")
+    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    if not path.name or not wal.exists():
+        return  # in memory, or not in WAL mode
+    end = _WAL_HEADER + (_frames_in_use(path, page) + frames) * (page + _FRAME_HEADER)
+    try:
+        fd = os.open(wal, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size < end:
+                os.posix_fallocate(fd, 0, end)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # a file system that cannot allocate ahead: the claim's write still checks
+        raise StateError(
+            f"state database {path}: no room to record a delivery ([Errno {exc.errno}] "
+            f"{exc.strerror}); nothing is sent until it can be recorded: free space on its "
+            "disk or raise the file size limit (ulimit -f); the points stay queued"
+        ) from None
+
+
+def _frames_in_use(path: Path, page: int) -> int:
+    """`mxFrame` of the wal-index header (native byte order, at offset 16 of `-shm`, valid
+    once `isInit` at offset 12 is set); else the WAL file's size in frames, an upper bound."""
+    try:
+        with Path(f"{path}-shm").open("rb") as shm:
+            header = shm.read(20)
+        if len(header) == 20 and header[12]:
+            return int(struct.unpack("=I", header[16:20])[0])
+    except OSError:
+        pass
+    return -(-Path(f"{path}-wal").stat().st_size // (page + _FRAME_HEADER))
 
 
 def is_corruption(exc: sqlite3.Error) -> bool:
@@ -103,8 +187,11 @@ class Database:
             return _connect(self.path)
         except sqlite3.DatabaseError as exc:
             if not is_corruption(exc):
+                cause = os_cause(self.path) if _is_disk_error(exc) else None
+                said = f", {cause}" if cause else ""
                 raise StateError(
-                    f"state database {self.path} cannot be used now ({exc}); it is kept as it "
+                    f"state database {self.path} cannot be used now ({exc}{said}); it is kept "
+                    "as it "
                     "is: fix the cause (disk space, permissions, another program holding it, "
                     "a newer exporter's state) and start again"
                 ) from None

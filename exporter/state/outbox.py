@@ -12,6 +12,12 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from exporter.state.db import reserve_wal
+
+# Pages besides a body's that one write of a queued row may touch (its leaf, the index,
+# interior and freelist pages, the header page), counted generously.
+CLAIM_SPARE_PAGES = 8
+
 
 @dataclass(frozen=True, slots=True)
 class EncodedBatch:
@@ -93,10 +99,16 @@ class Outbox:
             last = row[0]
             yield QueuedBatch(*row)
 
-    def claim(self, batch_id: int) -> None:
-        """Write to the state before a batch is sent: a state that cannot record a delivery
-        (disk full, read-only) fails here, and nothing is sent that could not be marked."""
-        self.conn.execute("UPDATE spool SET attempts = attempts WHERE id = ?", (batch_id,))
+    def claim(self, batch: QueuedBatch) -> None:
+        """Write to the state before a batch is sent, with room taken for recording its
+        delivery: a state that cannot record it (disk full, read-only, a file size limit)
+        fails here (StateError or sqlite3.Error), and nothing is sent that could not be
+        marked. The room covers this write and `done`'s: each rewrites the row's page, its
+        overflow pages (the body) and a few b-tree and freelist pages."""
+        page = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
+        body_pages = -(-len(batch.body) // (page - 4))
+        reserve_wal(self.conn, 2 * (body_pages + CLAIM_SPARE_PAGES))
+        self.conn.execute("UPDATE spool SET attempts = attempts WHERE id = ?", (batch.id,))
 
     def done(self, batch_id: int) -> None:
         self.conn.execute("DELETE FROM spool WHERE id = ?", (batch_id,))

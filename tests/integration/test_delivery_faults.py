@@ -6,7 +6,8 @@ delivered otherwise, never lost, never sent twice. The endpoint (`tests.support.
 is switched between the behaviours real ones show: redirects (301/302/303 to a page that
 answers 200 to a GET, 307/308 to the new URL), a wrong key then the right one, a proxy's
 body limit (413), a validation error on some points (400), and a state file deleted under
-a running exporter. Each test checks what the endpoint accepted against what MLflow holds,
+a running exporter, and a state disk with no room (a real file size limit on the
+exporter's process). Each test checks what the endpoint accepted against what MLflow holds,
 and that no output of the exporter shows the key.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -311,3 +313,72 @@ def test_a_state_file_deleted_under_a_running_exporter_is_written_back_and_nothi
 
     assert again.returncode == 0, again.stderr
     assert _exactly_once(receiver, exporter_env, runs)  # nothing sent again after the restart
+
+
+def _queued_batches(env: ExporterEnv) -> dict[str, set[tuple[Any, ...]]]:
+    """Queued batches: idempotency key -> the points its body carries."""
+    with closing(sqlite3.connect(env.state_dir / "state.db")) as db:
+        rows = db.execute("SELECT idempotency_key, body FROM spool ORDER BY id").fetchall()
+    return {key: {point_of(m) for m in json.loads(body)["metrics"]} for key, body in rows}
+
+
+def _with_file_size_limit(limit: int) -> Callable[[], None]:
+    def limit_files() -> None:  # in the exporter's process only, before it starts
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_files
+
+
+@pytest.mark.parametrize("limit", [40_000, 70_000])
+def test_a_full_state_disk_sends_nothing_it_cannot_record_and_the_next_runs_deliver_once(
+    exporter_env: ExporterEnv, receiver: Receiver, limit: int
+) -> None:
+    runs = _seed(exporter_env)
+    every = mlflow_points(exporter_env.client, runs)
+    receiver.default = Reply(503)
+    down = _run(exporter_env, "export-once")
+    assert down.returncode == 1
+    queued = _queued_batches(exporter_env)
+    assert set().union(*queued.values()) == every
+    receiver.default = Reply()
+    before = len(receiver.requests)
+
+    # A real OS limit on the file sizes the exporter may write (`ulimit -f`): the state
+    # files may not grow past `limit` bytes. CPython ignores SIGXFSZ, so a write past it
+    # fails with EFBIG ("File too large"), which SQLite reports as "disk I/O error".
+    full = subprocess.run(
+        [sys.executable, "-m", "exporter", "export-once"],
+        env=exporter_env.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        preexec_fn=_with_file_size_limit(limit),  # noqa: PLW1509 - no threads in the test yet
+    )
+
+    assert full.returncode == 1
+    assert "Traceback" not in full.stderr
+    path = str(exporter_env.state_dir / "state.db")
+    assert any(path in line and "File too large" in line for line in full.stderr.splitlines())
+    # Nothing went out that the state could not record: every point that arrived left the
+    # queue, every point still queued never arrived, and nothing arrived twice.
+    arrived = _accepted_counts(receiver)
+    still = _queued_batches(exporter_env)
+    assert set(arrived.values()) <= {1}
+    assert set(arrived).isdisjoint(set().union(*still.values()) if still else set())
+    assert set(arrived) | set().union(*still.values()) == every
+    assert still, "the limit never bit: the test proves nothing"
+    sent_under_limit = receiver.requests[before:]
+    assert all(r.status == 200 for r in sent_under_limit)
+
+    for _ in range(5):  # bounded: without the limit every queued batch goes at once
+        done = _run(exporter_env, "export-once")
+        assert done.returncode == 0, done.stderr
+        if not _queued_batches(exporter_env):
+            break
+
+    assert _exactly_once(receiver, exporter_env, runs)
+    # Every batch went out under the key it was queued with before the disk filled up.
+    for request in receiver.accepted():
+        key = request.headers["Idempotency-Key"]
+        assert {point_of(m) for m in request.body["metrics"]} == queued[key]

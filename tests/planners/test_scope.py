@@ -19,6 +19,7 @@ from exporter.planners.scope import (
     metric_filter,
     owns,
     owns_group,
+    owns_registry,
     shard_of,
     with_run_series,
 )
@@ -127,6 +128,15 @@ def test_a_shard_owns_its_experiment_groups_and_shard_0_the_registry_group() -> 
     assert not owns_group(experiment_key("1"), zero)
     assert owns_group(REGISTRY_KEY, zero)
     assert not owns_group(REGISTRY_KEY, one)
+
+
+def test_an_exporter_that_gave_the_registry_group_away_neither_pushes_nor_sweeps_it() -> None:
+    other_scope = export(include_experiments=["^team-b-"], registry_group=False)
+
+    assert not owns_registry(other_scope)
+    assert not owns_group(REGISTRY_KEY, other_scope)
+    assert owns_group(experiment_key("7"), other_scope)  # its experiments' groups stay its own
+    assert owns_registry(export(include_experiments=["^team-a-"]))  # the default owner
 
 
 @pytest.mark.parametrize(
