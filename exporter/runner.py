@@ -25,6 +25,7 @@ from exporter.planners.scope import metric_filter, owns_group, with_run_series
 from exporter.planners.series import REGISTRY_KEY, GroupKey, ServerCounts, experiment_key
 from exporter.progress import CaptureProgress, ProgressView
 from exporter.selfmetrics import BLOCKED_CAUSES, SelfMetrics
+from exporter.sinks import registry
 from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
 from exporter.sinks.pushgateway import PushError, PushTarget
@@ -40,14 +41,10 @@ log = structlog.get_logger("exporter.runner")
 T = TypeVar("T")
 
 
-# A Pramathus point is one logged value; remote write sends two samples per point (the value
-# and its step), so its counts are samples and are never added to points.
-_UNITS = {"remote_write": "samples"}
-
-
 def unit(sink: str) -> str:
-    """What a sink's counts count: `points`, or `samples` for remote write."""
-    return _UNITS.get(sink, "points")
+    """What a sink's counts count: `points`, or `samples` for remote write (two samples per
+    point: the value and its step; never added to points). From the sink registry."""
+    return registry.unit(sink)
 
 
 @dataclass
