@@ -75,9 +75,18 @@ def _remote_write(context: SinkContext) -> DeliverySink | None:
     return RemoteWriteSink(context.settings.remote_write, run_id_length=context.run_id_length)
 
 
+def _otlp(context: SinkContext) -> DeliverySink | None:
+    if not context.settings.otlp.enabled:
+        return None
+    from exporter.sinks.otlp import OtlpSink
+
+    return OtlpSink(context.settings.otlp, run_id_length=context.run_id_length)
+
+
 BUILTIN: tuple[SinkSpec, ...] = (
     SinkSpec("pramathus", "pramathus", _pramathus),
     SinkSpec("remote_write", "remote_write", _remote_write, unit="samples"),
+    SinkSpec("otlp", "otlp", _otlp, secrets=lambda s: s.otlp.headers.values()),
 )
 
 

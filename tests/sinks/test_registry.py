@@ -68,7 +68,7 @@ def test_an_installed_sink_comes_after_the_builtin_ones_and_reads_its_environmen
     names = [spec.name for spec in registry.all_specs()]
     built = registry.build_sinks(SinkContext(settings(), env={"THIRD_ON": "1"}))
 
-    assert names == ["pramathus", "remote_write", "third"]
+    assert names == ["pramathus", "remote_write", "otlp", "third"]
     assert [s.name for s in built] == ["third"]
     assert registry.build_sinks(SinkContext(settings(), env={})) == []
 
@@ -128,8 +128,8 @@ def test_self_metrics_have_families_for_every_registered_sink(
 
     metrics = self_metrics()
 
-    assert set(metrics.sinks) == {"pramathus", "remote_write", "third"}
-    assert set(SelfMetrics().sinks) == {"pramathus", "remote_write"}
+    assert set(metrics.sinks) == {"pramathus", "remote_write", "otlp", "third"}
+    assert set(SelfMetrics().sinks) == {"pramathus", "remote_write", "otlp"}
     value = metrics.registry.get_sample_value("mlflow_exporter_errors_total", {"stage": "third"})
     assert value == 0.0
 
@@ -159,7 +159,7 @@ def test_dead_letters_of_an_unknown_sink_name_the_registered_ones(tmp_path: Path
     )
 
     assert result.exit_code == 2
-    assert "--sink 'nope' is not a registered sink: use one of pramathus, remote_write" in (
+    assert "--sink 'nope' is not a registered sink: use one of pramathus, remote_write, otlp" in (
         result.output
     )
 
