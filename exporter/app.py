@@ -16,9 +16,9 @@ from exporter.mlflow_source import RestSource
 from exporter.planners.scope import owns_registry
 from exporter.runner import Runner
 from exporter.selfmetrics import SelfMetrics
+from exporter.sinks import registry
 from exporter.sinks.delivery import CREDENTIAL_HEADER, DeliverySink
 from exporter.sinks.groups import GroupBuilder, MirrorCollector
-from exporter.sinks.pramathus import PramathusSink
 from exporter.sinks.pushgateway import Pushgateway
 from exporter.state import StateStore
 from exporter.state.records import LabelRecord
@@ -39,6 +39,7 @@ def secrets_of(settings: Settings) -> list[str]:
     )
     values = [c.get_secret_value() for c in candidates if c is not None]
     values += [v for k, v in settings.remote_write.headers.items() if CREDENTIAL_HEADER.search(k)]
+    values += [v for spec in registry.BUILTIN for v in spec.secrets(settings)]
     pairs = [
         (_plain(section.username), _plain(section.password))
         for section in (settings.mlflow, settings.prometheus, settings.remote_write)
@@ -51,21 +52,18 @@ def _plain(value: SecretStr | None) -> str:
 
 
 def history_sinks(settings: Settings, state: StateStore) -> list[DeliverySink]:
-    """The enabled sinks that receive every captured point."""
-    sinks: list[DeliverySink] = []
-    if settings.pramathus.enabled:
-        sinks.append(PramathusSink(settings.pramathus))
-    if settings.remote_write.enabled:
-        from exporter.sinks.history import RemoteWriteSink
+    """The enabled sinks that receive every captured point, built from the registry
+    (built-in ones, then those installed packages declare)."""
+    minimum = settings.prometheus.run_id_length
+    context = registry.SinkContext(
+        settings, run_id_length=lambda: max(state.load(LabelRecord).run_id_length, minimum)
+    )
+    return registry.build_sinks(context)
 
-        minimum = settings.prometheus.run_id_length
-        sinks.append(
-            RemoteWriteSink(
-                settings.remote_write,
-                run_id_length=lambda: max(state.load(LabelRecord).run_id_length, minimum),
-            )
-        )
-    return sinks
+
+def self_metrics() -> SelfMetrics:
+    """Self-metrics with the families of every registered sink, on or off."""
+    return SelfMetrics(spec.name for spec in registry.all_specs())
 
 
 @contextmanager
@@ -76,7 +74,7 @@ def open_runner(
     health: Health | None = None,
 ) -> Iterator[Runner]:
     """A `Runner` whose state store is closed (and lock released) on exit."""
-    metrics = metrics or SelfMetrics()
+    metrics = metrics or self_metrics()
     state = StateStore(settings.state_path)
     if state.set_aside is not None:
         # The points it had queued are read again from MLflow: nothing is lost, but some

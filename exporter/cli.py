@@ -81,6 +81,9 @@ def _settings(ctx: click.Context, flags: dict[str, Any], **overrides: Any) -> Se
     dotted = {key: given.get(name) for name, key in GLOBAL_FLAGS.items() if key}
     try:
         settings = load_settings(given.get("config"), overrides={**dotted, **overrides})
+        from exporter.sinks.registry import all_specs
+
+        all_specs()  # a broken sink plugin is a configuration problem, reported here
     except ConfigError as exc:
         count = len(exc.problems)
         click.echo(f"error: invalid configuration ({count} problem{'s' * (count != 1)}):", err=True)
@@ -170,15 +173,14 @@ def export_once(ctx: click.Context, **flags: Any) -> None:
 @_guarded
 def continuous(ctx: click.Context, interval: float | None, port: int | None, **flags: Any) -> None:
     """Run export cycles every interval until SIGTERM or Ctrl-C."""
-    from exporter.app import open_runner, pull_collector
+    from exporter.app import open_runner, pull_collector, self_metrics
     from exporter.health import Health
     from exporter.scheduler import run_forever
-    from exporter.selfmetrics import SelfMetrics
     from exporter.web import Router, serve, with_headers
 
     settings = _settings(ctx, flags, **{"export.interval_seconds": interval, "server.port": port})
     web = _web_config(settings)
-    metrics, health, stop = SelfMetrics(), Health(secrets=_secret_values), threading.Event()
+    metrics, health, stop = self_metrics(), Health(secrets=_secret_values), threading.Event()
     with open_runner(settings, stop, metrics, health) as runner:
         address = None
         if settings.server.enabled:
@@ -305,7 +307,7 @@ def dead_letters() -> None:
 def _sink_option(fn: F) -> F:
     fn = click.option("--reason", help="Only this reason (too_large, rejected, too_old...).")(fn)
     return click.option(
-        "--sink", type=click.Choice(["pramathus", "remote_write"]), help="Only this sink."
+        "--sink", help="Only this sink (a registered sink's name, e.g. pramathus)."
     )(fn)
 
 
@@ -365,7 +367,15 @@ def dead_letters_replay(
 
 
 def _sinks(sink: str | None) -> list[str]:
-    return [sink] if sink else ["pramathus", "remote_write"]
+    """The registered sinks' names (`sink`: that one only; exit 2 if it is unknown)."""
+    from exporter.sinks.registry import all_specs
+
+    names = [spec.name for spec in all_specs()]
+    if sink is None:
+        return names
+    if sink not in names:
+        _fail(f"--sink {sink!r} is not a registered sink: use one of {', '.join(names)}", 2)
+    return [sink]
 
 
 def _masked(text: str) -> str:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import yaml
 from pydantic import (
@@ -78,7 +79,15 @@ ENV_KEYS: dict[str, str] = {
     "TRACES_BUCKET_SECONDS": "traces.bucket_seconds",
     "TRACES_SETTLE_SECONDS": "traces.settle_seconds",
     "TRACES_MAX_TRACE_NAMES": "traces.max_trace_names",
+    # OTLP, by the OpenTelemetry exporter conventions (OTEL_EXPORTER_OTLP_ENDPOINT and
+    # OTEL_EXPORTER_OTLP_HEADERS are read by `_otlp_env`).
+    "OTLP_ENABLED": "otlp.enabled",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "otlp.endpoint",
+    "OTEL_EXPORTER_OTLP_COMPRESSION": "otlp.compression",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE": "otlp.ca_bundle",
+    "OTEL_SERVICE_NAME": "otlp.service_name",
 }
+OTLP_METRICS_PATH = "/v1/metrics"
 
 
 # Secrets may instead be read from a file named by `<NAME>_FILE` (Docker and Kubernetes
@@ -258,6 +267,37 @@ class RemoteWriteSettings(Section):
         return self
 
 
+class OtlpSettings(Section):
+    """Every metric point at its own time to an OTLP/HTTP (protobuf) metrics endpoint."""
+
+    enabled: bool = False
+    # The metrics URL; OTEL_EXPORTER_OTLP_ENDPOINT gives a base to which /v1/metrics is added.
+    endpoint: str | None = None
+    # Request headers (api-key, DD-API-KEY, x-honeycomb-team...): every value is a secret.
+    headers: dict[str, str] = Field(default_factory=dict)
+    compression: Literal["none", "gzip"] = "none"
+    service_name: str = Field("mlflow-monitoring", min_length=1)
+    batch_size: int = Field(1000, ge=1, le=100_000)  # data points per request
+    timeout_seconds: float = Field(10.0, gt=0)
+    # Longest a cycle spends delivering (retries included); the rest waits in the queue.
+    delivery_budget_seconds: float = Field(30.0, gt=0)
+    queue_max_points: int = Field(5_000_000, ge=1)
+    # As pramathus.spool_overflow: wait (nothing lost), or an opt-in drop counted as lost.
+    queue_overflow: Literal["wait", "drop_oldest", "drop_newest"] = "wait"
+    verify_tls: bool = True
+    ca_bundle: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, v: str | None) -> str | None:
+        return None if v in (None, "") else _http_url(v)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _endpoint_when_enabled(cls, data: Any, handler: Any) -> Any:
+        return _required_when_enabled(data, handler, "otlp", "endpoint")
+
+
 class ExportSettings(Section):
     interval_seconds: float = Field(60.0, ge=1)
     # The background sweep re-reads every run about once per this period (0: every cycle).
@@ -360,6 +400,7 @@ class Settings(Section):
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
     pramathus: PramathusSettings = Field(default_factory=PramathusSettings)
     remote_write: RemoteWriteSettings = Field(default_factory=RemoteWriteSettings)
+    otlp: OtlpSettings = Field(default_factory=OtlpSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     traces: TracesSettings = Field(default_factory=TracesSettings)
@@ -397,6 +438,7 @@ def plain_http_credentials(settings: Settings) -> list[str]:
             settings.remote_write.url,
             any((settings.remote_write.password, settings.remote_write.bearer_token)),
         ),
+        ("otlp", settings.otlp.endpoint, bool(settings.otlp.headers)),
     ]
     warnings = []
     for section, url, has_secret in checks:
@@ -506,6 +548,41 @@ def _apply_env(
                 sources[dotted] = f"env {name}_FILE"
     if not env.get("EXPORTER_SHARD_INDEX") and env.get(POD_NAME_ENV):
         _shard_from_pod_name(env[POD_NAME_ENV], tree, sources, problems)
+    _otlp_env(env, tree, sources, problems)
+
+
+def _otlp_env(
+    env: Mapping[str, str], tree: dict[str, Any], sources: dict[str, str], problems: list[str]
+) -> None:
+    """The OpenTelemetry exporter variables that are not one key each: a base endpoint
+    (used only without OTEL_EXPORTER_OTLP_METRICS_ENDPOINT) and `k=v,k2=v2` headers
+    (values URL-encoded; from `OTEL_EXPORTER_OTLP_HEADERS_FILE` too), over the file's."""
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if base and not env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        _set_dotted(tree, "otlp.endpoint", base.strip().rstrip("/") + OTLP_METRICS_PATH)
+        sources["otlp.endpoint"] = "env OTEL_EXPORTER_OTLP_ENDPOINT"
+    variable, raw = "OTEL_EXPORTER_OTLP_HEADERS", env.get("OTEL_EXPORTER_OTLP_HEADERS")
+    if not raw and env.get(f"{variable}_FILE"):
+        variable = f"{variable}_FILE"
+        raw = _read_secret_file(env[variable], variable, problems)
+    if not raw:
+        return
+    headers: dict[str, str] = {}
+    for n, item in enumerate(raw.split(","), 1):
+        key, sep, value = item.partition("=")
+        if not item.strip():
+            continue
+        if not sep or not key.strip():
+            # The entry is not echoed: it may hold a key.
+            problems.append(f"{variable}: entry {n} is not key=value (give k1=v1,k2=v2)")
+            continue
+        headers[unquote(key.strip())] = unquote(value.strip())
+    section = tree.setdefault("otlp", {})
+    if not isinstance(section, dict):
+        section = tree["otlp"] = {}
+    given = section.get("headers")
+    section["headers"] = {**(given if isinstance(given, dict) else {}), **headers}
+    sources["otlp.headers"] = f"env {variable}"
 
 
 def _shard_from_pod_name(

@@ -18,13 +18,14 @@ import structlog
 
 from exporter.config import Settings
 from exporter.health import Health, Status
+from exporter.labels import decide_run_id_length
 from exporter.mlflow_source import MlflowError, MlflowSource
-from exporter.naming import short_id_length
 from exporter.planners import push as push_plan
 from exporter.planners.scope import metric_filter, owns_group, owns_registry, with_run_series
 from exporter.planners.series import REGISTRY_KEY, GroupKey, ServerCounts, experiment_key
 from exporter.progress import CaptureProgress, ProgressView
 from exporter.selfmetrics import BLOCKED_CAUSES, SelfMetrics
+from exporter.sinks import registry
 from exporter.sinks.delivery import DeliverySink, Drainer
 from exporter.sinks.groups import GroupBuilder
 from exporter.sinks.pushgateway import PushError, PushTarget
@@ -40,14 +41,10 @@ log = structlog.get_logger("exporter.runner")
 T = TypeVar("T")
 
 
-# A Pramathus point is one logged value; remote write sends two samples per point (the value
-# and its step), so its counts are samples and are never added to points.
-_UNITS = {"remote_write": "samples"}
-
-
 def unit(sink: str) -> str:
-    """What a sink's counts count: `points`, or `samples` for remote write."""
-    return _UNITS.get(sink, "points")
+    """What a sink's counts count: `points`, or `samples` for remote write (two samples per
+    point: the value and its step; never added to points). From the sink registry."""
+    return registry.unit(sink)
 
 
 @dataclass
@@ -120,9 +117,11 @@ class Runner:
             synced = self._stage(result, "mlflow", self._sync, result)
             if synced is not None and self.settings.traces.enabled:
                 self._stage(result, "traces", self._traces)
+            if synced is None or not synced.labels_decided:
+                # Capture stopped before deciding; what it mirrored is due, so checked here.
+                self._stage(result, "state", self._decide_labels)
             if self.settings.prometheus.enabled:
-                new_runs = synced.new_run_ids if synced is not None else []
-                self._stage(result, "state", self._prepare_series, new_runs)
+                self._stage(result, "state", self._prepare_series)
             if self.pushgateway is not None:
                 self._stage(result, "pushgateway", self._push, result, synced)
             for sink in self.sinks:
@@ -273,15 +272,21 @@ class Runner:
                 "pushgateway.pushed", groups=pushed[0], series=pushed[1], deleted_groups=pushed[3]
             )
 
-    def _prepare_series(self, new_runs: Sequence[str]) -> None:
-        """Mark dirty what changes every series of a group: a longer run_id label, an
-        experiment entering or leaving the per-run selection (`MAX_EXPERIMENTS`), or runs
-        moving across the edge of the run window since the last cycle."""
+    def _decide_labels(self) -> None:
+        """The run_id label length, when capture did not get to decide it (MLflow failed
+        or a stop came first): the runs it mirrored are still due, so they are checked."""
+        due = self.state.mirror.capture_due(int(self.clock() * 1000))
+        decide_run_id_length(self.state, self.settings.prometheus.run_id_length, due)
+
+    def _prepare_series(self) -> None:
+        """Mark dirty what changes every series of a group: an experiment entering or
+        leaving the per-run selection (`MAX_EXPERIMENTS`), or runs moving across the edge
+        of the run window since the last cycle (a longer run_id label is marked by
+        `labels.decide_run_id_length`)."""
         mirror = self.state.mirror
         experiment_ids = [e.experiment_id for e in mirror.experiments()]
         selected = with_run_series(mirror.activity(), self.settings.export.max_experiments)
         record = self.state.load(PushRecord)
-        length = self._run_id_length(new_runs)
         since = self._window_since_ms()
         with self.state.transaction():
             moved = selected.symmetric_difference(record.selected or ())
@@ -294,11 +299,6 @@ class Runner:
                 self.state.save(
                     replace(record, selected=tuple(sorted(selected)), window_since_ms=since)
                 )
-            old = self.state.load(LabelRecord).run_id_length
-            if length != old:
-                self.state.save(LabelRecord(length))
-                mirror.mark_dirty()
-                self.state.save(replace(self.state.load(PushRecord), registry_dirty=True))
 
     def _window_since_ms(self) -> int | None:
         """Where the run window starts now (None: no window)."""
@@ -315,19 +315,6 @@ class Runner:
         return self.state.mirror.experiments_with_runs_ended_between(
             min(before, now), max(before, now)
         )
-
-    def _run_id_length(self, new_runs: Sequence[str]) -> int:
-        """The run_id label length: grows only when two exported runs would collide, so a
-        series keeps its identity. A full recount happens only when it must grow."""
-        mirror = self.state.mirror
-        current = self.state.load(LabelRecord).run_id_length
-        minimum = self.settings.prometheus.run_id_length
-        registry_ids = mirror.registry().run_ids()
-        checked = [*new_runs, *registry_ids]
-        if current >= minimum and not any(mirror.has_prefix_clash(r, current) for r in checked):
-            return current
-        ids = [*mirror.run_ids(), *registry_ids]
-        return max(short_id_length(ids, minimum), current)
 
     def builder(self, mirror: Mirror | None = None) -> GroupBuilder:
         """Group families as of the mirror now (`mirror`: another connection's view, for

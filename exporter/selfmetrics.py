@@ -20,9 +20,6 @@ STAGES = ("mlflow", "traces", "pushgateway", "state", "internal")
 CYCLE_RESULTS = ("success", "failure", "crash")
 EXCLUDED_KINDS = ("experiments", "runs", "metrics", "trace_names")
 RECONCILE_KINDS = ("new", "changed", "restored", "removed")
-# The built-in history sinks, whose families exist even while they are off (dashboards and
-# alerts refer to them); any other sink gets its families when it is registered.
-BUILTIN_SINKS = ("pramathus", "remote_write")
 # Why points are set aside for good: refused by the receiver (4xx), older than it (or
 # max_sample_age) takes, out of order for it, or sharing a timestamp with another point.
 SET_ASIDE_REASONS = ("rejected", "too_large", "too_old", "out_of_order", "duplicate_timestamp")
@@ -131,7 +128,7 @@ class SelfMetrics:
     `sinks`: the history sinks whose delivery families exist from the start; `sink(name)`
     adds one later (a sink is never looked up by a name fixed here)."""
 
-    def __init__(self, sinks: Iterable[str] = BUILTIN_SINKS) -> None:
+    def __init__(self, sinks: Iterable[str] | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.up = Gauge(f"{P}up", "1 when the last cycle could read MLflow.", registry=r)
         self.cycles = Counter(
@@ -246,6 +243,12 @@ class SelfMetrics:
             self.reconcile_found.labels(kind)
         for state in ("due", "done"):
             self.capture_runs.labels(state)
+        if sinks is None:
+            # The built-in sinks' families exist even while they are off (dashboards and
+            # alerts refer to them); any other sink gets its families when it is registered.
+            from exporter.sinks.registry import BUILTIN
+
+            sinks = [spec.name for spec in BUILTIN]
         for name in sinks:
             self.sink(name)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from exporter.config import Settings
+from exporter.labels import decide_run_id_length
 from exporter.mlflow_source import (
     BULK_MAX_RUNS,
     EXPERIMENTS_PER_SEARCH,
@@ -69,6 +70,7 @@ class SyncResult:
     dropped: dict[str, int] = field(default_factory=dict)  # sink -> points dropped by bounds
     waiting: dict[str, int] = field(default_factory=dict)  # sink -> points owed while full
     new_run_ids: list[str] = field(default_factory=list)  # runs the mirror did not know
+    labels_decided: bool = False  # the run_id label length was decided before capture
     stopped: bool = False
 
 
@@ -122,7 +124,14 @@ class Sync:
                 self.state.save(
                     CaptureRecord(now_ms, record.deleted_experiments, record.active_experiments)
                 )
-            self._capture(now_ms, result)
+            due = self.state.mirror.capture_due(now_ms)  # newest runs first
+            # Before any point is encoded, whatever sinks are on (defect: remote write once
+            # encoded a new run's points under the label of another sharing its prefix).
+            decide_run_id_length(
+                self.state, self.settings.prometheus.run_id_length, [*result.new_run_ids, *due]
+            )
+            result.labels_decided = True
+            self._capture(now_ms, due, result)
             self._backfill(result)
         except _StoppedError:
             result.stopped = True
@@ -322,12 +331,12 @@ class Sync:
 
     # ------------------------------------------------------------------ points
 
-    def _capture(self, now_ms: int, result: SyncResult) -> None:
-        """Read the histories of runs that changed or are settling; queue the new points."""
+    def _capture(self, now_ms: int, due: dict[str, bool], result: SyncResult) -> None:
+        """Read the histories of the due runs (changed or settling; `Mirror.capture_due`);
+        queue the new points."""
         if not self.sinks:
             return  # nothing to deliver to: runs stay pending until a sink is enabled
         mirror, ledger = self.state.mirror, self.state.ledger
-        due = mirror.capture_due(now_ms)  # newest runs first
         allowed = metric_filter(self.settings.export)
         ordered = list(due)
         self.progress.begin(len(ordered))

@@ -51,6 +51,7 @@ class FakeResponse:
     status_code: int = 200
     text: str = '{"status": "ok"}'
     headers: Mapping[str, str] = field(default_factory=dict)
+    content: bytes = b""  # the raw body, where a sink decodes it (an OTLP answer)
 
 
 @dataclass(frozen=True)

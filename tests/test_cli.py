@@ -745,6 +745,7 @@ def test_dead_letters_replay_by_sink_and_reason_queues_only_those(tmp_path: Path
     assert everything.output.splitlines() == [
         "pramathus: 2 points in 1 batches queued again",
         "remote_write: 4 points in 1 batches queued again",
+        "otlp: 0 points in 0 batches queued again",  # every registered sink is listed
     ]
 
 

@@ -433,3 +433,79 @@ def test_series_window_and_mlflow_concurrency_come_from_their_env_variables() ->
     problems = problems_of(env={"EXPORTER_MLFLOW_CONCURRENCY": "0"})
     assert problems[0].startswith("mlflow.concurrency:")
     assert "EXPORTER_MLFLOW_CONCURRENCY" in problems[0]
+
+
+# ---------------------------------------------------------------------- OTLP
+
+
+def test_otlp_follows_the_opentelemetry_exporter_variables() -> None:
+    s = load_settings(
+        env={
+            "OTLP_ENABLED": "true",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.example.com/",
+            "OTEL_EXPORTER_OTLP_HEADERS": "api-key=k%3D1, x-honeycomb-team=hc,",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+            "OTEL_SERVICE_NAME": "ml-prod",
+        }
+    )
+
+    assert s.otlp.enabled
+    assert s.otlp.endpoint == "https://otlp.example.com/v1/metrics"
+    assert s.otlp.headers == {"api-key": "k=1", "x-honeycomb-team": "hc"}
+    assert s.otlp.compression == "gzip"
+    assert s.otlp.service_name == "ml-prod"
+    assert s.masked()["otlp"]["headers"] == {
+        "api-key": "**********",
+        "x-honeycomb-team": "**********",
+    }
+
+
+def test_the_metrics_endpoint_variable_wins_over_the_base_one() -> None:
+    s = load_settings(
+        env={
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:4318/custom",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+        }
+    )
+
+    assert s.otlp.endpoint == "http://127.0.0.1:4318/custom"
+
+
+def test_otlp_headers_from_env_join_the_files_and_can_come_from_a_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("otlp:\n  headers: {X-Tenant: t1}\n")
+    secret = tmp_path / "headers"
+    secret.write_text("DD-API-KEY=dd-1\n")
+
+    s = load_settings(config, env={"OTEL_EXPORTER_OTLP_HEADERS_FILE": str(secret)})
+
+    assert s.otlp.headers == {"X-Tenant": "t1", "DD-API-KEY": "dd-1"}
+
+
+def test_a_malformed_otlp_header_entry_is_named_without_its_value() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"OTEL_EXPORTER_OTLP_HEADERS": "api-key=ok,secret-without-equals"})
+
+    assert caught.value.problems == [
+        "OTEL_EXPORTER_OTLP_HEADERS: entry 2 is not key=value (give k1=v1,k2=v2)"
+    ]
+
+
+def test_otlp_enabled_without_an_endpoint_names_the_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"OTLP_ENABLED": "1"})
+
+    assert "otlp.enabled is true but otlp.endpoint is not set" in caught.value.problems[0]
+
+
+def test_otlp_headers_over_plain_http_to_another_host_are_warned_about() -> None:
+    s = Settings.model_validate(
+        {"otlp": {"endpoint": "http://collector.example:4318/v1/metrics", "headers": {"k": "v"}}}
+    )
+
+    assert plain_http_credentials(s) == [
+        (
+            "otlp: credentials go over plain http:// to collector.example; use https:// unless "
+            "the network between is trusted"
+        )
+    ]

@@ -22,11 +22,15 @@ from exporter.mlflow_source import MlflowError
 from exporter.runner import CycleResult, Runner
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import Outcome, Reply
+from exporter.sinks.history import RemoteWriteSink
+from exporter.sinks.remote_write import RemoteWriteClient
 from exporter.state import StateStore
 from exporter.state.outbox import Outbox
+from exporter.state.records import LabelRecord
 from tests.fake_mlflow import FakeMlflow
 from tests.fake_sinks import FakeGateway, RecordingSink
 from tests.fakes import FakeClock, SleepRecorder
+from tests.fakes_remote_write import FakeReceiver
 
 SETTLE = 60.0
 INTERVAL = 10.0
@@ -330,6 +334,75 @@ def test_a_disabled_sink_forgets_its_queue(h: Harness) -> None:
     h.ok_cycle()
 
     assert h.state.outbox("pramathus").totals().points == 0
+
+
+@pytest.mark.parametrize("prometheus", [False, True], ids=["prometheus_off", "prometheus_on"])
+def test_two_runs_sharing_12_characters_get_two_remote_write_series_whatever_sinks_are_on(
+    tmp_path: Path, prometheus: bool
+) -> None:
+    # The run_id length used to grow only in the Pushgateway's stage, after remote write had
+    # encoded the points (and never with Prometheus off): both runs went out as one series.
+    h = Harness(tmp_path, sinks=[])
+    settings = Settings.model_validate(
+        {
+            "export": h.export,
+            "prometheus": {"enabled": prometheus},
+            "remote_write": {"enabled": True, "url": "http://127.0.0.1:9/api/v1/write"},
+        }
+    )
+    receiver = FakeReceiver(in_order=False)
+    sink = RemoteWriteSink(
+        settings.remote_write,
+        run_id_length=lambda: max(h.state.load(LabelRecord).run_id_length, 12),
+        client=RemoteWriteClient(settings.remote_write, post=receiver, clock=h.clock),
+    )
+    h.runner = Runner(
+        settings=settings,
+        source=h.mlflow,
+        state=h.state,
+        metrics=h.metrics,
+        health=h.health,
+        pushgateway=h.gateway if prometheus else None,
+        sinks=[sink],
+        clock=h.clock,
+        sleep=SleepRecorder(h.clock),
+    )
+    exp = h.mlflow.create_experiment("twins")
+    first = h.mlflow.create_run(exp, run_id="0123456789ab" + "0" * 20)
+    h.mlflow.log(first, "loss", 1.0)
+    try:
+        h.ok_cycle()
+        second = h.mlflow.create_run(exp, run_id="0123456789ab" + "1" * 20)
+        h.mlflow.log(second, "loss", 2.0)
+        h.ok_cycle()
+    finally:
+        h.state.close()
+
+    labelled = [
+        (dict(ts.labels)["run_id"], ts.samples[0][1])
+        for call in receiver.calls
+        for ts in call.series
+        if dict(ts.labels)["__name__"] == "mlflow_loss"
+    ]
+    # The first run alone had 12 characters; the second's first point already has 13.
+    assert labelled == [("0123456789ab", 1.0), ("0123456789ab1", 2.0)]
+
+
+def test_runs_mirrored_by_a_capture_that_stopped_early_still_decide_the_run_id_length(
+    h: Harness,
+) -> None:
+    first = h.mlflow.create_run(h.mlflow.create_experiment("a"), run_id="fedcba9876540" + "0" * 19)
+    h.mlflow.log(first, "loss", 1.0)
+    h.ok_cycle()
+    h.mlflow.create_run(h.mlflow.create_experiment("b"), run_id="fedcba9876541" + "1" * 19)
+    # A stop once the new experiment's first page is mirrored, before capture decides.
+    h.runner.should_stop = lambda: h.state.mirror.run_count() == 2
+
+    h.cycle()
+
+    assert h.state.load(LabelRecord).run_id_length == 13
+    # Pushed again at once with the longer label.
+    assert h.gateway.value("mlflow_loss", run_id="fedcba9876540") == [1.0]
 
 
 # ---------------------------------------------------------------------- costs

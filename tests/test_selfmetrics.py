@@ -36,7 +36,8 @@ def test_cycles_exist_at_zero_for_every_result(exposition: dict) -> None:  # typ
 
 
 def test_errors_exist_at_zero_for_every_stage(exposition: dict) -> None:  # type: ignore[type-arg]
-    stages = {"mlflow", "traces", "pushgateway", "pramathus", "remote_write", "state", "internal"}
+    stages = {"mlflow", "traces", "pushgateway", "state", "internal"}
+    stages |= {"pramathus", "remote_write", "otlp"}  # every built-in sink, on or off
     assert label_values(exposition, f"{P}errors_total", "stage") == stages
     assert set(exposition[f"{P}errors_total"].values()) == {0.0}
 

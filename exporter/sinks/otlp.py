@@ -1,0 +1,289 @@
+"""OTLP metrics as a history sink: every captured point at its own time, for vendors.
+
+Each batch is one `ExportMetricsServiceRequest` (the `opentelemetry-proto` messages) sent
+over OTLP/HTTP as protobuf, gzip-compressed when `otlp.compression` says so. A point becomes
+one gauge data point at its own `time_unix_nano`, in the metric named as for Prometheus
+(`val/loss` -> `mlflow_val_loss`), with the attributes `metric_key` (the original key),
+`run_id` (shortened like the Prometheus label, decided for the cycle), `run_name`,
+`experiment_id` and `experiment_name`; the resource carries `service.name`.
+
+Answers follow the OTLP/HTTP specification: 2xx is delivered, and a `partial_success` in
+its body (points the receiver dropped: never to be retried) is logged and counted; 429,
+502, 503 and 504 are retried with backoff, honouring `Retry-After`; any other status means
+what it means for every sink (`delivery.reply_for`: credentials and URLs block the sink
+with the points kept, 400 and 413 split the batch until the refused points are set aside,
+other 4xx set aside, other 5xx retried: a retry within the budget costs nothing).
+Queueing, retries and set-aside are the delivery framework's.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+import structlog
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    Gauge,
+    Metric,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+from exporter import __version__
+from exporter.config import OtlpSettings
+from exporter.errors import reason
+from exporter.logs import redact
+from exporter.model import MetricPoint, RunContext
+from exporter.naming import label_value, metric_family_name
+from exporter.sinks.delivery import (
+    Encoded,
+    Outcome,
+    Reply,
+    post_without_redirects,
+    reply_for,
+    retry_after_seconds,
+)
+from exporter.state.outbox import EncodedBatch, QueuedBatch
+
+log = structlog.get_logger("exporter.sinks.otlp")
+
+SCOPE = "mlflow-monitoring"
+# The OTLP/HTTP specification's retryable statuses; others are what they are for any sink.
+RETRYABLE = frozenset({429, 502, 503, 504})
+FIXES = {
+    "credentials": (
+        "set OTEL_EXPORTER_OTLP_HEADERS (otlp.headers) to the key the endpoint expects, "
+        "e.g. api-key=..., DD-API-KEY=... or x-honeycomb-team=..."
+    ),
+    "redirect": "set OTEL_EXPORTER_OTLP_METRICS_ENDPOINT (otlp.endpoint) to the URL it moved to",
+    "endpoint": (
+        "check OTEL_EXPORTER_OTLP_METRICS_ENDPOINT (otlp.endpoint; with "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, /v1/metrics is appended)"
+    ),
+}
+
+
+def _text(key: str, value: str) -> KeyValue:
+    return KeyValue(key=key, value=AnyValue(string_value=value))
+
+
+def _finite_or_infinite(value: float) -> float:
+    """MLflow's SQL store keeps ±inf as ±the largest float: send it as ±inf again."""
+    return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
+
+
+def encode_request(
+    points: Sequence[MetricPoint],
+    contexts: Mapping[str, RunContext],
+    run_id_length: int,
+    service_name: str,
+) -> bytes:
+    """One request body: a gauge per metric key, a data point per point."""
+    metrics: dict[str, Metric] = {}
+    for p in points:
+        metric = metrics.get(p.key)
+        if metric is None:
+            metric = metrics[p.key] = Metric(name=metric_family_name(p.key), gauge=Gauge())
+        ctx = contexts.get(p.run_id) or RunContext("", "", "", {})
+        metric.gauge.data_points.append(
+            NumberDataPoint(
+                time_unix_nano=p.timestamp_ms * 1_000_000,
+                as_double=_finite_or_infinite(p.value),
+                attributes=[
+                    _text("metric_key", p.key),
+                    _text("run_id", p.run_id[:run_id_length]),
+                    _text("run_name", label_value(ctx.run_name)),
+                    _text("experiment_id", ctx.experiment_id),
+                    _text("experiment_name", label_value(ctx.experiment_name)),
+                ],
+            )
+        )
+    return _request(list(metrics.values()), service_name)
+
+
+def _request(metrics: Sequence[Metric], service_name: str) -> bytes:
+    request = ExportMetricsServiceRequest(
+        resource_metrics=[
+            ResourceMetrics(
+                resource=Resource(attributes=[_text("service.name", service_name)]),
+                scope_metrics=[
+                    ScopeMetrics(
+                        scope=InstrumentationScope(name=SCOPE, version=__version__),
+                        metrics=list(metrics),
+                    )
+                ],
+            )
+        ]
+    )
+    body: bytes = request.SerializeToString()
+    return body
+
+
+def data_point_count(body: bytes) -> int:
+    """The data points a request body holds."""
+    request = ExportMetricsServiceRequest.FromString(body)
+    return sum(
+        len(m.gauge.data_points)
+        for rm in request.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    )
+
+
+def split_request(body: bytes) -> tuple[bytes, bytes]:
+    """Two request bodies holding the first and second half of a body's data points."""
+    request = ExportMetricsServiceRequest.FromString(body)
+    service = ""
+    flat: list[tuple[Metric, NumberDataPoint]] = []
+    for rm in request.resource_metrics:
+        service = next(
+            (a.value.string_value for a in rm.resource.attributes if a.key == "service.name"),
+            service,
+        )
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                flat.extend((m, dp) for dp in m.gauge.data_points)
+    half = len(flat) // 2
+    parts = []
+    for chunk in (flat[:half], flat[half:]):
+        metrics: dict[str, Metric] = {}
+        for metric, dp in chunk:
+            kept = metrics.get(metric.name)
+            if kept is None:
+                kept = metrics[metric.name] = Metric(name=metric.name, gauge=Gauge())
+            kept.gauge.data_points.append(dp)
+        parts.append(_request(list(metrics.values()), service))
+    return parts[0], parts[1]
+
+
+@dataclass
+class OtlpSink:
+    """The OTLP `DeliverySink`; `post` is injectable for tests."""
+
+    settings: OtlpSettings
+    run_id_length: Callable[[], int] = lambda: 12
+    post: Callable[..., requests.Response] = field(default=requests.post, repr=False)
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+    name: str = "otlp"
+    rejected_points: int = 0  # what receivers answered as partial successes, since start
+
+    @property
+    def budget_seconds(self) -> float:
+        return self.settings.delivery_budget_seconds
+
+    @property
+    def max_attempts(self) -> int:
+        return 0
+
+    @property
+    def queue_max_points(self) -> int:
+        return self.settings.queue_max_points
+
+    @property
+    def overflow(self) -> str:
+        return self.settings.queue_overflow
+
+    def encode(
+        self,
+        points: Sequence[MetricPoint],
+        contexts: Mapping[str, RunContext],
+        now_ms: int,  # noqa: ARG002 - the protocol's; a point carries its own time
+    ) -> Encoded:
+        """Batches of at most `batch_size` points (each body with its idempotency key)."""
+        length, size = self.run_id_length(), self.settings.batch_size
+        batches = []
+        for start in range(0, len(points), size):
+            chunk = points[start : start + size]
+            body = encode_request(chunk, contexts, length, self.settings.service_name)
+            batches.append(EncodedBatch(str(uuid.uuid4()), len(chunk), body))
+        return Encoded(batches)
+
+    def split(self, body: bytes) -> list[EncodedBatch]:
+        return [
+            EncodedBatch(str(uuid.uuid4()), data_point_count(part), part)
+            for part in split_request(body)
+        ]
+
+    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+        s = self.settings
+        wait = s.timeout_seconds if timeout is None else min(s.timeout_seconds, timeout)
+        headers = {
+            **s.headers,
+            "Content-Type": "application/x-protobuf",
+            "User-Agent": f"mlflow-monitoring-exporter/{__version__}",
+        }
+        body = batch.body
+        if s.compression == "gzip":
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        endpoint = str(s.endpoint)
+        try:
+            response, url = post_without_redirects(
+                self.post,
+                endpoint,
+                data=body,
+                headers=headers,
+                timeout=wait,
+                verify=s.ca_bundle or s.verify_tls,
+            )
+        except requests.Timeout:
+            return Reply(Outcome.RETRY, f"OTLP endpoint {endpoint} timed out after {wait:g}s")
+        except requests.RequestException as exc:
+            return Reply(
+                Outcome.RETRY,
+                f"cannot reach the OTLP endpoint {endpoint} ({reason(exc)}): is it up, and is "
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT right?",
+            )
+        return self._reply(response, url, batch)
+
+    def _reply(self, response: Any, url: str, batch: QueuedBatch) -> Reply:
+        status = response.status_code
+        endpoint = str(self.settings.endpoint)
+        if 200 <= status < 300:
+            self._partial_success(response.content, batch)
+            return Reply(Outcome.ACCEPTED, status=status)
+        # A receiver may echo the headers it refused: never let a key reach a log line.
+        text = redact(response.text, list(self.settings.headers.values()))
+        where = "" if url == endpoint else f" at {url}"
+        message = (
+            f"OTLP endpoint {endpoint} answered HTTP {status}{where}: "
+            f"{text[:200].replace(chr(10), ' ')}"
+        )
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"), self.clock())
+        if status in RETRYABLE:
+            return Reply(Outcome.RETRY, message, status, retry_after)
+        return reply_for(
+            status, message, FIXES, location=response.headers.get("Location"), retry_after=None
+        )
+
+    def _partial_success(self, content: bytes, batch: QueuedBatch) -> None:
+        """Count and log the points a receiver accepted the request without (the OTLP
+        spec: never retried)."""
+        try:
+            answer = ExportMetricsServiceResponse.FromString(content or b"")
+        except DecodeError:
+            return  # some receivers answer JSON or text: the 2xx is what counts
+        rejected = answer.partial_success.rejected_data_points
+        if rejected or answer.partial_success.error_message:
+            self.rejected_points += rejected
+            log.warning(
+                "otlp.partial_success",
+                rejected_data_points=rejected,
+                batch_points=batch.points,
+                error_message=answer.partial_success.error_message[:200],
+            )

@@ -1,0 +1,158 @@
+"""Sinks by name: the built-in history sinks and those other packages add.
+
+A sink is a `SinkSpec`: its name (its queue's, its self-metrics' `mlflow_exporter_<name>_...`
+families' and its health stage's), its config section, what its counts count, and a
+factory that builds the `DeliverySink` from a `SinkContext`, or returns None while it is
+off. The framework gives every sink the rest: its durable queue and delivery marks,
+retries within its budget, set-aside and replay, self-metrics, health stage and backfill
+when it is first enabled.
+
+A package installed next to the exporter adds a sink with no change here: it declares an
+entry point in the `mlflow_monitoring.sinks` group whose object is a `SinkSpec`, e.g. in
+its pyproject.toml::
+
+    [project.entry-points."mlflow_monitoring.sinks"]
+    example = "example_sink:SPEC"
+
+Such a sink reads its own settings from the environment (`SinkContext.env`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+from exporter.config import ConfigError, Settings
+from exporter.sinks.delivery import DeliverySink
+
+ENTRY_POINT_GROUP = "mlflow_monitoring.sinks"
+# A name becomes part of metric names and a label value: lower case, digits and `_`.
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+# Cycle stages that are not sinks: a sink may not take one of their names.
+_RESERVED = frozenset({"mlflow", "traces", "pushgateway", "state", "internal"})
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """What a factory may use: the settings, the `run_id` label length decided for the
+    cycle before anything is encoded (call it when encoding, never cache it), and the
+    environment (where third-party sinks find their own settings)."""
+
+    settings: Settings
+    run_id_length: Callable[[], int] = lambda: 12
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """One sink as the exporter knows it (see the module docstring)."""
+
+    name: str
+    section: str  # where its settings live (`pramathus`, `remote_write`, or an env prefix)
+    build: Callable[[SinkContext], DeliverySink | None]
+    unit: str = "points"  # what its counts count (remote write: `samples`, two per point)
+    # Its secret setting values (keys, tokens, credential headers), masked in every log
+    # line, health reason and error message.
+    secrets: Callable[[Settings], Iterable[str]] = lambda _settings: ()
+
+
+def _pramathus(context: SinkContext) -> DeliverySink | None:
+    if not context.settings.pramathus.enabled:
+        return None
+    from exporter.sinks.pramathus import PramathusSink
+
+    return PramathusSink(context.settings.pramathus)
+
+
+def _remote_write(context: SinkContext) -> DeliverySink | None:
+    if not context.settings.remote_write.enabled:
+        return None
+    from exporter.sinks.history import RemoteWriteSink
+
+    return RemoteWriteSink(context.settings.remote_write, run_id_length=context.run_id_length)
+
+
+def _otlp(context: SinkContext) -> DeliverySink | None:
+    if not context.settings.otlp.enabled:
+        return None
+    from exporter.sinks.otlp import OtlpSink
+
+    return OtlpSink(context.settings.otlp, run_id_length=context.run_id_length)
+
+
+BUILTIN: tuple[SinkSpec, ...] = (
+    SinkSpec("pramathus", "pramathus", _pramathus),
+    SinkSpec("remote_write", "remote_write", _remote_write, unit="samples"),
+    SinkSpec("otlp", "otlp", _otlp, secrets=lambda s: s.otlp.headers.values()),
+)
+
+
+def installed() -> list[SinkSpec]:
+    """The sinks other installed packages declare; ConfigError names the entry point of any
+    that cannot be loaded or is not a `SinkSpec` (one line each)."""
+    specs, problems = [], []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"sink entry point {ep.name!r} ({ep.value}) in {ENTRY_POINT_GROUP}"
+        try:
+            spec = ep.load()
+        except Exception as exc:  # noqa: BLE001 (a third party's error: name it, never crash)
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            problems.append(
+                f"{where} cannot be loaded ({type(exc).__name__}: {detail}): fix or "
+                "uninstall the package that declares it"
+            )
+            continue
+        if not isinstance(spec, SinkSpec):
+            problems.append(
+                f"{where} is a {type(spec).__name__}, not an exporter SinkSpec: point it at "
+                "a SinkSpec object"
+            )
+            continue
+        specs.append(spec)
+    if problems:
+        raise ConfigError(problems)
+    return specs
+
+
+def all_specs(extra: Iterable[SinkSpec] | None = None) -> list[SinkSpec]:
+    """Built-in sinks then installed ones (`extra`: instead of the installed ones), names
+    checked: valid, unique and not a stage's; ConfigError lists every problem."""
+    specs = [*BUILTIN, *(installed() if extra is None else extra)]
+    problems, seen = [], set()
+    for spec in specs:
+        if not _NAME.match(spec.name) or spec.name in _RESERVED:
+            problems.append(
+                f"sink name {spec.name!r} is invalid: use lower case letters, digits and _ "
+                f"(not {', '.join(sorted(_RESERVED))})"
+            )
+        elif spec.name in seen:
+            problems.append(f"sink name {spec.name!r} is registered twice: rename one")
+        seen.add(spec.name)
+    if problems:
+        raise ConfigError(problems)
+    return specs
+
+
+def unit(name: str) -> str:
+    """What the counts of the built-in sink `name` count (`points` for any other)."""
+    return next((s.unit for s in BUILTIN if s.name == name), "points")
+
+
+def build_sinks(
+    context: SinkContext, specs: Iterable[SinkSpec] | None = None
+) -> list[DeliverySink]:
+    """The enabled sinks, in registration order (built-in first)."""
+    sinks = []
+    for spec in all_specs() if specs is None else specs:
+        sink = spec.build(context)
+        if sink is None:
+            continue
+        if sink.name != spec.name:
+            raise ConfigError(
+                [f"sink {spec.name!r} built a sink named {sink.name!r}: use one name"]
+            )
+        sinks.append(sink)
+    return sinks
