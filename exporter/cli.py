@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -148,21 +149,32 @@ def main(**_: Any) -> None:
 def export_once(ctx: click.Context, **flags: Any) -> None:
     """Run one export cycle; exit 0 on success, 1 with the reason on failure."""
     from exporter.app import open_runner
+    from exporter.runner import run_until_drained, unit
 
     settings = _settings(ctx, flags)
     with open_runner(settings) as runner:
-        result = runner.run_cycle()
+        rounds = run_until_drained(runner)
         requests_made = getattr(runner.source, "requests_made", 0)
+    result = rounds[-1]
     if not result.ok:
         _fail(result.reason())
-    from exporter.runner import unit
-
-    sent = "".join(f"{n} {unit(sink)} sent to {sink}, " for sink, n in result.sent.items())
+    sent: Counter[str] = Counter()
+    for r in rounds:
+        sent.update(r.sent)
+    sent_text = "".join(f"{n} {unit(sink)} sent to {sink}, " for sink, n in sent.items())
+    seconds = sum(r.duration_seconds for r in rounds)
+    in_rounds = f" ({len(rounds)} rounds: the queues' bound was reached)" if len(rounds) > 1 else ""
     click.echo(
         f"exported {result.experiments} experiments, {result.runs} runs, "
-        f"{result.pushed_series} series, {sent}"
-        f"{requests_made} MLflow requests in {result.duration_seconds:.2f}s"
+        f"{sum(r.pushed_series for r in rounds)} series, {sent_text}"
+        f"{requests_made} MLflow requests in {seconds:.2f}s{in_rounds}"
     )
+    if result.held_back:
+        click.echo(
+            "some points are still only in MLflow (the last round delivered none): "
+            "run export-once again once the sinks accept them",
+            err=True,
+        )
 
 
 @main.command()

@@ -60,6 +60,8 @@ class CycleResult:
     # What each sink had acknowledged, in its own unit (see `unit`): sink name -> count.
     sent: dict[str, int] = field(default_factory=dict)
     duration_seconds: float = 0.0
+    # Capture waited for full queues: MLflow holds more for the history sinks than was read.
+    held_back: bool = False
 
     @property
     def ok(self) -> bool:
@@ -198,6 +200,7 @@ class Runner:
             m.sink(sink).backfill.set(n)
         result.experiments, result.runs = synced.experiments, synced.runs
         result.points_spooled = synced.points_captured
+        result.held_back = synced.held_back or bool(synced.waiting)
         # The new run ids as a count: a first cycle would otherwise log every run id.
         fields = {k: v for k, v in vars(synced).items() if v and k != "new_run_ids"}
         log.debug("mlflow.synced", new_runs=len(synced.new_run_ids), **fields)
@@ -455,3 +458,18 @@ class Runner:
             f"points set aside ({', '.join(words)}): see `exporter dead-letters list`, "
             "then `exporter dead-letters replay`"
         )
+
+
+def run_until_drained(runner: Runner, max_rounds: int = 100_000) -> list[CycleResult]:
+    """`export-once`'s cycles: one, then another while capture was held back by full queues
+    (`queue_max_points`) and the last one delivered something, so one run exports what MLflow
+    holds however large, in bounded memory. It ends on a failure, or when a round delivers
+    nothing (what is left stays due for the next run)."""
+    results = [runner.run_cycle()]
+    while len(results) < max_rounds:
+        last = results[-1]
+        if not (last.ok and last.held_back and any(last.sent.values())):
+            break
+        log.info("export.next_round", round=len(results) + 1, **last.sent_fields())
+        results.append(runner.run_cycle())
+    return results

@@ -69,6 +69,9 @@ class SyncResult:
     backfill_remaining: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # sink -> points dropped by bounds
     waiting: dict[str, int] = field(default_factory=dict)  # sink -> points owed while full
+    # Capture stopped reading because every sink's queue was at its bound: runs stay due
+    # and are read once delivery drains (the next cycle, or export-once's next round).
+    held_back: bool = False
     new_run_ids: list[str] = field(default_factory=list)  # runs the mirror did not know
     labels_decided: bool = False  # the run_id label length was decided before capture
     stopped: bool = False
@@ -363,6 +366,15 @@ class Sync:
                     new, done = self._record(chunk, read, series, remaining, now_ms, result)
                     result.points_captured += new
                     self.progress.advance(done, new)
+                if self._all_full() and (runs_due := mirror.pending_count()) > 0:
+                    result.held_back = True
+                    log.info(
+                        "capture.held_back",
+                        runs_due=runs_due,
+                        detail="every sink's queue is at its bound: the rest is read from "
+                        "MLflow as delivery drains",
+                    )
+                    return
         finally:
             self.progress.end()
 

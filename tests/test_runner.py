@@ -19,7 +19,7 @@ import structlog.testing
 from exporter.config import Settings
 from exporter.health import Health
 from exporter.mlflow_source import MlflowError
-from exporter.runner import CycleResult, Runner
+from exporter.runner import CycleResult, Runner, run_until_drained
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import Outcome, Reply
 from exporter.sinks.history import RemoteWriteSink
@@ -1084,6 +1084,68 @@ def test_a_full_queue_is_backpressure_every_point_arrives_once_over_later_cycles
         sample(h.metrics, "mlflow_exporter_pramathus_dropped_points_total", reason="queue_overflow")
         == 0
     )
+    h.state.close()
+
+
+def test_export_once_rounds_deliver_everything_past_the_queue_bound_in_one_run(
+    tmp_path: Path,
+) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+
+    with structlog.testing.capture_logs() as logs:
+        rounds = run_until_drained(h.runner)
+
+    assert len(rounds) > 1
+    assert all(r.ok for r in rounds)
+    assert [r.held_back for r in rounds] == [True] * (len(rounds) - 1) + [False]
+    assert len(sink.accepted) == 1320
+    assert h.exactly_once(sink)
+    held = [e for e in logs if e["event"] == "capture.held_back"]
+    assert len(held) == len(rounds) - 1
+    assert held[0]["runs_due"] >= 1
+    h.state.close()
+
+
+def test_export_once_rounds_end_when_a_round_delivers_nothing(tmp_path: Path) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+    sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 10_000  # down throughout
+
+    rounds = run_until_drained(h.runner)
+
+    assert len(rounds) == 1
+    assert rounds[0].held_back
+    assert sink.accepted == []
+    h.state.close()
+
+
+class ScriptedRunner:
+    """Imitates `Runner.run_cycle` with the results given, one per call."""
+
+    def __init__(self, *results: CycleResult) -> None:
+        self.results = list(results)
+
+    def run_cycle(self) -> CycleResult:
+        return self.results.pop(0)
+
+
+def test_export_once_rounds_end_on_a_successful_round_that_delivered_nothing() -> None:
+    held = CycleResult(held_back=True, sent={"pramathus": 100})
+    nothing = CycleResult(held_back=True, sent={"pramathus": 0})
+    runner = ScriptedRunner(held, nothing, held)
+
+    assert run_until_drained(runner) == [held, nothing]  # type: ignore[arg-type]
+
+
+def test_export_once_rounds_stop_at_their_bound(tmp_path: Path) -> None:
+    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    h = Harness(tmp_path, sinks=[sink])
+    _seed_1320(h)
+
+    assert len(run_until_drained(h.runner, max_rounds=2)) == 2
     h.state.close()
 
 
