@@ -57,6 +57,18 @@ PIPELINE = 'set -o pipefail; bash scripts/run-local.sh | tee "$1"'
 DEMO_RE = re.compile(r"logged FAILED run (\S+) \(([0-9a-f]+)\)")
 
 
+def _terminal_signals() -> None:
+    """Give the pipeline the signal dispositions a terminal's shell gives: all default.
+
+    Dispositions are inherited: under `nohup` (or as a background job of a non-interactive
+    shell) the test runner ignores SIGHUP (SIGINT), and bash cannot trap a signal ignored on
+    entry, so run-local.sh would rightly keep running on a "closed terminal", as nohup asks.
+    The stop tests play a user at a terminal, whatever launched the test run.
+    """
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _free_ports() -> dict[str, int]:
     ports: dict[str, int] = {}
     while len(set(ports.values())) < len(PORT_VARS):
@@ -117,6 +129,7 @@ class LocalStack:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 start_new_session=True,  # its own session and process group, like a terminal
+                preexec_fn=_terminal_signals,
             )
 
     def describe(self) -> str:
