@@ -20,7 +20,9 @@ uuid4 run ids, each copy a little older. Then, all on 127.0.0.1 with real server
   one-worker MLflow: MLflow CPU per idle minute, requests per minute, exporter CPU;
 - **series**: the exporter's series on the Pushgateway and the size of its `/metrics` page;
 - **new-point latency**: a run created through the REST API logs one point; seconds until
-  its series is on the Pushgateway (three times).
+  its series is on the Pushgateway, twelve times, each after a random pause of up to one
+  interval, so the points land at every phase of the cycle (probing right after the previous
+  probe was seen would always log just after a push and measure one whole interval).
 
 Usage: `.venv/bin/python -m bench.bench_scale [N ...] [--boots w4c1,w4c4,w1c1,w1c4]`
 (default 10000). Results go to bench/results/scale-<N>.json; one Markdown table is printed.
@@ -32,9 +34,11 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +60,7 @@ BASE_RUNS = 1000
 STEPS = 5
 DAY_MS = 86_400_000
 INTERVAL = 5.0
-LATENCY_TRIES = 3
+LATENCY_TRIES = 12
 
 
 # ---------------------------------------------------------------------------- the store
@@ -282,7 +286,11 @@ def continuous(workdir: Path, mlflow: servers.Server, state: str, idle_s: float)
             "page_bytes": page_bytes,
             "self_metric": _self_metric(url, "mlflow_exporter_series "),
         }
-        out["latency_s"] = [new_point_latency(mlflow, gateway, job) for _ in range(LATENCY_TRIES)]
+        phases = random.Random(21)  # the same pauses in every run of the benchmark
+        out["latency_s"] = []
+        for _ in range(LATENCY_TRIES):
+            time.sleep(phases.uniform(0, INTERVAL))
+            out["latency_s"].append(new_point_latency(mlflow, gateway, job))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -296,6 +304,17 @@ def continuous(workdir: Path, mlflow: servers.Server, state: str, idle_s: float)
         text = (workdir / "continuous.log").read_text(errors="replace")
         (RESULTS / f"scale-continuous-{time.strftime('%H%M%S')}.log").write_text(text)
     return out
+
+
+def _latency(seconds: list[float]) -> str:
+    """Median, 90th percentile and max of the probes (NaN when a probe never arrived)."""
+    if not seconds:
+        return ""
+    ordered = sorted(seconds)
+    p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+    return (
+        f"{_f(statistics.median(ordered), 1)}, {_f(p90, 1)}, {_f(ordered[-1], 1)} of {len(ordered)}"
+    )
 
 
 def new_point_latency(mlflow: servers.Server, gateway: servers.Server, job: str) -> float:
@@ -444,8 +463,8 @@ def report(results: list[dict[str, Any]]) -> str:
              f"{_f(c['series']['page_bytes'] / 1e6, 2)} MB")
         for r in results
     ])  # fmt: skip
-    row("new point on a new run -> on the Pushgateway (s)", [
-        cont(r, lambda c: ", ".join(_f(x, 1) for x in c["latency_s"])) for r in results
+    row("new point on a new run -> on the Pushgateway (s): median, 90th pct, max of n", [
+        cont(r, lambda c: _latency(c["latency_s"])) for r in results
     ])  # fmt: skip
     head = "| what | " + " | ".join(f"N={r['n']:,} ({r['experiments']} exp.)" for r in results)
     lines = [head + " |", "|---|" + "---|" * len(results)]
