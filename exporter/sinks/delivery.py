@@ -226,10 +226,22 @@ class Drainer:
         return reply
 
 
-# Request headers that carry credentials: never sent on to another origin by a redirect.
+# Request header names that say they carry credentials (masked wherever they are logged).
 CREDENTIAL_HEADER = re.compile(
     r"^(?:authorization|proxy-authorization|cookie)$|token|secret|password|api[-_]?key",
     re.IGNORECASE,
+)
+# The only headers a redirect carries to another origin: they describe the body. Every other
+# header may be a credential whose name says nothing (a vendor's `x-honeycomb-team`, a
+# tenant id), so a header a user configured never leaves the origin they named.
+CROSS_ORIGIN_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "user-agent",
+        "idempotency-key",
+        "x-prometheus-remote-write-version",
+    }
 )
 RETRYABLE_4XX = frozenset({408, 425, 429})
 SPLITTABLE_4XX = frozenset({400, 422})  # may concern only some points: bisect to find them
@@ -248,8 +260,9 @@ def post_without_redirects(
 
     `requests` would follow 301/302/303 by sending a GET without the body, whose 200 then
     looks like a delivery. Here 307 and 308 (which keep method and body by definition) are
-    followed up to `MAX_REDIRECTS` times, credential headers only while the origin stays
-    the same; any other 3xx is handed back for the caller to report.
+    followed up to `MAX_REDIRECTS` times, every header while the origin stays the same and
+    only `CROSS_ORIGIN_HEADERS` once it changes; any other 3xx is handed back for the caller
+    to report.
     """
     target, sent = url, dict(headers)
     for _ in range(MAX_REDIRECTS + 1):
@@ -259,7 +272,7 @@ def post_without_redirects(
             break
         target = urljoin(target, location)
         if _origin(target) != _origin(url):
-            sent = {k: v for k, v in sent.items() if not CREDENTIAL_HEADER.search(k)}
+            sent = {k: v for k, v in sent.items() if k.lower() in CROSS_ORIGIN_HEADERS}
     return response, target
 
 

@@ -150,6 +150,23 @@ def test_a_batch_is_posted_as_gzip_protobuf_with_the_vendor_headers() -> None:
     assert gzip.decompress(call.data) == batch.body
 
 
+def test_a_redirect_to_another_origin_carries_no_vendor_header_only_the_body_and_its_type() -> None:
+    moved = FakeResponse(307, "", {"Location": "https://elsewhere.example/v1/metrics"})
+    post = FakePost([moved, 200])
+    vendor = {"DD-API-KEY": "k-123", "x-honeycomb-team": "team-key", "X-Scope-OrgID": "t1"}
+    s = sink(post, compression="gzip", headers=vendor)
+    [batch] = s.encode(points(1), CONTEXTS, 0).batches
+
+    reply = s.send(queued(batch.body), timeout=3)
+
+    assert reply.outcome is Outcome.ACCEPTED
+    first, second = post.calls
+    assert vendor.items() <= first.headers.items()
+    assert second.url == "https://elsewhere.example/v1/metrics"
+    assert set(second.headers) == {"Content-Type", "Content-Encoding", "User-Agent"}
+    assert second.data == first.data
+
+
 def test_without_compression_the_body_goes_as_it_is() -> None:
     post = FakePost()
     s = sink(post)
