@@ -381,6 +381,7 @@ class Runner:
         m = self.metrics.sink(sink.name)
         m.points_sent.inc(drained.points)
         m.batches_sent.inc(drained.batches)
+        m.dropped_by_receiver.inc(drained.dropped_by_receiver)
         for cause in BLOCKED_CAUSES:
             m.blocked.labels(cause).set(1 if drained.blocked == cause else 0)
         result.sent[sink.name] = result.sent.get(sink.name, 0) + drained.points
@@ -391,6 +392,8 @@ class Runner:
             fields: dict[str, Any] = {"batches": drained.batches, unit(sink.name): drained.points}
             if drained.set_aside:
                 fields["set_aside"] = drained.set_aside
+            if drained.dropped_by_receiver:
+                fields["dropped_by_receiver"] = drained.dropped_by_receiver
             if drained.error:
                 fields["error"] = drained.error
             log.info("delivery.drained", sink=sink.name, **fields)

@@ -73,6 +73,12 @@ class SinkMetrics:
             ["cause"],
             registry=r,
         )
+        self.dropped_by_receiver = Counter(
+            f"{p}receiver_dropped_points",
+            f"Points {what} acknowledged but said it dropped (an OTLP partial success); "
+            "never re-sent, as the receiver asks.",
+            registry=r,
+        )
         self.dropped.labels("queue_overflow")
         for reason in SET_ASIDE_REASONS:
             self.set_aside.labels(reason)

@@ -433,6 +433,28 @@ def test_a_third_sink_gets_its_own_metrics_and_error_stage_from_its_name(
     assert sample(h.metrics, "mlflow_exporter_pramathus_points_sent_total") == 4
 
 
+def test_points_a_receiver_acknowledges_but_drops_are_counted_logged_and_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    # An OTLP partial success: the request is acknowledged, some of its points dropped.
+    sink = RecordingSink(script=[Reply(Outcome.ACCEPTED, dropped_by_receiver=2)])
+    h = Harness(tmp_path, sinks=[sink])
+    try:
+        run = h.mlflow.create_run(h.mlflow.create_experiment("partial"))
+        h.mlflow.log_many(run, "loss", [0.5, 0.25, 0.125])
+        with structlog.testing.capture_logs() as logs:
+            h.ok_cycle()
+        h.ok_cycle()
+    finally:
+        h.state.close()
+
+    assert sample(h.metrics, "mlflow_exporter_pramathus_receiver_dropped_points_total") == 2
+    assert sample(h.metrics, "mlflow_exporter_pramathus_points_sent_total") == 3
+    [line] = [e for e in logs if e["event"] == "delivery.drained"]
+    assert line["dropped_by_receiver"] == 2
+    assert sink.posts == 1
+
+
 def test_an_idle_cycle_makes_the_same_few_requests_whatever_the_number_of_runs(
     tmp_path: Path,
 ) -> None:

@@ -60,6 +60,9 @@ class Reply:
     reason: str = "rejected"  # why a refused batch is set aside (a metric label value)
     splittable: bool = False  # the refusal may concern only some samples: split and retry
     cause: str = ""  # BLOCKED: one of BLOCKED_CAUSES
+    # ACCEPTED: points the receiver said it dropped while acknowledging the request (an
+    # OTLP partial success); never re-sent, as the receiver asks, but counted.
+    dropped_by_receiver: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,7 @@ class DrainResult:
     error: str | None = None  # why draining stopped early or what was refused
     stopped: bool = False
     blocked: str | None = None  # a BLOCKED_CAUSES value when a setting stopped delivery
+    dropped_by_receiver: int = 0  # acknowledged points the receiver said it dropped
 
 
 @dataclass
@@ -169,6 +173,7 @@ class Drainer:
             self.outbox.done(batch.id)
             result.batches += 1
             result.points += batch.points
+            result.dropped_by_receiver += reply.dropped_by_receiver
             if self._refused_large:
                 self._learnt = max(self._learnt or 0, len(batch.body))
                 self.outbox.set_body_limit(self._learnt)

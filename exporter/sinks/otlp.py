@@ -180,7 +180,6 @@ class OtlpSink:
     post: Callable[..., requests.Response] = field(default=requests.post, repr=False)
     clock: Callable[[], float] = field(default=time.time, repr=False)
     name: str = "otlp"
-    rejected_points: int = 0  # what receivers answered as partial successes, since start
 
     @property
     def budget_seconds(self) -> float:
@@ -255,8 +254,8 @@ class OtlpSink:
         status = response.status_code
         endpoint = str(self.settings.endpoint)
         if 200 <= status < 300:
-            self._partial_success(response.content, batch)
-            return Reply(Outcome.ACCEPTED, status=status)
+            dropped = self._partial_success(response.content, batch)
+            return Reply(Outcome.ACCEPTED, status=status, dropped_by_receiver=dropped)
         # A receiver may echo the headers it refused: never let a key reach a log line.
         text = redact(response.text, list(self.settings.headers.values()))
         where = "" if url == endpoint else f" at {url}"
@@ -271,19 +270,19 @@ class OtlpSink:
             status, message, FIXES, location=response.headers.get("Location"), retry_after=None
         )
 
-    def _partial_success(self, content: bytes, batch: QueuedBatch) -> None:
-        """Count and log the points a receiver accepted the request without (the OTLP
-        spec: never retried)."""
+    def _partial_success(self, content: bytes, batch: QueuedBatch) -> int:
+        """The points a receiver accepted the request without (the OTLP spec: never
+        retried), logged once."""
         try:
             answer = ExportMetricsServiceResponse.FromString(content or b"")
         except DecodeError:
-            return  # some receivers answer JSON or text: the 2xx is what counts
+            return 0  # some receivers answer JSON or text: the 2xx is what counts
         rejected = answer.partial_success.rejected_data_points
         if rejected or answer.partial_success.error_message:
-            self.rejected_points += rejected
             log.warning(
                 "otlp.partial_success",
                 rejected_data_points=rejected,
                 batch_points=batch.points,
                 error_message=answer.partial_success.error_message[:200],
             )
+        return int(rejected)

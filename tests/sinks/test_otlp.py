@@ -246,7 +246,7 @@ def test_a_partial_success_is_accepted_counted_and_logged() -> None:
         reply = s.send(queued(b"", points=5))
 
     assert reply.outcome is Outcome.ACCEPTED
-    assert s.rejected_points == 2
+    assert reply.dropped_by_receiver == 2
     [line] = [e for e in logs if e["event"] == "otlp.partial_success"]
     assert line["rejected_data_points"] == 2
     assert line["error_message"] == "2 points too old"
@@ -255,8 +255,10 @@ def test_a_partial_success_is_accepted_counted_and_logged() -> None:
 def test_an_answer_that_is_not_protobuf_still_counts_its_2xx() -> None:
     s = sink(FakePost([FakeResponse(200, "{}", {}, b"\xff\xff not protobuf")]))
 
-    assert s.send(queued(b"")).outcome is Outcome.ACCEPTED
-    assert s.rejected_points == 0
+    reply = s.send(queued(b""))
+
+    assert reply.outcome is Outcome.ACCEPTED
+    assert reply.dropped_by_receiver == 0
 
 
 # ---------------------------------------------------------------------- delivery
