@@ -39,7 +39,7 @@ def secrets_of(settings: Settings) -> list[str]:
     )
     values = [c.get_secret_value() for c in candidates if c is not None]
     values += [v for k, v in settings.remote_write.headers.items() if CREDENTIAL_HEADER.search(k)]
-    values += [v for spec in registry.BUILTIN for v in spec.secrets(settings)]
+    values += [v for spec in registry.all_specs() for v in spec.secrets(settings)]
     pairs = [
         (_plain(section.username), _plain(section.password))
         for section in (settings.mlflow, settings.prometheus, settings.remote_write)

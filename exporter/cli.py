@@ -7,10 +7,10 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-import requests
 import structlog
 import yaml
 
@@ -254,7 +254,11 @@ def check_config(ctx: click.Context, **flags: Any) -> None:
 
 
 def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
+    """MLflow, the Pushgateway when pushing, then every enabled sink (built-in or installed)
+    by its own probe."""
     from exporter.mlflow_source import MlflowError, RestSource
+    from exporter.sinks import registry
+    from exporter.sinks.probe import http_answers
 
     def mlflow() -> tuple[bool, str]:
         source = RestSource.from_settings(settings.mlflow.model_copy(update={"max_retries": 0}))
@@ -264,50 +268,21 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
             return False, str(exc)
         return True, f"{settings.mlflow.tracking_uri} answers"
 
-    def http(
-        name: str, variable: str, url: str, method: str = "GET", **kw: Any
-    ) -> tuple[bool, str]:
-        from exporter.errors import reason
-
-        check = f"is it running, and is {variable} right?"
-        try:
-            response = requests.request(method, url, timeout=5, **kw)
-        except requests.RequestException as exc:
-            return False, f"cannot reach {name} at {url} ({reason(exc)}): {check}"
-        if response.status_code in (401, 403):
-            return False, f"{name} at {url} answered HTTP {response.status_code}: check its key"
-        if response.status_code >= 500:
-            return False, f"{name} at {url} answered HTTP {response.status_code}: {check}"
-        return True, f"{name} answers (HTTP {response.status_code})"
-
     probes: list[tuple[str, Callable[[], tuple[bool, str]]]] = [("mlflow", mlflow)]
     prom = settings.prometheus
     if prom.enabled and prom.mode in ("push", "both"):
         health = f"{prom.gateway}/-/healthy"
-        probes.append(("pushgateway", lambda: http("Pushgateway", "PROMETHEUS_GATEWAY", health)))
-    if settings.pramathus.enabled:
-        p = settings.pramathus
-        headers = {"Authorization": f"Bearer {p.api_key.get_secret_value()}"} if p.api_key else {}
-        verify = p.ca_bundle or p.verify_tls
         probes.append(
-            (
-                "pramathus",
-                lambda: http(
-                    "Pramathus",
-                    "PRAMATHUS_ENDPOINT",
-                    str(p.endpoint),
-                    "HEAD",
-                    headers=headers,
-                    verify=verify,
-                ),
-            )
+            ("pushgateway", lambda: http_answers("Pushgateway", "PROMETHEUS_GATEWAY", health))
         )
-    if settings.remote_write.enabled:
-        rw = settings.remote_write
-        url = str(rw.url)
-        probes.append(
-            ("remote_write", lambda: http("remote write", "REMOTE_WRITE_URL", url, "HEAD"))
-        )
+    context = registry.SinkContext(settings)
+    for spec in registry.all_specs():
+        if spec.build(context) is None:
+            continue  # off
+        if spec.probe is None:
+            probes.append((spec.name, lambda: (True, "enabled; its package declares no probe")))
+        else:
+            probes.append((spec.name, partial(spec.probe, context)))
     return probes
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import pytest
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.app import history_sinks, open_runner, pull_collector, secrets_of
 from exporter.config import Settings, load_settings
 from exporter.model import Experiment, LatestMetric, Run
+from exporter.sinks import registry
 from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
@@ -52,6 +54,15 @@ def test_url_encoded_secrets_and_secret_headers_are_collected(tmp_path: Path) ->
     assert "a%2Fb%2Bc+d" in secrets
     assert "hk-123456" in secrets
     assert "tenant-a" not in secrets
+
+
+def test_the_secrets_an_installed_sink_declares_are_collected_for_masking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugin = registry.SinkSpec("acme", "ACME", lambda _c: None, secrets=lambda _s: ["acme-k9"])
+    monkeypatch.setattr(registry, "installed", lambda: [plugin])
+
+    assert "acme-k9" in secrets_of(settings(tmp_path))
 
 
 def test_enabled_history_sinks_are_wired_and_remote_write_follows_the_label_length(

@@ -22,7 +22,9 @@ from click.testing import CliRunner, Result
 from exporter import __version__, cli
 from exporter.config import DEFAULT_CONFIG_ENV, ENV_KEYS, SECRET_ENV
 from exporter.logs import MASK
+from exporter.sinks import registry
 from exporter.state import StateStore
+from tests.fake_sinks import RecordingSink
 from tests.fakes_http import http_response
 
 SECRET = "pk_live_Zq9-hunter2-TOPSECRET"
@@ -296,6 +298,61 @@ def test_check_config_exits_0_when_every_backend_answers(
     pramathus_call = next(c for c in backends.calls if c[1].endswith("/api/metrics"))
     assert pramathus_call[0] == "HEAD"
     assert pramathus_call[2]["headers"] == {"Authorization": f"Bearer {SECRET}"}
+
+
+def test_check_config_probes_the_otlp_endpoint_with_its_vendor_headers_and_masks_them(
+    tmp_path: Path, backends: FakeRequests
+) -> None:
+    backends.statuses["/v1/metrics"] = 401
+    config = unreachable_config(tmp_path, 9)
+    env = {
+        "OTLP_ENABLED": "true",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-honeycomb-team=team-secret-key",
+    }
+
+    result = invoke("check-config", "--config", config, env=env)
+
+    assert result.exit_code == 1
+    assert (
+        "FAIL otlp: the OTLP endpoint at http://127.0.0.1:9/v1/metrics answered HTTP 401: "
+        "check its key"
+    ) in result.stdout.splitlines()
+    otlp_call = next(c for c in backends.calls if c[1].endswith("/v1/metrics"))
+    assert otlp_call[0] == "HEAD"
+    assert otlp_call[2]["headers"] == {"x-honeycomb-team": "team-secret-key"}
+    assert "team-secret-key" not in result.output
+
+
+def test_check_config_names_an_installed_sink_and_runs_its_probe_only_while_it_is_on(
+    tmp_path: Path, backends: FakeRequests, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def build(context: registry.SinkContext) -> Any:
+        return RecordingSink(name="acme") if context.env.get("ACME_ON") else None
+
+    probed: list[str] = []
+
+    def probe(context: registry.SinkContext) -> tuple[bool, str]:
+        probed.append("acme")
+        return False, "acme at acme.test refused the key: check ACME_KEY"
+
+    plugins = [
+        registry.SinkSpec("acme", "ACME", build, probe=probe),
+        registry.SinkSpec("quiet", "QUIET", lambda _c: RecordingSink(name="quiet")),
+    ]
+    monkeypatch.setattr(registry, "installed", lambda: plugins)
+    config = unreachable_config(tmp_path, 9)
+
+    off = invoke("check-config", "--config", config)
+    monkeypatch.setenv("ACME_ON", "1")
+    on = invoke("check-config", "--config", config)
+
+    assert off.exit_code == 0, off.output
+    assert "ok   quiet: enabled; its package declares no probe" in off.stdout.splitlines()
+    assert "acme" not in off.stdout
+    assert on.exit_code == 1
+    assert "FAIL acme: acme at acme.test refused the key: check ACME_KEY" in on.stdout
+    assert probed == ["acme"]
 
 
 @pytest.mark.parametrize("status", [401, 403, 500, 503])

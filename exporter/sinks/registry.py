@@ -27,6 +27,7 @@ from importlib.metadata import entry_points
 
 from exporter.config import ConfigError, Settings
 from exporter.sinks.delivery import DeliverySink
+from exporter.sinks.probe import Probe, http_answers
 
 ENTRY_POINT_GROUP = "mlflow_monitoring.sinks"
 # A name becomes part of metric names and a label value: lower case, digits and `_`.
@@ -57,6 +58,9 @@ class SinkSpec:
     # Its secret setting values (keys, tokens, credential headers), masked in every log
     # line, health reason and error message.
     secrets: Callable[[Settings], Iterable[str]] = lambda _settings: ()
+    # Whether its endpoint answers, for `check-config` (called only while it is enabled);
+    # None: `check-config` says the sink is on and has no probe.
+    probe: Callable[[SinkContext], Probe] | None = None
 
 
 def _pramathus(context: SinkContext) -> DeliverySink | None:
@@ -83,10 +87,51 @@ def _otlp(context: SinkContext) -> DeliverySink | None:
     return OtlpSink(context.settings.otlp, run_id_length=context.run_id_length)
 
 
+def _probe_pramathus(context: SinkContext) -> Probe:
+    p = context.settings.pramathus
+    headers = {"Authorization": f"Bearer {p.api_key.get_secret_value()}"} if p.api_key else {}
+    return http_answers(
+        "Pramathus",
+        "PRAMATHUS_ENDPOINT",
+        str(p.endpoint),
+        "HEAD",
+        headers=headers,
+        verify=p.ca_bundle or p.verify_tls,
+    )
+
+
+def _probe_remote_write(context: SinkContext) -> Probe:
+    from exporter.sinks.remote_write import request_headers
+
+    rw = context.settings.remote_write
+    return http_answers(
+        "remote write",
+        "REMOTE_WRITE_URL",
+        str(rw.url),
+        "HEAD",
+        headers=request_headers(rw)[0],
+        verify=rw.ca_bundle or rw.verify_tls,
+    )
+
+
+def _probe_otlp(context: SinkContext) -> Probe:
+    o = context.settings.otlp
+    return http_answers(
+        "the OTLP endpoint",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        str(o.endpoint),
+        "HEAD",
+        headers=dict(o.headers),
+        verify=o.ca_bundle or o.verify_tls,
+    )
+
+
 BUILTIN: tuple[SinkSpec, ...] = (
-    SinkSpec("pramathus", "pramathus", _pramathus),
-    SinkSpec("remote_write", "remote_write", _remote_write, unit="samples"),
-    SinkSpec("otlp", "otlp", _otlp, secrets=lambda s: s.otlp.headers.values()),
+    SinkSpec("pramathus", "pramathus", _pramathus, probe=_probe_pramathus),
+    SinkSpec(
+        "remote_write", "remote_write", _remote_write, unit="samples", probe=_probe_remote_write
+    ),
+    SinkSpec("otlp", "otlp", _otlp, secrets=lambda s: s.otlp.headers.values(), probe=_probe_otlp),
 )
 
 

@@ -313,7 +313,7 @@ class RemoteWriteClient:
     def __post_init__(self) -> None:
         if not self.settings.url:
             raise ValueError("remote_write.url is not set")
-        self.headers, self._secrets = _request_headers(self.settings)
+        self.headers, self._secrets = request_headers(self.settings)
 
     def __repr__(self) -> str:
         return f"RemoteWriteClient(url={self.shown_url!r})"
@@ -371,7 +371,7 @@ def _shown(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _request_headers(s: RemoteWriteSettings) -> tuple[dict[str, str], tuple[str, ...]]:
+def request_headers(s: RemoteWriteSettings) -> tuple[dict[str, str], tuple[str, ...]]:
     """The headers of every request, and the secret strings among them (longest first)."""
     headers = requests.structures.CaseInsensitiveDict({"User-Agent": USER_AGENT})
     # Configured extra headers (a tenant id...) may replace the User-Agent, but not the headers

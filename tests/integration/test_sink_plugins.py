@@ -85,6 +85,24 @@ def test_an_installed_sink_package_receives_every_point_once_over_two_runs(
     assert set(received.values()) == {1}
 
 
+def test_check_config_runs_an_installed_sinks_own_probe(
+    exporter_env: ExporterEnv, plugin_path: Path, tmp_path: Path
+) -> None:
+    def check(out: Path) -> list[str]:
+        done = exporter_env.run(
+            "check-config", PYTHONPATH=str(plugin_path), EXAMPLE_SINK_FILE=str(out)
+        )
+        return [line for line in done.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+
+    writable = tmp_path / "example.jsonl"
+    nowhere = tmp_path / "missing-dir" / "example.jsonl"
+
+    assert f"ok   example: example sink can write {writable}" in check(writable)
+    assert f"FAIL example: example sink cannot write {nowhere}: check EXAMPLE_SINK_FILE" in check(
+        nowhere
+    )
+
+
 def test_an_installed_sink_has_its_self_metrics_and_health_stage(
     exporter_env: ExporterEnv, plugin_path: Path, tmp_path: Path
 ) -> None:

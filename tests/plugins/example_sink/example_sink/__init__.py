@@ -77,4 +77,12 @@ def build(context: SinkContext) -> DeliverySink | None:
     return ExampleSink(Path(path), down=bool(context.env.get("EXAMPLE_SINK_DOWN")))
 
 
-SPEC = SinkSpec("example", "EXAMPLE_SINK", build)
+def probe(context: SinkContext) -> tuple[bool, str]:
+    """For `check-config`: can the sink append to its file?"""
+    path = Path(context.env.get("EXAMPLE_SINK_FILE", ""))
+    if os.access(path.parent, os.W_OK):
+        return True, f"example sink can write {path}"
+    return False, f"example sink cannot write {path}: check EXAMPLE_SINK_FILE"
+
+
+SPEC = SinkSpec("example", "EXAMPLE_SINK", build, probe=probe)
