@@ -58,7 +58,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.receiver import LeanReceiver
 from bench.seed import METRICS, seed
 from exporter.config import MlflowSettings
-from exporter.mlflow_source import RestSource, RunFilter, all_runs
+from exporter.mlflow_source import RestSource, all_runs
+from exporter.model import RunFilter
 from tests.support import servers
 
 ROOT = Path(__file__).resolve().parent.parent

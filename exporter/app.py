@@ -13,6 +13,7 @@ from exporter.config import Settings, plain_http_credentials
 from exporter.health import Health
 from exporter.logs import secret_forms
 from exporter.mlflow_source import RestSource
+from exporter.model import LabelRecord
 from exporter.planners.scope import owns_registry
 from exporter.runner import Runner
 from exporter.selfmetrics import SelfMetrics
@@ -21,7 +22,6 @@ from exporter.sinks.delivery import CREDENTIAL_HEADER, DeliverySink
 from exporter.sinks.groups import GroupBuilder, MirrorCollector
 from exporter.sinks.pushgateway import Pushgateway
 from exporter.state import StateStore
-from exporter.state.records import LabelRecord
 
 log = structlog.get_logger("exporter.app")
 
@@ -87,14 +87,13 @@ def open_runner(
             settings.mlflow, on_request=lambda ep: metrics.mlflow_requests.labels(ep).inc()
         )
         prometheus = settings.prometheus
-        push = prometheus.enabled and prometheus.mode in ("push", "both")
         yield Runner(
             settings=settings,
             source=source,
             state=state,
             metrics=metrics,
             health=health or Health(),
-            pushgateway=Pushgateway(prometheus) if push else None,
+            pushgateway=Pushgateway(prometheus) if prometheus.pushes else None,
             sinks=history_sinks(settings, state),
             should_stop=(stop.is_set if stop is not None else lambda: False),
         )

@@ -196,8 +196,7 @@ def continuous(ctx: click.Context, interval: float | None, port: int | None, **f
     with open_runner(settings, stop, metrics, health) as runner:
         address = None
         if settings.server.enabled:
-            pull = settings.prometheus.enabled and settings.prometheus.mode in ("pull", "both")
-            collector = pull_collector(runner) if pull else None
+            collector = pull_collector(runner) if settings.prometheus.serves else None
             router = Router(metrics.registry, health, collector, users=web.users)
             app = with_headers(router, web.headers)
             server = serve(app, settings.server.host, settings.server.port, web.tls)
@@ -270,7 +269,7 @@ def _probes(settings: Settings) -> list[tuple[str, Callable[[], tuple[bool, str]
 
     probes: list[tuple[str, Callable[[], tuple[bool, str]]]] = [("mlflow", mlflow)]
     prom = settings.prometheus
-    if prom.enabled and prom.mode in ("push", "both"):
+    if prom.pushes:
         health = f"{prom.gateway}/-/healthy"
         probes.append(
             ("pushgateway", lambda: http_answers("Pushgateway", "PROMETHEUS_GATEWAY", health))

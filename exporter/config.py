@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -193,6 +193,16 @@ class PrometheusSettings(Section):
     run_id_length: int = Field(12, ge=8, le=32)
 
     _check_gateway = field_validator("gateway")(_http_url)
+
+    @property
+    def pushes(self) -> bool:
+        """Whether the series go to the Pushgateway (enabled, mode push or both)."""
+        return self.enabled and self.mode in ("push", "both")
+
+    @property
+    def serves(self) -> bool:
+        """Whether the series are served on /mlflow/metrics (enabled, mode pull or both)."""
+        return self.enabled and self.mode in ("pull", "both")
 
 
 class PramathusSettings(Section):
@@ -451,20 +461,6 @@ def plain_http_credentials(settings: Settings) -> list[str]:
                 "unless the network between is trusted"
             )
     return warnings
-
-
-def name_filter(include: list[str], exclude: list[str]) -> Callable[[str], bool]:
-    """A predicate for the include/exclude pattern pairs: whole-name regex matches, an empty
-    include list admitting everything."""
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
-
-    def allowed(name: str) -> bool:
-        return (not inc or any(p.fullmatch(name) for p in inc)) and not any(
-            p.fullmatch(name) for p in exc
-        )
-
-    return allowed
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
+from exporter.model import LabelRecord, PushRecord
 from exporter.naming import short_id_length
 from exporter.state import StateStore
-from exporter.state.records import LabelRecord, PushRecord
 
 
 def decide_run_id_length(state: StateStore, minimum: int, runs: Iterable[str]) -> int:

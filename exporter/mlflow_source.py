@@ -19,14 +19,25 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import requests
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from exporter.config import MlflowSettings
 from exporter.errors import reason
-from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Registry, Run
+from exporter.model import (
+    Experiment,
+    HistoryRequest,
+    LatestMetric,
+    MetricPoint,
+    ModelVersion,
+    Registry,
+    Run,
+    RunFilter,
+    RunPage,
+    RunView,
+)
 from exporter.trace_model import TracePoint, TraceQuery
 
 API = "/api/2.0/mlflow"
@@ -65,41 +76,7 @@ class TracesUnsupportedError(MlflowError):
     """The server has no trace metrics API (MLflow 2, a file store, an older MLflow 3)."""
 
 
-View = Literal["active", "deleted", "all"]
 _VIEWS = {"active": "ACTIVE_ONLY", "deleted": "DELETED_ONLY", "all": "ALL"}
-
-
-@dataclass(frozen=True, slots=True)
-class RunFilter:
-    """Which runs a search returns; the source renders it into MLflow's filter language.
-
-    Conditions combine with AND (MLflow has no OR). Results are ordered by start time and run
-    id, oldest first unless `newest_first`.
-    """
-
-    started_since_ms: int | None = None
-    ended_since_ms: int | None = None
-    status: str | None = None
-    run_ids: tuple[str, ...] = ()
-    view: View = "active"
-    newest_first: bool = False
-    max_results: int | None = None  # runs per page at most (None: `mlflow.page_size`)
-
-
-@dataclass(frozen=True, slots=True)
-class RunPage:
-    runs: list[Run]
-    next_page_token: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryRequest:
-    """Points of (run, key) with step in [start_step, end_step]; None start: every step."""
-
-    run_id: str
-    key: str
-    start_step: int | None
-    end_step: int
 
 
 class MlflowSource(Protocol):
@@ -145,7 +122,7 @@ def all_runs(
 
 
 def runs_by_id(
-    source: MlflowSource, experiment_ids: Sequence[str], run_ids: Sequence[str], view: View
+    source: MlflowSource, experiment_ids: Sequence[str], run_ids: Sequence[str], view: RunView
 ) -> Iterator[Run]:
     """The runs among `run_ids` in `view` (ids MLflow does not know are simply absent)."""
     for start in range(0, len(run_ids), RUNS_PER_ID_FILTER):

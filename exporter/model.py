@@ -2,7 +2,8 @@
 
 The MLflow source produces these, the state stores and returns them, planners take and give
 them, sinks consume them. Times are kept as MLflow gives them (milliseconds since the epoch)
-and converted at the edges.
+and converted at the edges. Everything here is a value without I/O, so planners import only
+this module (and `trace_model`, `naming`); `tests/planners/test_imports.py` holds them to it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 UNFINISHED_STATUSES = ("RUNNING", "SCHEDULED")
@@ -140,6 +142,146 @@ class RunContext:
     experiment_name: str
     run_name: str
     tags: Mapping[str, str]
+
+
+# ------------------------------------------------------------- what a cycle asks of MLflow
+
+RunView = Literal["active", "deleted", "all"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    """Which runs a search returns; the source renders it into MLflow's filter language.
+
+    Conditions combine with AND (MLflow has no OR). Results are ordered by start time and run
+    id, oldest first unless `newest_first`.
+    """
+
+    started_since_ms: int | None = None
+    ended_since_ms: int | None = None
+    status: str | None = None
+    run_ids: tuple[str, ...] = ()
+    view: RunView = "active"
+    newest_first: bool = False
+    max_results: int | None = None  # runs per page at most (None: `mlflow.page_size`)
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    runs: list[Run]
+    next_page_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    """Points of (run, key) with step in [start_step, end_step]; None start: every step."""
+
+    run_id: str
+    key: str
+    start_step: int | None
+    end_step: int
+
+
+# ------------------------------------------------- what the state remembers between cycles
+
+
+@dataclass(frozen=True, slots=True)
+class KnownRun:
+    """What the mirror remembers of a run, to tell what changed."""
+
+    run_id: str
+    experiment_id: str
+    fingerprint: str
+    status: str
+    start_time_ms: int | None
+    settle_until_ms: int
+    deleted_ms: int | None
+
+
+Identity = tuple[int, int, int]  # step, timestamp ms, value bits
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    series_id: int
+    run_id: str
+    key: str
+    window_start: int | None  # None: nothing is settled yet, read every step
+    floor: int | None = None  # steps below were delivered before this ledger existed
+
+    def read_from(self, whole: bool) -> int | None:
+        """First step a read starts at: the floor for a whole read, else the window."""
+        if whole or self.window_start is None:
+            return self.floor
+        return self.window_start if self.floor is None else max(self.window_start, self.floor)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """Facts about a series' captured identities that decide where its window goes."""
+
+    settled_top: int | None  # highest step captured before the settle horizon
+    recent_low: int | None  # lowest step captured after it
+    top: int | None  # highest step captured at all
+
+
+# --------------------------------------------------------------------------------- records
+# Small typed facts, each stored by `state/records.py` as one JSON row named after its
+# class: a misspelt field is a type error, not a silent default, and a record that was
+# never saved loads as its defaults.
+
+
+@dataclass(frozen=True, slots=True)
+class PushRecord:
+    """What the Pushgateway was last left holding, as far as this exporter knows."""
+
+    gateway_start: str | None = None  # the Pushgateway's start time when we last pushed
+    # Grouping keys (`GroupKey.labels`, without job) left on the Pushgateway by the last
+    # push; None: unknown.
+    groups: tuple[tuple[tuple[str, str], ...], ...] | None = None
+    registry_dirty: bool = True
+    last_success_ms: int | None = None
+    # Experiments whose runs got per-run series at the last push (`MAX_EXPERIMENTS`).
+    selected: tuple[str, ...] | None = None
+    # The run window's start at the last push (`series.run_window`): runs ending between it
+    # and the next push's start moved across it, and their groups are pushed again.
+    window_since_ms: int | None = None
+    # Series in each group left on the Pushgateway (experiment id, or "" for the registry).
+    series: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRecord:
+    """The run_id label length in use; it only grows, so a series keeps its identity."""
+
+    run_id_length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRecord:
+    """When MLflow was last read completely enough that deltas can start from it."""
+
+    last_capture_ms: int | None = None
+    deleted_experiments: int = 0  # in scope, as of the last read
+    active_experiments: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRecord:
+    """Where the background reconcile sweep is: a keyset cursor over (start time, run id).
+
+    `chunk` indexes the sorted experiment ids in chunks; `page_token` is only used while a
+    page is full of runs sharing one start time (MLflow tokens are offsets).
+    """
+
+    chunk: int = 0
+    after_start_ms: int | None = None
+    after_run_id: str = ""
+    page_token: str | None = None
+    started_ms: int | None = None
+    last_completed_ms: int | None = None
+    passes: int = 0
+    next_page_ms: int | None = None  # when the next page is due (pages are spaced in time)
 
 
 def _value_bits(value: float) -> int:

@@ -20,6 +20,7 @@ from exporter.config import Settings
 from exporter.health import Health, Status
 from exporter.labels import decide_run_id_length
 from exporter.mlflow_source import MlflowError, MlflowSource
+from exporter.model import CaptureRecord, LabelRecord, PushRecord
 from exporter.planners import push as push_plan
 from exporter.planners.scope import metric_filter, owns_group, owns_registry, with_run_series
 from exporter.planners.series import REGISTRY_KEY, GroupKey, ServerCounts, experiment_key
@@ -32,7 +33,6 @@ from exporter.sinks.pushgateway import PushError, PushTarget
 from exporter.state import StateError, StateStore, is_corruption, records
 from exporter.state import explain as explain_state
 from exporter.state.mirror import Mirror
-from exporter.state.records import CaptureRecord, LabelRecord, PushRecord
 from exporter.sync import Sync, SyncResult
 from exporter.traces import TraceStage
 
@@ -239,7 +239,7 @@ class Runner:
         # Groups this exporter pushed (from its state): the only ones its sweep may delete,
         # so exporters of other scopes can share a job.
         ours = {experiment_key(e) if e else REGISTRY_KEY for e in counts}
-        ours |= set(record.groups or ())
+        ours |= {GroupKey(labels) for labels in record.groups or ()}
         try:
             pushed = self._push_groups(plan, counts, ours)
         except PushError:
@@ -252,7 +252,7 @@ class Runner:
             self.state.save(
                 PushRecord(
                     gateway_start=start,
-                    groups=tuple(sorted(plan.keep)),
+                    groups=tuple(sorted(k.labels for k in plan.keep)),
                     registry_dirty=False,
                     last_success_ms=int(self.clock() * 1000),
                     selected=record.selected,
@@ -368,7 +368,7 @@ class Runner:
         )
         for key in stale:
             self.pushgateway.delete(key)
-        kept = {dict(k).get("experiment_id", "") for k in plan.keep}
+        kept = {k.as_dict().get("experiment_id", "") for k in plan.keep}
         for group in set(counts) - kept:
             del counts[group]
         return groups, series, nonfinite, len(stale)

@@ -33,21 +33,27 @@ from exporter.labels import decide_run_id_length
 from exporter.mlflow_source import (
     BULK_MAX_RUNS,
     EXPERIMENTS_PER_SEARCH,
-    HistoryRequest,
     MlflowSource,
-    RunFilter,
     all_runs,
     runs_by_id,
 )
-from exporter.model import MetricPoint, Run, RunContext
+from exporter.model import (
+    CaptureRecord,
+    HistoryRequest,
+    MetricPoint,
+    PushRecord,
+    Run,
+    RunContext,
+    RunFilter,
+    Series,
+    SweepRecord,
+)
 from exporter.planners import capture, sweep
 from exporter.planners.scope import in_scope, metric_filter
 from exporter.progress import CaptureProgress
 from exporter.sinks.delivery import DeliverySink
 from exporter.state import StateStore
-from exporter.state.ledger import Series
 from exporter.state.mirror import PENDING_FULL, PENDING_WINDOW
-from exporter.state.records import CaptureRecord, PushRecord, SweepRecord
 
 log = structlog.get_logger("exporter.sync")
 

@@ -36,14 +36,18 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from exporter.mlflow_source import (
+from exporter.mlflow_source import MlflowError, TracesUnsupportedError
+from exporter.model import (
+    Experiment,
     HistoryRequest,
-    MlflowError,
+    LatestMetric,
+    MetricPoint,
+    ModelVersion,
+    Registry,
+    Run,
     RunFilter,
     RunPage,
-    TracesUnsupportedError,
 )
-from exporter.model import Experiment, LatestMetric, MetricPoint, ModelVersion, Registry, Run
 from exporter.trace_model import TracePoint, TraceQuery
 
 

@@ -173,10 +173,10 @@ def exposed() -> Exposed:
 
     view, registry = _mirror()
     groups = [
-        (dict(experiment_key("1")), experiment_families(view, registry.stage_by_run(), 12,
+        (experiment_key("1").as_dict(), experiment_families(view, registry.stage_by_run(), 12,
                                                         lambda _key: True)),
-        (dict(REGISTRY_KEY), registry_families(registry, ServerCounts({"active": 1}), 12)),
-        (dict(experiment_key("1")), trace_families(TRACE_LIVE, "1", "churn")),
+        (REGISTRY_KEY.as_dict(), registry_families(registry, ServerCounts({"active": 1}), 12)),
+        (experiment_key("1").as_dict(), trace_families(TRACE_LIVE, "1", "churn")),
     ]  # fmt: skip
     for key, families in groups:
         for name, labels in _samples(families):

@@ -11,13 +11,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.app import history_sinks, open_runner, pull_collector, secrets_of
 from exporter.config import Settings, load_settings
-from exporter.model import Experiment, LatestMetric, Run
+from exporter.model import CaptureRecord, Experiment, LatestMetric, Run
 from exporter.sinks import registry
 from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
 from exporter.state.mirror import PENDING_NONE
-from exporter.state.records import CaptureRecord, save
+from exporter.state.records import save
 
 
 def settings(tmp_path: Path, **env: str) -> Settings:

@@ -509,3 +509,19 @@ def test_otlp_headers_over_plain_http_to_another_host_are_warned_about() -> None
             "the network between is trusted"
         )
     ]
+
+
+@pytest.mark.parametrize(
+    ("enabled", "mode", "pushes", "serves"),
+    [
+        (True, "push", True, False),
+        (True, "pull", False, True),
+        (True, "both", True, True),
+        (False, "both", False, False),
+    ],
+)
+def test_prometheus_pushes_and_serves_follow_the_mode_when_enabled(
+    enabled: bool, mode: str, pushes: bool, serves: bool
+) -> None:
+    settings = Settings.model_validate({"prometheus": {"enabled": enabled, "mode": mode}})
+    assert (settings.prometheus.pushes, settings.prometheus.serves) == (pushes, serves)

@@ -20,15 +20,14 @@ from exporter.config import MlflowSettings
 from exporter.mlflow_source import (
     BULK_MAX_POINTS,
     TRACE_MAX_RESULTS,
-    HistoryRequest,
     MlflowError,
     RestSource,
-    RunFilter,
     TracesUnsupportedError,
     all_runs,
     filter_string,
     runs_by_id,
 )
+from exporter.model import HistoryRequest, RunFilter
 from exporter.trace_model import TraceQuery
 
 

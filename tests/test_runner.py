@@ -19,6 +19,8 @@ import structlog.testing
 from exporter.config import Settings
 from exporter.health import Health
 from exporter.mlflow_source import MlflowError
+from exporter.model import LabelRecord
+from exporter.planners.series import experiment_key
 from exporter.runner import CycleResult, Runner, run_until_drained
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.delivery import Outcome, Reply
@@ -26,7 +28,6 @@ from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.remote_write import RemoteWriteClient
 from exporter.state import StateStore
 from exporter.state.outbox import Outbox
-from exporter.state.records import LabelRecord
 from tests.fake_mlflow import FakeMlflow
 from tests.fake_sinks import FakeGateway, RecordingSink
 from tests.fakes import FakeClock, SleepRecorder
@@ -846,7 +847,7 @@ def test_only_changed_groups_are_pushed_and_all_of_them_after_a_gateway_restart(
     h.ok_cycle()
 
     assert idle == 0
-    assert changed == [(("experiment_id", busy),)]
+    assert changed == [experiment_key(busy)]
     assert len(h.gateway.groups) == 3  # both experiments and the registry
 
 
@@ -858,7 +859,7 @@ def test_groups_of_experiments_that_went_are_deleted(h: Harness) -> None:
     h.mlflow.delete_experiment(drop)
     h.ok_cycle()
 
-    assert (("experiment_id", drop),) not in h.gateway.groups
+    assert experiment_key(drop) not in h.gateway.groups
     assert h.gateway.value("mlflow_experiments", lifecycle_stage="deleted") == [1.0]
 
 
@@ -942,7 +943,7 @@ def test_per_run_series_cover_recent_runs_and_the_newest_few_and_old_ones_leave_
     pushes = len(h.gateway.pushes)
     h.ok_cycle(advance=6.5 * 86400)  # "long" ended 7.5 days ago now
     assert exported() == {"newest", "running", "quiet-newest"}
-    assert h.gateway.pushes[pushes:] == [(("experiment_id", busy),)]  # only where runs left
+    assert h.gateway.pushes[pushes:] == [experiment_key(busy)]  # only where runs left
     fresh = h.mlflow.create_run(quiet, name="fresh")
     h.mlflow.log(fresh, "loss", 0.1)
     h.ok_cycle()
@@ -1282,10 +1283,10 @@ def test_two_exporters_of_different_scopes_share_a_job_without_deleting_each_oth
     second.ok_cycle()
     first.ok_cycle()
 
-    assert (("experiment_id", a),) in first.gateway.groups
-    assert (("experiment_id", b),) in first.gateway.groups
+    assert experiment_key(a) in first.gateway.groups
+    assert experiment_key(b) in first.gateway.groups
     first.mlflow.delete_experiment(b)
     second.ok_cycle()
-    assert (("experiment_id", b),) not in first.gateway.groups  # its own group goes
+    assert experiment_key(b) not in first.gateway.groups  # its own group goes
     first.state.close()
     second.state.close()

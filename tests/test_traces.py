@@ -15,6 +15,7 @@ import structlog.testing
 
 from exporter.config import Settings
 from exporter.mlflow_source import MlflowError
+from exporter.planners.series import experiment_key
 from exporter.runner import Runner
 from exporter.sinks import remote_write as rw
 from exporter.sinks.history import RemoteWriteSink
@@ -139,7 +140,7 @@ def test_an_experiment_with_traces_gets_live_series_and_one_without_gets_none(
     )
     assert not [
         f.name
-        for f in h.gateway.groups[(("experiment_id", plain),)]
+        for f in h.gateway.groups[experiment_key(plain)]
         if f.name.startswith(("mlflow_trace", "mlflow_traces"))
     ]
     assert sample(h.metrics, "mlflow_exporter_traces_enabled") == 1
@@ -199,7 +200,7 @@ def test_pull_mode_serves_the_same_trace_series(h: TraceHarness) -> None:
     }
     pushed = {
         (f.name, tuple(sorted(s.labels.items())), s.value)
-        for f in h.gateway.groups[(("experiment_id", exp),)]
+        for f in h.gateway.groups[experiment_key(exp)]
         for s in f.samples
     }
     assert pulled == pushed

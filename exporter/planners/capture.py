@@ -23,10 +23,17 @@ import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from exporter.mlflow_source import HistoryRequest, RunFilter
-from exporter.model import LatestMetric, MetricPoint, Run
-from exporter.state.ledger import Identity, Series, WindowStats
-from exporter.state.mirror import KnownRun
+from exporter.model import (
+    HistoryRequest,
+    Identity,
+    KnownRun,
+    LatestMetric,
+    MetricPoint,
+    Run,
+    RunFilter,
+    Series,
+    WindowStats,
+)
 
 # The deleted-runs probe reads one page of deleted runs, newest first (MLflow cannot order
 # by deletion time, and recent runs are the ones usually deleted). Deletions beyond that

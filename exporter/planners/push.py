@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from exporter.model import PushRecord
 from exporter.planners.series import REGISTRY_KEY, GroupKey, experiment_key
-from exporter.state.records import PushRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,9 @@ def plan_push(
     if owns_registry:
         keep.add(REGISTRY_KEY)
     registry = owns_registry and (everything or record.registry_dirty)
-    known = None if (verify or everything or record.groups is None) else list(record.groups)
+    known = None
+    if not (verify or everything or record.groups is None):
+        known = [GroupKey(labels) for labels in record.groups]
     return PushPlan(chosen, registry, frozenset(keep), known, everything)
 
 

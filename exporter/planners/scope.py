@@ -8,18 +8,42 @@ per-run series reach Prometheus.
 Experiments are assigned to shards by jump consistent hash (Lamping and Veach, 2014): going
 from n to n + 1 shards moves about 1/(n + 1) of them, all to the new shard, and none between
 the shards that stay.
+
+The settings come in as `ScopeRules`, the fields of `config.ExportSettings` read here: the
+planner never imports `config.py` (its pydantic models and the file and environment loader).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from exporter.config import ExportSettings, name_filter
 from exporter.model import Experiment
+from exporter.planners.series import GroupKey
 
 _MASK64 = (1 << 64) - 1
+
+
+class ScopeRules(Protocol):
+    """What scope reads of the `export:` settings (`config.ExportSettings` is one)."""
+
+    @property
+    def include_experiments(self) -> Sequence[str]: ...
+    @property
+    def exclude_experiments(self) -> Sequence[str]: ...
+    @property
+    def include_metrics(self) -> Sequence[str]: ...
+    @property
+    def exclude_metrics(self) -> Sequence[str]: ...
+    @property
+    def shard_index(self) -> int: ...
+    @property
+    def shard_count(self) -> int: ...
+    @property
+    def registry_group(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +53,7 @@ class Scope:
     excluded: int  # active experiments of this shard left out by the patterns
 
 
-def in_scope(experiments: Iterable[Experiment], export: ExportSettings) -> Scope:
+def in_scope(experiments: Iterable[Experiment], export: ScopeRules) -> Scope:
     """Split MLflow's experiment list into what this exporter mirrors and counts."""
     allowed = name_filter(export.include_experiments, export.exclude_experiments)
     counts = {"active": 0, "deleted": 0}
@@ -63,21 +87,21 @@ def shard_of(experiment_id: str, shard_count: int) -> int:
     return jump_hash(int.from_bytes(digest[:8], "big"), shard_count)
 
 
-def owns(experiment_id: str, export: ExportSettings) -> bool:
+def owns(experiment_id: str, export: ScopeRules) -> bool:
     """Whether this shard owns an experiment (a stable hash of its id)."""
     return shard_of(experiment_id, export.shard_count) == export.shard_index
 
 
-def owns_registry(export: ExportSettings) -> bool:
+def owns_registry(export: ScopeRules) -> bool:
     """Whether this exporter pushes (or serves) the registry group: shard 0 of a sharded
     exporter, unless `export.registry_group` gives it to another exporter of the job."""
     return export.shard_index == 0 and export.registry_group
 
 
-def owns_group(key: tuple[tuple[str, str], ...], export: ExportSettings) -> bool:
+def owns_group(key: GroupKey, export: ScopeRules) -> bool:
     """Pushgateway groups this exporter manages on its job: its experiments', and the
     registry group when it owns it (a sweep deletes only these, and only once pushed)."""
-    labels = dict(key)
+    labels = key.as_dict()
     if set(labels) == {"experiment_id"}:
         return owns(labels["experiment_id"], export)
     return labels == {"group": "registry"} and owns_registry(export)
@@ -90,6 +114,20 @@ def with_run_series(activity: Mapping[str, int], max_experiments: int) -> set[st
     return set(ordered if not max_experiments else ordered[:max_experiments])
 
 
-def metric_filter(export: ExportSettings) -> Callable[[str], bool]:
+def metric_filter(export: ScopeRules) -> Callable[[str], bool]:
     """The include/exclude patterns over metric keys, as a predicate."""
     return name_filter(export.include_metrics, export.exclude_metrics)
+
+
+def name_filter(include: Sequence[str], exclude: Sequence[str]) -> Callable[[str], bool]:
+    """A predicate for the include/exclude pattern pairs: whole-name regex matches, an empty
+    include list admitting everything."""
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+
+    def allowed(name: str) -> bool:
+        return (not inc or any(p.fullmatch(name) for p in inc)) and not any(
+            p.fullmatch(name) for p in exc
+        )
+
+    return allowed

@@ -29,13 +29,30 @@ from exporter.model import (
 )
 from exporter.naming import label_value, metric_family_name
 
-GroupKey = tuple[tuple[str, str], ...]  # grouping labels without `job`, sorted
-REGISTRY_KEY: GroupKey = (("group", "registry"),)
+
+@dataclass(frozen=True, slots=True, order=True)
+class GroupKey:
+    """The grouping key of one Pushgateway group: its labels without `job`, sorted by name
+    (a group found on the Pushgateway may have any labels, not only the two shapes below)."""
+
+    labels: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, labels: Mapping[str, str]) -> GroupKey:
+        """The key of a group with these labels (in any order)."""
+        return cls(tuple(sorted(labels.items())))
+
+    def as_dict(self) -> dict[str, str]:
+        """The labels as the Pushgateway client's `grouping_key`."""
+        return dict(self.labels)
+
+
+REGISTRY_KEY = GroupKey((("group", "registry"),))
 
 
 def experiment_key(experiment_id: str) -> GroupKey:
     """The grouping key of an experiment's Pushgateway group."""
-    return (("experiment_id", experiment_id),)
+    return GroupKey((("experiment_id", experiment_id),))
 
 
 def _seconds(ms: int | None) -> float | None:

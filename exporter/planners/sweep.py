@@ -18,8 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from exporter.mlflow_source import RunFilter, RunPage
-from exporter.state.records import SweepRecord
+from exporter.model import RunFilter, RunPage, SweepRecord
 
 Key = tuple[int, str]  # (start time or -1, run id): MLflow's order for the sweep
 

@@ -65,7 +65,9 @@ class Pushgateway:
         """PUT one group (replacing everything it held)."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(FixedCollector(list(families)))
-        self._call(push_to_gateway, "push a group to", registry=registry, grouping_key=dict(key))
+        self._call(
+            push_to_gateway, "push a group to", registry=registry, grouping_key=key.as_dict()
+        )
         series = sum(len(f.samples) for f in families)
         nonfinite = sum(
             not math.isfinite(s.value)
@@ -76,7 +78,7 @@ class Pushgateway:
         return PushedGroup(series, nonfinite)
 
     def delete(self, key: GroupKey) -> None:
-        self._call(delete_from_gateway, "delete a group from", grouping_key=dict(key))
+        self._call(delete_from_gateway, "delete a group from", grouping_key=key.as_dict())
 
     def start_time(self) -> str:
         """When the Pushgateway process started: a change means it may have lost groups."""
@@ -115,7 +117,7 @@ class Pushgateway:
                 if line and line.startswith("push_time_seconds{"):
                     labels = _group_labels(line)
                     if labels.pop("job", None) == s.job_name:
-                        groups.append(tuple(sorted(labels.items())))
+                        groups.append(GroupKey.of(labels))
         except (requests.RequestException, ValueError) as exc:
             raise PushError(
                 f"Pushgateway at {s.gateway} did not list its groups ({reason(exc)}): {CHECK}"

@@ -4,7 +4,8 @@
 - `mirror.py`: what MLflow holds (experiments, runs, latest values, registry);
 - `ledger.py`: what was captured (series windows, point identities, sinks, backfills);
 - `outbox.py`: per-sink delivery queues and set-aside batches;
-- `records.py`: small typed facts (push state, label length, sweep cursor, ...);
+- `records.py`: small typed facts (push state, label length, sweep cursor, ...; their
+  dataclasses are in `model.py`);
 - `traces.py`: per-experiment trace marks (fingerprints, live series, history marks).
 
 Everything is handed out as dataclasses; no other module sees a connection.

@@ -24,7 +24,7 @@ import os
 import sqlite3
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -41,6 +41,8 @@ CORRUPTION = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 # a larger file gets a check of its header and schema, so a start costs the same at any size.
 FULL_CHECK_MAX_BYTES = 64 * 1024 * 1024
 SUSPECT = f"{FILE}.check"
+# SQLite binds at most 32766 parameters; IN lists are cut well below that.
+CHUNK = 500
 
 
 class StateError(Exception):
@@ -59,6 +61,12 @@ _NEXT_STEP = (
     ("locked", "another program holds it: stop it; the next cycle retries"),
     ("busy", "another program holds it: stop it; the next cycle retries"),
 )
+
+
+def qmarks(items: Sequence[object]) -> str:
+    """The qmark placeholders `?,?,...` of an IN list binding these items (cut lists to
+    `CHUNK` items: SQLite binds at most 32766 parameters)."""
+    return ",".join("?" * len(items))
 
 
 def explain(path: Path, exc: sqlite3.Error) -> str:

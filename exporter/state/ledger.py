@@ -17,33 +17,8 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from exporter.state.mirror import CHUNK, _marks
-
-Identity = tuple[int, int, int]  # step, timestamp ms, value bits
-
-
-@dataclass(frozen=True, slots=True)
-class Series:
-    series_id: int
-    run_id: str
-    key: str
-    window_start: int | None  # None: nothing is settled yet, read every step
-    floor: int | None = None  # steps below were delivered before this ledger existed
-
-    def read_from(self, whole: bool) -> int | None:
-        """First step a read starts at: the floor for a whole read, else the window."""
-        if whole or self.window_start is None:
-            return self.floor
-        return self.window_start if self.floor is None else max(self.window_start, self.floor)
-
-
-@dataclass(frozen=True, slots=True)
-class WindowStats:
-    """Facts about a series' captured identities that decide where its window goes."""
-
-    settled_top: int | None  # highest step captured before the settle horizon
-    recent_low: int | None  # lowest step captured after it
-    top: int | None  # highest step captured at all
+from exporter.model import Identity, Series, WindowStats
+from exporter.state.db import CHUNK, qmarks
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +53,7 @@ class Ledger:
             chunk = runs[start : start + CHUNK]
             rows = self.conn.execute(
                 "SELECT series_id, run_id, metric_key, window_start, floor FROM series "  # noqa: S608
-                f"WHERE run_id IN ({_marks(chunk)})",
+                f"WHERE run_id IN ({qmarks(chunk)})",
                 chunk,
             )
             for row in rows:
@@ -122,7 +97,7 @@ class Ledger:
         """Drop everything captured for these runs (after their retention ran out)."""
         for start in range(0, len(run_ids), CHUNK):
             chunk = list(run_ids[start : start + CHUNK])
-            marks = _marks(chunk)
+            marks = qmarks(chunk)
             ids = f"SELECT series_id FROM series WHERE run_id IN ({marks})"  # noqa: S608
             for table in ("point", "backfill_point", "backfill"):
                 self.conn.execute(f"DELETE FROM {table} WHERE series_id IN ({ids})", chunk)  # noqa: S608

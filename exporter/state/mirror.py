@@ -17,30 +17,17 @@ from dataclasses import dataclass
 from exporter.model import (
     UNFINISHED_STATUSES,
     Experiment,
+    KnownRun,
     LatestMetric,
     ModelVersion,
     Registry,
     Run,
     RunContext,
 )
+from exporter.state.db import CHUNK, qmarks
 
-# SQLite binds at most 32766 parameters; IN lists are cut well below that.
-CHUNK = 500
 # A run's `pending`: its histories are captured / due from their windows / due whole.
 PENDING_NONE, PENDING_WINDOW, PENDING_FULL = 0, 1, 2
-
-
-@dataclass(frozen=True, slots=True)
-class KnownRun:
-    """What the mirror remembers of a run, to tell what changed."""
-
-    run_id: str
-    experiment_id: str
-    fingerprint: str
-    status: str
-    start_time_ms: int | None
-    settle_until_ms: int
-    deleted_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +48,6 @@ def _value_out(value: float | None) -> float:
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), CHUNK):
         yield items[start : start + CHUNK]
-
-
-def _marks(items: Sequence[object]) -> str:
-    return ",".join("?" * len(items))
 
 
 _KNOWN = (
@@ -190,7 +173,7 @@ class Mirror:
         ids = sorted(set(run_ids))
         out: dict[str, KnownRun] = {}
         for chunk in _chunks(ids):
-            for row in self.conn.execute(f"{_KNOWN} WHERE run_id IN ({_marks(chunk)})", chunk):
+            for row in self.conn.execute(f"{_KNOWN} WHERE run_id IN ({qmarks(chunk)})", chunk):
                 out[row[0]] = KnownRun(*row)
         return out
 
@@ -271,7 +254,7 @@ class Mirror:
         out: dict[str, int] = {}
         for chunk in _chunks(list(run_ids)):
             rows = self.conn.execute(
-                f"SELECT run_id, settle_until_ms FROM run WHERE run_id IN ({_marks(chunk)})",  # noqa: S608
+                f"SELECT run_id, settle_until_ms FROM run WHERE run_id IN ({qmarks(chunk)})",  # noqa: S608
                 chunk,
             )
             out.update({r: int(s) for r, s in rows})
@@ -319,7 +302,7 @@ class Mirror:
         key = "(coalesce(start_time_ms, -1), run_id)"
         sql = (
             "SELECT run_id FROM run WHERE deleted_ms IS NULL "  # noqa: S608
-            f"AND experiment_id IN ({_marks(experiment_ids)})"
+            f"AND experiment_id IN ({qmarks(experiment_ids)})"
         )
         args: list[object] = list(experiment_ids)
         if after is not None:
@@ -435,7 +418,7 @@ class Mirror:
         for chunk in _chunks(list(run_ids)):
             rows = self.conn.execute(
                 "SELECT run_id, metric_key, value, step, timestamp_ms FROM latest "  # noqa: S608
-                f"WHERE run_id IN ({_marks(chunk)}) ORDER BY run_id, metric_key",
+                f"WHERE run_id IN ({qmarks(chunk)}) ORDER BY run_id, metric_key",
                 chunk,
             )
             for run_id, key, value, step, ts in rows:
@@ -449,7 +432,7 @@ class Mirror:
             rows = self.conn.execute(
                 "SELECT r.run_id, r.experiment_id, coalesce(e.name, ''), r.run_name, r.tags "  # noqa: S608
                 "FROM run r LEFT JOIN experiment e USING (experiment_id) "
-                f"WHERE r.run_id IN ({_marks(chunk)})",
+                f"WHERE r.run_id IN ({qmarks(chunk)})",
                 chunk,
             )
             for run_id, exp_id, exp_name, run_name, tags in rows:

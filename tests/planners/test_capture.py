@@ -6,8 +6,16 @@ import math
 
 import pytest
 
-from exporter.mlflow_source import HistoryRequest, RunFilter
-from exporter.model import LatestMetric, MetricPoint, Run
+from exporter.model import (
+    HistoryRequest,
+    KnownRun,
+    LatestMetric,
+    MetricPoint,
+    Run,
+    RunFilter,
+    Series,
+    WindowStats,
+)
 from exporter.planners.capture import (
     Change,
     decide,
@@ -21,8 +29,6 @@ from exporter.planners.capture import (
     points_bound,
     recheck_by_id,
 )
-from exporter.state.ledger import Series, WindowStats
-from exporter.state.mirror import KnownRun
 
 NOW = 1_700_000_000_000
 SETTLE = 60_000

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from exporter.model import PushRecord
 from exporter.planners.push import PushPlan, plan_push, stale_groups
 from exporter.planners.series import REGISTRY_KEY, GroupKey, experiment_key
-from exporter.state.records import PushRecord
 
 START = "2024-01-15T10:00:00Z"
 IDS = ["1", "2", "3"]
@@ -16,7 +16,8 @@ KNOWN = (experiment_key("1"), experiment_key("2"), experiment_key("3"), REGISTRY
 
 def pushed_before(**fields: Any) -> PushRecord:
     """The record a successful push leaves: every group known, registry clean."""
-    base: dict[str, Any] = {"gateway_start": START, "groups": KNOWN, "registry_dirty": False}
+    stored = tuple(k.labels for k in KNOWN)  # the record keeps the labels of each group
+    base: dict[str, Any] = {"gateway_start": START, "groups": stored, "registry_dirty": False}
     base.update(fields)
     return PushRecord(**base)
 
@@ -91,13 +92,13 @@ def test_stale_groups_are_owned_groups_without_data_sorted_once_each() -> None:
         experiment_key("1"),
         experiment_key("5"),
         experiment_key("9"),
-        (("experiment_id", "8"),),
+        GroupKey((("experiment_id", "8"),)),
         REGISTRY_KEY,
-        (("group", "someone-else"),),
+        GroupKey((("group", "someone-else"),)),
     ]
 
     def owns(key: GroupKey) -> bool:
-        return key != experiment_key("8") and key != (("group", "someone-else"),)
+        return key != experiment_key("8") and key != GroupKey((("group", "someone-else"),))
 
     assert stale_groups(present, keep, owns) == [experiment_key("5"), experiment_key("9")]
 

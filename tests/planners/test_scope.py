@@ -23,7 +23,7 @@ from exporter.planners.scope import (
     shard_of,
     with_run_series,
 )
-from exporter.planners.series import REGISTRY_KEY, experiment_key
+from exporter.planners.series import REGISTRY_KEY, GroupKey, experiment_key
 
 SHARD_0 = ("17", "2", "3")
 SHARD_1 = ("1", "4", "5")
@@ -149,7 +149,7 @@ def test_an_exporter_that_gave_the_registry_group_away_neither_pushes_nor_sweeps
     ],
 )
 def test_groups_of_another_shape_are_never_owned(key: tuple[tuple[str, str], ...]) -> None:
-    assert not owns_group(key, export())
+    assert not owns_group(GroupKey(key), export())
 
 
 def test_run_series_go_to_the_most_recently_active_experiments() -> None:

@@ -24,6 +24,7 @@ from exporter.planners.series import (
     ExperimentView,
     Families,
     FixedCollector,
+    GroupKey,
     ServerCounts,
     experiment_families,
     experiment_key,
@@ -370,8 +371,9 @@ def test_each_version_and_alias_has_an_info_series_with_the_short_run_id() -> No
 
 
 def test_group_keys_name_the_experiment_or_the_registry() -> None:
-    assert experiment_key("42") == (("experiment_id", "42"),)
-    assert REGISTRY_KEY == (("group", "registry"),)
+    assert experiment_key("42") == GroupKey((("experiment_id", "42"),))
+    assert GroupKey((("group", "registry"),)) == REGISTRY_KEY
+    assert experiment_key("42").as_dict() == {"experiment_id": "42"}
 
 
 def test_families_keep_the_first_help_text_and_skip_missing_values() -> None:

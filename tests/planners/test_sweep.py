@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.mlflow_source import RunFilter, RunPage
+from exporter.model import RunFilter, RunPage, SweepRecord
 from exporter.planners.sweep import (
     SweepAdvance,
     advance,
@@ -17,7 +17,6 @@ from exporter.planners.sweep import (
     pages_per_cycle,
     unseen,
 )
-from exporter.state.records import SweepRecord
 
 NOW = 1_700_000_000_000
 

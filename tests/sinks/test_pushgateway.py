@@ -21,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import PrometheusSettings
-from exporter.planners.series import REGISTRY_KEY, experiment_key
+from exporter.planners.series import REGISTRY_KEY, GroupKey, experiment_key
 from exporter.sinks.pushgateway import PushedGroup, PushError, Pushgateway
 from tests.fakes_http import FakeOpener, ScriptedGet, http_response
 
@@ -151,9 +151,9 @@ def test_existing_groups_are_this_jobs_push_time_lines_without_job_and_empty_ins
     groups = gw.existing_groups()
 
     assert groups == [
-        (("experiment_id", "1"),),
+        experiment_key("1"),
         REGISTRY_KEY,
-        (("experiment_id", "12"), ("instance", "node-3")),
+        GroupKey((("experiment_id", "12"), ("instance", "node-3"))),
     ]
     [call] = gw.http_get.calls  # type: ignore[attr-defined]
     assert call.url == f"{GATEWAY}/metrics"

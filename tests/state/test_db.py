@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import exporter.state.db as db_module
+from exporter.model import LabelRecord
 from exporter.state import StateError, StateStore
 from exporter.state.db import FILE, Database, explain, is_corruption
 from exporter.state.outbox import EncodedBatch
-from exporter.state.records import LabelRecord
 from exporter.state.schema import SCHEMA_VERSION
 from tests.fakes import FakeClock
 

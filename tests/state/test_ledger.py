@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 import exporter.state.ledger as ledger_module
+from exporter.model import Series, WindowStats
 from exporter.state import Ledger, StateStore
-from exporter.state.ledger import BackfillItem, Series, WindowStats
+from exporter.state.ledger import BackfillItem
 
 
 @pytest.fixture

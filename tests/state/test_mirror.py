@@ -11,9 +11,9 @@ from collections.abc import Mapping
 import pytest
 
 import exporter.state.mirror as mirror_module
-from exporter.model import Experiment, LatestMetric, ModelVersion, Registry, Run
+from exporter.model import Experiment, KnownRun, LatestMetric, ModelVersion, Registry, Run
 from exporter.state import Mirror, StateStore
-from exporter.state.mirror import PENDING_FULL, PENDING_NONE, PENDING_WINDOW, KnownRun
+from exporter.state.mirror import PENDING_FULL, PENDING_NONE, PENDING_WINDOW
 
 
 @pytest.fixture

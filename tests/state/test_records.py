@@ -9,13 +9,8 @@ from typing import Any
 
 import pytest
 
+from exporter.model import CaptureRecord, LabelRecord, PushRecord, SweepRecord
 from exporter.state import StateStore
-from exporter.state.records import (
-    CaptureRecord,
-    LabelRecord,
-    PushRecord,
-    SweepRecord,
-)
 
 ALL = (PushRecord, LabelRecord, CaptureRecord, SweepRecord)
 
