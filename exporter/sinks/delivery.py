@@ -6,7 +6,8 @@ This module owns what is common, and one rule for every sink: a point is deliver
 from the endpoint it was sent to, for the request that carried it), still queued, or set
 aside with a reason an operator can see and replay (`exporter dead-letters`).
 
-- `post_without_redirects` makes the request: a redirect never turns a POST into a GET
+- `post_batch` makes the request (a timeout or connection error is a retry naming the
+  setting to check) through `post_without_redirects`: a redirect never turns a POST into a GET
   (307/308 are followed with the same method and body, credentials only to the same
   origin; 301/302/303 are an error naming the new location);
 - `status_outcome` says what a status means for the points: 2xx accepted; 5xx, 408, 425,
@@ -30,8 +31,10 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
+import requests
 from tenacity import RetryCallState, Retrying, retry_if_result, wait_exponential_jitter
 
+from exporter.errors import reason
 from exporter.model import MetricPoint, RunContext
 from exporter.state.outbox import EncodedBatch, Outbox, QueuedBatch
 
@@ -279,6 +282,38 @@ def post_without_redirects(
         if _origin(target) != _origin(url):
             sent = {k: v for k, v in sent.items() if k.lower() in CROSS_ORIGIN_HEADERS}
     return response, target
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An HTTP answer to a batch, and the URL it came from (after 307/308 redirects)."""
+
+    response: Any
+    url: str
+
+
+def post_batch(
+    post: Callable[..., Any],
+    url: str,
+    *,
+    name: str,
+    variable: str,
+    timeout: float,
+    **kwargs: Any,
+) -> Answer | Reply:
+    """POST one batch (`post_without_redirects`): its `Answer`, or, when no answer came
+    (timeout, connection error), a RETRY `Reply` naming `name`, `url` and the setting
+    `variable` to check."""
+    try:
+        response, answered = post_without_redirects(post, url, timeout=timeout, **kwargs)
+    except requests.Timeout:
+        return Reply(Outcome.RETRY, f"{name} timed out after {timeout:g}s at {url}")
+    except requests.RequestException as exc:
+        return Reply(
+            Outcome.RETRY,
+            f"cannot reach {name} at {url} ({reason(exc)}): is it up, and is {variable} right?",
+        )
+    return Answer(response, answered)
 
 
 def reply_for(

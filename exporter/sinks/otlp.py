@@ -46,7 +46,6 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from exporter import __version__
 from exporter.config import OtlpSettings
-from exporter.errors import reason
 from exporter.logs import redact
 from exporter.model import MetricPoint, RunContext
 from exporter.naming import label_value, metric_family_name
@@ -54,7 +53,7 @@ from exporter.sinks.delivery import (
     Encoded,
     Outcome,
     Reply,
-    post_without_redirects,
+    post_batch,
     reply_for,
     retry_after_seconds,
 )
@@ -231,24 +230,19 @@ class OtlpSink:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
         endpoint = str(s.endpoint)
-        try:
-            response, url = post_without_redirects(
-                self.post,
-                endpoint,
-                data=body,
-                headers=headers,
-                timeout=wait,
-                verify=s.ca_bundle or s.verify_tls,
-            )
-        except requests.Timeout:
-            return Reply(Outcome.RETRY, f"OTLP endpoint {endpoint} timed out after {wait:g}s")
-        except requests.RequestException as exc:
-            return Reply(
-                Outcome.RETRY,
-                f"cannot reach the OTLP endpoint {endpoint} ({reason(exc)}): is it up, and is "
-                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT right?",
-            )
-        return self._reply(response, url, batch)
+        answer = post_batch(
+            self.post,
+            endpoint,
+            name="the OTLP endpoint",
+            variable="OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            timeout=wait,
+            data=body,
+            headers=headers,
+            verify=s.ca_bundle or s.verify_tls,
+        )
+        if isinstance(answer, Reply):
+            return answer
+        return self._reply(answer.response, answer.url, batch)
 
     def _reply(self, response: Any, url: str, batch: QueuedBatch) -> Reply:
         status = response.status_code

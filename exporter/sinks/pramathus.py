@@ -18,14 +18,13 @@ from typing import Any
 import requests
 
 from exporter.config import PramathusSettings
-from exporter.errors import reason
 from exporter.logs import redact, secret_forms
 from exporter.model import MetricPoint, RunContext
 from exporter.sinks.delivery import (
     Encoded,
     Outcome,
     Reply,
-    post_without_redirects,
+    post_batch,
     reply_for,
     retry_after_seconds,
 )
@@ -168,23 +167,19 @@ class PramathusSink:
         }
         if s.api_key is not None:
             headers["Authorization"] = f"Bearer {s.api_key.get_secret_value()}"
-        try:
-            response, url = post_without_redirects(
-                self.post,
-                str(s.endpoint),
-                data=batch.body,
-                headers=headers,
-                timeout=wait,
-                verify=s.ca_bundle or s.verify_tls,
-            )
-        except requests.Timeout:
-            return Reply(Outcome.RETRY, f"Pramathus timed out after {wait:g}s at {s.endpoint}")
-        except requests.RequestException as exc:
-            return Reply(
-                Outcome.RETRY,
-                f"cannot reach Pramathus at {s.endpoint} ({reason(exc)}): is it up, "
-                "and is PRAMATHUS_ENDPOINT right?",
-            )
+        answer = post_batch(
+            self.post,
+            str(s.endpoint),
+            name="Pramathus",
+            variable="PRAMATHUS_ENDPOINT",
+            timeout=wait,
+            data=batch.body,
+            headers=headers,
+            verify=s.ca_bundle or s.verify_tls,
+        )
+        if isinstance(answer, Reply):
+            return answer
+        response, url = answer.response, answer.url
         status = response.status_code
         if 200 <= status < 300:
             return Reply(Outcome.ACCEPTED, status=status)

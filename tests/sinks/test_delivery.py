@@ -540,3 +540,21 @@ def test_retry_after_zero_and_non_finite_values() -> None:
     assert retry_after_seconds("0", now=0.0) == 0.0
     assert retry_after_seconds("inf", now=0.0) is None
     assert retry_after_seconds("-5", now=0.0) == 0.0
+
+
+def test_points_receivers_said_they_dropped_add_up_over_the_batches_of_a_drain(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    sink = ScriptedSink(
+        [
+            Reply(Outcome.ACCEPTED, dropped_by_receiver=1),
+            Reply(Outcome.ACCEPTED),
+            Reply(Outcome.ACCEPTED, dropped_by_receiver=2),
+        ]
+    )
+    outbox = _queued(state, sink, [[1, 2], [3], [4, 5]])
+
+    result = Drainer(sink, outbox, clock, sleep).drain()
+
+    assert (result.batches, result.points, result.dropped_by_receiver) == (3, 5, 3)
+    assert list(outbox.batches()) == []

@@ -20,15 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from pydantic import SecretStr
 
 from exporter.config import PramathusSettings
 from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import Drainer, Encoded, Outcome, Reply, reply_for
+from exporter.sinks.delivery import (
+    Answer,
+    Drainer,
+    Encoded,
+    Outcome,
+    Reply,
+    post_batch,
+    reply_for,
+)
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
 from exporter.state.outbox import EncodedBatch, QueuedBatch, QueueTotals
-from tests.fakes import FakeClock, FakeResponse, SleepRecorder
+from tests.fakes import FakeClock, FakePost, FakeResponse, SleepRecorder
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
 T0 = 1_705_314_000_000
@@ -454,3 +463,53 @@ def test_a_batch_whose_row_cannot_be_written_is_not_sent(state: StateStore) -> N
         scripted_drain(state, s)
 
     assert s.sent == []
+
+
+# ---------------------------------------------------------------- one POST: post_batch
+
+
+def _post_batch(post: FakePost) -> Answer | Reply:
+    return post_batch(
+        post,
+        "https://in.test/v1",
+        name="the receiver",
+        variable="IN_URL",
+        timeout=2.5,
+        data=b"x",
+        headers={},
+    )
+
+
+def test_a_batch_that_gets_an_answer_comes_back_with_it_and_the_url_that_gave_it() -> None:
+    post = FakePost([FakeResponse(307, "", {"Location": "/v2"}), FakeResponse(202, "ok")])
+
+    answer = _post_batch(post)
+
+    assert isinstance(answer, Answer)
+    assert answer.response.status_code == 202
+    assert answer.url == "https://in.test/v2"
+    assert [(c.data, c.timeout) for c in post.calls] == [(b"x", 2.5), (b"x", 2.5)]
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            requests.Timeout("read timed out"),
+            "the receiver timed out after 2.5s at https://in.test/v1",
+        ),
+        (
+            requests.ConnectionError("Connection refused"),
+            (
+                "cannot reach the receiver at https://in.test/v1 (connection refused): is it up, "
+                "and is IN_URL right?"
+            ),
+        ),
+    ],
+)
+def test_a_batch_that_gets_no_answer_is_retried_with_one_line_naming_the_setting(
+    error: Exception, message: str
+) -> None:
+    reply = _post_batch(FakePost([error]))
+
+    assert reply == Reply(Outcome.RETRY, message)
