@@ -231,6 +231,7 @@ class Runner:
             ids,
             mirror.dirty_experiments(),
             record,
+            mirror.registry_dirty(),
             start,
             owns_registry=owns_registry(export),
             verify=synced is not None and synced.sweep_completed,
@@ -249,11 +250,11 @@ class Runner:
             raise
         with self.state.transaction():
             mirror.mark_clean(plan.experiments)
+            mirror.mark_registry_clean()
             self.state.save(
                 PushRecord(
                     gateway_start=start,
                     groups=tuple(sorted(k.labels for k in plan.keep)),
-                    registry_dirty=False,
                     last_success_ms=int(self.clock() * 1000),
                     selected=record.selected,
                     window_since_ms=record.window_since_ms,
