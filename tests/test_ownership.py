@@ -17,7 +17,7 @@ from pathlib import Path
 import exporter
 
 PACKAGE = Path(exporter.__file__).parent
-WRITER = "exporter/runner.py"
+WRITER = "exporter/sinks/push_stage.py"
 RECORD = "PushRecord"
 
 
