@@ -24,12 +24,10 @@ from exporter.progress import CaptureProgress, ProgressView
 from exporter.selfmetrics import BLOCKED_CAUSES, SelfMetrics
 from exporter.sinks import registry
 from exporter.sinks.delivery import DeliverySink, Drainer
-from exporter.sinks.groups import GroupBuilder, mirror_builder
 from exporter.sinks.push_stage import PushStage
 from exporter.sinks.pushgateway import PushError, PushTarget
 from exporter.state import StateError, StateStore, is_corruption
 from exporter.state import explain as explain_state
-from exporter.state.mirror import Mirror
 from exporter.sync import Sync, SyncResult
 from exporter.traces import TraceStage
 
@@ -239,11 +237,6 @@ class Runner:
     def _prepare_series(self) -> None:
         """Mark the groups whose every series changes (`PushStage.prepare`); pull mode too."""
         self.push_stage.prepare()
-
-    def builder(self, mirror: Mirror | None = None) -> GroupBuilder:
-        """Group families as of the mirror now (`mirror`: another connection's view, for
-        another thread; its records are read over that connection too)."""
-        return mirror_builder(mirror or self.state.mirror, self.settings, self.clock)
 
     # ------------------------------------------------------------------ deliver
 
