@@ -1,5 +1,11 @@
 """One export cycle: capture from MLflow, push to the Pushgateway, deliver each sink's queue.
 
+The runner only orchestrates: it runs the stages in order and records what each did. The
+work lives with the stages: capture in `sync.py` (and `traces.py`), the `run_id` label
+length in `labels.py`, the Pushgateway in `sinks/push_stage.py` (which alone writes
+`PushRecord`), each history sink's queue drain in `sinks/delivery.py`; the pull view builds
+its groups itself (`sinks/groups.py`).
+
 Each stage fails on its own: a Pushgateway outage does not stop deliveries, and an MLflow
 outage still lets queues drain and the Pushgateway be refilled from the mirror. Whatever
 happens, an exception included, the outcome is recorded in health, counters and one log
@@ -213,7 +219,17 @@ class Runner:
         if done is not None and (done.moved or done.samples or done.late):
             log.info("traces.read", **{k: v for k, v in vars(done).items() if v})
 
+    def _decide_labels(self) -> None:
+        """The run_id label length, when capture did not get to decide it (MLflow failed
+        or a stop came first): the runs it mirrored are still due, so they are checked."""
+        due = self.state.mirror.capture_due(int(self.clock() * 1000))
+        decide_run_id_length(self.state, self.settings.prometheus.run_id_length, due)
+
     # ------------------------------------------------------------------ push
+
+    def _prepare_series(self) -> None:
+        """Mark the groups whose every series changes (`PushStage.prepare`); pull mode too."""
+        self.push_stage.prepare()
 
     def _push(self, result: CycleResult, synced: SyncResult | None) -> None:
         """The Pushgateway stage (`sinks/push_stage.py`); the sweep's end has it check the
@@ -227,16 +243,6 @@ class Runner:
                 series=pushed.series,
                 deleted_groups=pushed.deleted_groups,
             )
-
-    def _decide_labels(self) -> None:
-        """The run_id label length, when capture did not get to decide it (MLflow failed
-        or a stop came first): the runs it mirrored are still due, so they are checked."""
-        due = self.state.mirror.capture_due(int(self.clock() * 1000))
-        decide_run_id_length(self.state, self.settings.prometheus.run_id_length, due)
-
-    def _prepare_series(self) -> None:
-        """Mark the groups whose every series changes (`PushStage.prepare`); pull mode too."""
-        self.push_stage.prepare()
 
     # ------------------------------------------------------------------ deliver
 
