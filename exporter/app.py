@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -19,7 +20,7 @@ from exporter.runner import Runner
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks import registry
 from exporter.sinks.delivery import CREDENTIAL_HEADER, DeliverySink
-from exporter.sinks.groups import GroupBuilder, MirrorCollector
+from exporter.sinks.groups import GroupBuilder, MirrorCollector, mirror_builder
 from exporter.sinks.pushgateway import Pushgateway
 from exporter.state import StateStore
 
@@ -101,14 +102,19 @@ def open_runner(
         state.close()
 
 
-def pull_collector(runner: Runner) -> Callable[[], MirrorCollector]:
+def pull_collector(
+    settings: Settings,
+    state: StateStore,
+    metrics: SelfMetrics,
+    clock: Callable[[], float] = time.time,
+) -> Callable[[], MirrorCollector]:
     """Pull mode: a collector building every group from the state on each scrape, over
     its own read-only connection (the cycle thread keeps writing meanwhile)."""
 
     def open_builder() -> tuple[GroupBuilder, Callable[[], None]]:
-        mirror = runner.state.reader()
-        return runner.builder(mirror), mirror.conn.close
+        mirror = state.reader()
+        return mirror_builder(mirror, settings, clock), mirror.conn.close
 
-    with_registry = owns_registry(runner.settings.export)
-    gauge = runner.metrics.exported_series
+    with_registry = owns_registry(settings.export)
+    gauge = metrics.exported_series
     return lambda: MirrorCollector(open_builder, with_registry, gauge.set)

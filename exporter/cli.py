@@ -196,7 +196,8 @@ def continuous(ctx: click.Context, interval: float | None, port: int | None, **f
     with open_runner(settings, stop, metrics, health) as runner:
         address = None
         if settings.server.enabled:
-            collector = pull_collector(runner) if settings.prometheus.serves else None
+            serves = settings.prometheus.serves
+            collector = pull_collector(settings, runner.state, metrics) if serves else None
             router = Router(metrics.registry, health, collector, users=web.users)
             app = with_headers(router, web.headers)
             server = serve(app, settings.server.host, settings.server.port, web.tls)

@@ -10,9 +10,8 @@ Pushgateway and the pull view build series later from the same record.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 
-from exporter.model import LabelRecord, PushRecord
+from exporter.model import LabelRecord
 from exporter.naming import short_id_length
 from exporter.state import StateStore
 
@@ -36,5 +35,5 @@ def decide_run_id_length(state: StateStore, minimum: int, runs: Iterable[str]) -
         with state.transaction():
             state.save(LabelRecord(length))
             mirror.mark_dirty()
-            state.save(replace(state.load(PushRecord), registry_dirty=True))
+            mirror.mark_registry_dirty()
     return length

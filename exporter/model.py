@@ -239,7 +239,6 @@ class PushRecord:
     # Grouping keys (`GroupKey.labels`, without job) left on the Pushgateway by the last
     # push; None: unknown.
     groups: tuple[tuple[tuple[str, str], ...], ...] | None = None
-    registry_dirty: bool = True
     last_success_ms: int | None = None
     # Experiments whose runs got per-run series at the last push (`MAX_EXPERIMENTS`).
     selected: tuple[str, ...] | None = None
@@ -248,6 +247,14 @@ class PushRecord:
     window_since_ms: int | None = None
     # Series in each group left on the Pushgateway (experiment id, or "" for the registry).
     series: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryMark:
+    """Whether the registry group must be pushed again; kept by the mirror (`mark_registry_*`)
+    beside the experiments' dirty marks. A fresh state starts dirty (nothing pushed yet)."""
+
+    dirty: bool = True
 
 
 @dataclass(frozen=True, slots=True)

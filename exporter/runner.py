@@ -1,5 +1,11 @@
 """One export cycle: capture from MLflow, push to the Pushgateway, deliver each sink's queue.
 
+The runner only orchestrates: it runs the stages in order and records what each did. The
+work lives with the stages: capture in `sync.py` (and `traces.py`), the `run_id` label
+length in `labels.py`, the Pushgateway in `sinks/push_stage.py` (which alone writes
+`PushRecord`), each history sink's queue drain in `sinks/delivery.py`; the pull view builds
+its groups itself (`sinks/groups.py`).
+
 Each stage fails on its own: a Pushgateway outage does not stop deliveries, and an MLflow
 outage still lets queues drain and the Pushgateway be refilled from the mirror. Whatever
 happens, an exception included, the outcome is recorded in health, counters and one log
@@ -11,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
@@ -20,19 +26,14 @@ from exporter.config import Settings
 from exporter.health import Health, Status
 from exporter.labels import decide_run_id_length
 from exporter.mlflow_source import MlflowError, MlflowSource
-from exporter.model import CaptureRecord, LabelRecord, PushRecord
-from exporter.planners import push as push_plan
-from exporter.planners.scope import metric_filter, owns_group, owns_registry, with_run_series
-from exporter.planners.series import REGISTRY_KEY, GroupKey, ServerCounts, experiment_key
 from exporter.progress import CaptureProgress, ProgressView
 from exporter.selfmetrics import BLOCKED_CAUSES, SelfMetrics
 from exporter.sinks import registry
 from exporter.sinks.delivery import DeliverySink, Drainer
-from exporter.sinks.groups import GroupBuilder
+from exporter.sinks.push_stage import PushStage
 from exporter.sinks.pushgateway import PushError, PushTarget
-from exporter.state import StateError, StateStore, is_corruption, records
+from exporter.state import StateError, StateStore, is_corruption
 from exporter.state import explain as explain_state
-from exporter.state.mirror import Mirror
 from exporter.sync import Sync, SyncResult
 from exporter.traces import TraceStage
 
@@ -95,9 +96,13 @@ class Runner:
     should_stop: Callable[[], bool] = lambda: False
     traces: TraceStage | None = field(default=None, init=False, repr=False)
     progress: CaptureProgress = field(init=False)
+    push_stage: PushStage = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.progress = CaptureProgress(self.clock, self._show_progress)
+        self.push_stage = PushStage(
+            self.settings, self.state, self.pushgateway, self.metrics, self.clock
+        )
         for sink in self.sinks:
             self.metrics.sink(sink.name)  # its families exist (at zero) before it delivers
 
@@ -214,164 +219,30 @@ class Runner:
         if done is not None and (done.moved or done.samples or done.late):
             log.info("traces.read", **{k: v for k, v in vars(done).items() if v})
 
-    # ------------------------------------------------------------------ push
-
-    def _push(self, result: CycleResult, synced: SyncResult | None) -> None:
-        """Push the groups that changed; every group when the Pushgateway may have lost
-        them. Runs from the mirror, so it also refills a restarted Pushgateway while
-        MLflow is down."""
-        assert self.pushgateway is not None
-        if self.state.load(CaptureRecord).last_capture_ms is None:
-            return  # nothing mirrored yet: pushing would only delete what others left
-        gateway, mirror, export = self.pushgateway, self.state.mirror, self.settings.export
-        start = gateway.start_time()
-        record = self.state.load(PushRecord)
-        ids = [e.experiment_id for e in mirror.experiments()]
-        plan = push_plan.plan_push(
-            ids,
-            mirror.dirty_experiments(),
-            record,
-            start,
-            owns_registry=owns_registry(export),
-            verify=synced is not None and synced.sweep_completed,
-        )
-        counts = dict(record.series)
-        # Groups this exporter pushed (from its state): the only ones its sweep may delete,
-        # so exporters of other scopes can share a job.
-        ours = {experiment_key(e) if e else REGISTRY_KEY for e in counts}
-        ours |= {GroupKey(labels) for labels in record.groups or ()}
-        try:
-            pushed = self._push_groups(plan, counts, ours)
-        except PushError:
-            with self.state.transaction():
-                # Unsure what is there now; what was pushed before the error is ours.
-                self.state.save(replace(record, groups=None, series=tuple(sorted(counts.items()))))
-            raise
-        with self.state.transaction():
-            mirror.mark_clean(plan.experiments)
-            self.state.save(
-                PushRecord(
-                    gateway_start=start,
-                    groups=tuple(sorted(k.labels for k in plan.keep)),
-                    registry_dirty=False,
-                    last_success_ms=int(self.clock() * 1000),
-                    selected=record.selected,
-                    window_since_ms=record.window_since_ms,
-                    series=tuple(sorted(counts.items())),
-                )
-            )
-        m = self.metrics
-        m.pushed_groups.set(pushed[0])
-        m.pushed_series.set(pushed[1])
-        m.exported_series.set(sum(counts.values()))
-        m.nonfinite.set(pushed[2])
-        m.last_push_success.set(self.clock())
-        m.excluded.labels("runs").set(mirror.cut_runs())
-        allowed = metric_filter(export)
-        m.excluded.labels("metrics").set(sum(not allowed(k) for k in mirror.metric_keys()))
-        result.pushed_series = pushed[1]
-        if pushed[0] or pushed[3]:
-            log.info(
-                "pushgateway.pushed", groups=pushed[0], series=pushed[1], deleted_groups=pushed[3]
-            )
-
     def _decide_labels(self) -> None:
         """The run_id label length, when capture did not get to decide it (MLflow failed
         or a stop came first): the runs it mirrored are still due, so they are checked."""
         due = self.state.mirror.capture_due(int(self.clock() * 1000))
         decide_run_id_length(self.state, self.settings.prometheus.run_id_length, due)
 
+    # ------------------------------------------------------------------ push
+
     def _prepare_series(self) -> None:
-        """Mark dirty what changes every series of a group: an experiment entering or
-        leaving the per-run selection (`MAX_EXPERIMENTS`), or runs moving across the edge
-        of the run window since the last cycle (a longer run_id label is marked by
-        `labels.decide_run_id_length`)."""
-        mirror = self.state.mirror
-        experiment_ids = [e.experiment_id for e in mirror.experiments()]
-        selected = with_run_series(mirror.activity(), self.settings.export.max_experiments)
-        record = self.state.load(PushRecord)
-        since = self._window_since_ms()
-        with self.state.transaction():
-            moved = selected.symmetric_difference(record.selected or ())
-            if record.selected is None:
-                moved = set(experiment_ids)
-            mirror.mark_dirty(moved & set(experiment_ids))
-            crossed = self._window_moves(record.window_since_ms, since)
-            mirror.mark_dirty(set(experiment_ids) if crossed is None else crossed)
-            if moved or since != record.window_since_ms:
-                self.state.save(
-                    replace(record, selected=tuple(sorted(selected)), window_since_ms=since)
-                )
+        """Mark the groups whose every series changes (`PushStage.prepare`); pull mode too."""
+        self.push_stage.prepare()
 
-    def _window_since_ms(self) -> int | None:
-        """Where the run window starts now (None: no window)."""
-        window = self.settings.series.run_window
-        return int((self.clock() - window) * 1000) if window else None
-
-    def _window_moves(self, before: int | None, now: int | None) -> set[str] | None:
-        """Experiments with runs that crossed the window's edge as it moved from `before`
-        to `now` (None: every experiment, the window was turned on or off)."""
-        if before == now:
-            return set()
-        if before is None or now is None:
-            return None
-        return self.state.mirror.experiments_with_runs_ended_between(
-            min(before, now), max(before, now)
-        )
-
-    def builder(self, mirror: Mirror | None = None) -> GroupBuilder:
-        """Group families as of the mirror now (`mirror`: another connection's view, for
-        another thread; its records are read over that connection too)."""
-        mirror = mirror or self.state.mirror
-        capture = records.load(mirror.conn, CaptureRecord)
-        return GroupBuilder(
-            mirror,
-            self.settings.export,
-            records.load(mirror.conn, LabelRecord).run_id_length,
-            set(records.load(mirror.conn, PushRecord).selected or ()),
-            ServerCounts(
-                {"active": capture.active_experiments, "deleted": capture.deleted_experiments}
-            ),
-            ended_since_ms=self._window_since_ms(),
-            min_runs=self.settings.series.min_runs_per_experiment,
-        )
-
-    def _push_groups(
-        self, plan: push_plan.PushPlan, counts: dict[str, int], ours: set[GroupKey]
-    ) -> tuple[int, int, int, int]:
-        """(groups, series, non-finite values, groups deleted); `counts` (series per group
-        left on the Pushgateway, "" for the registry) is updated as groups are pushed."""
-        assert self.pushgateway is not None
-        mirror, export = self.state.mirror, self.settings.export
-        builder = self.builder()
-        cuts: dict[str, int] = {}
-        groups = series = nonfinite = 0
-        for exp_id in plan.experiments:
-            families = builder.experiment(exp_id, on_cut=cuts.__setitem__)
-            pushed = self.pushgateway.push(experiment_key(exp_id), families)
-            counts[exp_id] = pushed.series
-            groups, series, nonfinite = (
-                groups + 1,
-                series + pushed.series,
-                nonfinite + pushed.nonfinite,
+    def _push(self, result: CycleResult, synced: SyncResult | None) -> None:
+        """The Pushgateway stage (`sinks/push_stage.py`); the sweep's end has it check the
+        Pushgateway's own list of groups."""
+        pushed = self.push_stage.push(verify=synced is not None and synced.sweep_completed)
+        result.pushed_series = pushed.series
+        if pushed.groups or pushed.deleted_groups:
+            log.info(
+                "pushgateway.pushed",
+                groups=pushed.groups,
+                series=pushed.series,
+                deleted_groups=pushed.deleted_groups,
             )
-        if plan.registry:
-            pushed = self.pushgateway.push(REGISTRY_KEY, builder.registry_group())
-            counts[""] = pushed.series
-            groups, series = groups + 1, series + pushed.series
-        with self.state.transaction():
-            for exp_id, cut in cuts.items():
-                mirror.set_cut_runs(exp_id, cut)
-        present = self.pushgateway.existing_groups() if plan.known is None else plan.known
-        stale = push_plan.stale_groups(
-            present, plan.keep, lambda k: k in ours and owns_group(k, export)
-        )
-        for key in stale:
-            self.pushgateway.delete(key)
-        kept = {k.as_dict().get("experiment_id", "") for k in plan.keep}
-        for group in set(counts) - kept:
-            del counts[group]
-        return groups, series, nonfinite, len(stale)
 
     # ------------------------------------------------------------------ deliver
 

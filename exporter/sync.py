@@ -41,7 +41,6 @@ from exporter.model import (
     CaptureRecord,
     HistoryRequest,
     MetricPoint,
-    PushRecord,
     Run,
     RunContext,
     RunFilter,
@@ -191,8 +190,7 @@ class Sync:
             )
             counts = (scope.counts["deleted"], scope.counts["active"])
             if gone or (record.deleted_experiments, record.active_experiments) != counts:
-                push = self.state.load(PushRecord)
-                self.state.save(replace(push, registry_dirty=True))
+                mirror.mark_registry_dirty()
         return mirror.unsynced_experiments()
 
     def _registry(self) -> None:
@@ -203,7 +201,7 @@ class Sync:
             if change.changed:
                 known = mirror.known(change.runs)
                 mirror.mark_dirty(k.experiment_id for k in known.values())
-                self.state.save(replace(self.state.load(PushRecord), registry_dirty=True))
+                mirror.mark_registry_dirty()
 
     def _full_read(self, experiment_id: str, now_ms: int, result: SyncResult) -> None:
         """All active runs of an experiment seen for the first time, page by page."""

@@ -119,7 +119,7 @@ def test_the_pull_collector_serves_the_mirror_over_its_own_connection(tmp_path: 
             mirror.write_run(run, 0, PENDING_NONE)
             save(runner.state.db.conn, CaptureRecord(last_capture_ms=1, active_experiments=1))
         registry = CollectorRegistry()
-        registry.register(pull_collector(runner)())
+        registry.register(pull_collector(s, runner.state, runner.metrics)())
         text = generate_latest(registry).decode()
         served = runner.metrics.registry.get_sample_value("mlflow_exporter_series")
     assert 'mlflow_experiments{lifecycle_stage="active"} 1.0' in text

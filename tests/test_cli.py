@@ -486,11 +486,13 @@ def test_unexpected_failures_end_in_one_masked_line_and_an_exit_code(
 
 
 class FakeRunner:
-    """What the commands use of a `Runner`: one scripted cycle result and a request count."""
+    """What the commands use of a `Runner`: one scripted cycle result, a request count and
+    its state (handed to the pull collector, itself replaced where a test serves)."""
 
     def __init__(self, result: Any) -> None:
         self.result = result
         self.source = type("Source", (), {"requests_made": 17})()
+        self.state = object()
 
     def run_cycle(self) -> Any:
         return self.result
@@ -557,7 +559,7 @@ def test_continuous_serves_the_probes_and_runs_cycles_at_the_interval_given(
 
     served: list[tuple[Any, str, int]] = []
     ran: list[tuple[float, str | None]] = []
-    monkeypatch.setattr(exporter.app, "pull_collector", lambda runner: "pull-collector")
+    monkeypatch.setattr(exporter.app, "pull_collector", lambda *_: "pull-collector")
 
     def fake_serve(app: Any, host: str, port: int, tls: Any = None) -> Any:
         assert tls is None

@@ -18,6 +18,7 @@ from exporter.mlflow_source import MlflowError
 from exporter.planners.series import experiment_key
 from exporter.runner import Runner
 from exporter.sinks import remote_write as rw
+from exporter.sinks.groups import mirror_builder
 from exporter.sinks.history import RemoteWriteSink
 from exporter.state.traces import TraceMarks
 from tests.fake_mlflow import percentile
@@ -192,7 +193,7 @@ def test_pull_mode_serves_the_same_trace_series(h: TraceHarness) -> None:
     h.ok_cycle()
     reader = h.state.reader()
     try:
-        families = h.runner.builder(reader).experiment(exp)
+        families = mirror_builder(reader, h.runner.settings, h.clock).experiment(exp)
     finally:
         reader.conn.close()
     pulled = {

@@ -27,18 +27,20 @@ def plan_push(
     experiment_ids: Sequence[str],
     dirty: Iterable[str],
     record: PushRecord,
+    registry_dirty: bool,
     gateway_start: str,
     owns_registry: bool,
     verify: bool,
 ) -> PushPlan:
-    """Decide the groups to push this cycle."""
+    """Decide the groups to push this cycle (`registry_dirty`: the mirror's mark that the
+    registry group changed since the last push)."""
     everything = record.groups is None or gateway_start != record.gateway_start
     dirty_set = set(dirty)
     chosen = [e for e in experiment_ids if everything or e in dirty_set]
     keep = {experiment_key(e) for e in experiment_ids}
     if owns_registry:
         keep.add(REGISTRY_KEY)
-    registry = owns_registry and (everything or record.registry_dirty)
+    registry = owns_registry and (everything or registry_dirty)
     known = None
     if not (verify or everything or record.groups is None):
         known = [GroupKey(labels) for labels in record.groups]

@@ -1,7 +1,8 @@
 """The mirror's Prometheus groups, read from the state and built by `planners/series.py`.
 
-Shared by the Pushgateway push (one group at a time) and the pull endpoint (all groups
-merged into one exposition, built fresh on each scrape over a read-only connection).
+Shared by the Pushgateway push (`push_stage.py`, one group at a time) and the pull endpoint
+(all groups merged into one exposition, built fresh on each scrape over a read-only
+connection); both get their builder from `mirror_builder`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from exporter.config import ExportSettings
-from exporter.model import Registry
+from exporter.config import ExportSettings, SeriesSettings, Settings
+from exporter.model import CaptureRecord, LabelRecord, PushRecord, Registry
 from exporter.planners.scope import metric_filter
 from exporter.planners.series import (
     REGISTRY_KEY,
@@ -26,6 +27,7 @@ from exporter.planners.series import (
     registry_families,
 )
 from exporter.planners.traces import trace_families
+from exporter.state import records
 from exporter.state.mirror import Mirror
 from exporter.state.traces import TraceMarks
 
@@ -92,6 +94,29 @@ class GroupBuilder:
             yield experiment_key(experiment_id), self.experiment(experiment_id)
         if with_registry:
             yield REGISTRY_KEY, self.registry_group()
+
+
+def run_window_since_ms(series: SeriesSettings, now: float) -> int | None:
+    """Where the run window starts at `now` (seconds), in ms (None: no window)."""
+    window = series.run_window
+    return int((now - window) * 1000) if window else None
+
+
+def mirror_builder(mirror: Mirror, settings: Settings, clock: Callable[[], float]) -> GroupBuilder:
+    """Group families as of `mirror` now; its records (label length, the experiments with
+    per-run series, server counts) are read over its own connection, so another thread's
+    read-only mirror (a pull scrape) sees one consistent state."""
+    capture = records.load(mirror.conn, CaptureRecord)
+    counts = {"active": capture.active_experiments, "deleted": capture.deleted_experiments}
+    return GroupBuilder(
+        mirror,
+        settings.export,
+        records.load(mirror.conn, LabelRecord).run_id_length,
+        set(records.load(mirror.conn, PushRecord).selected or ()),
+        ServerCounts(counts),
+        ended_since_ms=run_window_since_ms(settings.series, clock()),
+        min_runs=settings.series.min_runs_per_experiment,
+    )
 
 
 def merge(groups: Iterator[tuple[GroupKey, list[Metric]]]) -> list[Metric]:

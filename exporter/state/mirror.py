@@ -21,9 +21,11 @@ from exporter.model import (
     LatestMetric,
     ModelVersion,
     Registry,
+    RegistryMark,
     Run,
     RunContext,
 )
+from exporter.state import records
 from exporter.state.db import CHUNK, qmarks
 
 # A run's `pending`: its histories are captured / due from their windows / due whole.
@@ -145,6 +147,17 @@ class Mirror:
         return {
             i for (i,) in self.conn.execute("SELECT experiment_id FROM experiment WHERE dirty = 1")
         }
+
+    def mark_registry_dirty(self) -> None:
+        """Flag the registry group to be pushed again (its counts or run_id labels changed)."""
+        records.save(self.conn, RegistryMark(dirty=True))
+
+    def mark_registry_clean(self) -> None:
+        records.save(self.conn, RegistryMark(dirty=False))
+
+    def registry_dirty(self) -> bool:
+        """Whether the registry group must be pushed again (True until a first push)."""
+        return records.load(self.conn, RegistryMark).dirty
 
     def activity(self) -> dict[str, int]:
         """Per experiment, the newest of its last update and its newest run's start (ms)."""

@@ -1,5 +1,5 @@
 """Small typed facts kept between cycles, one dataclass per concern (the records section of
-`model.py`: `PushRecord`, `LabelRecord`, `CaptureRecord`, `SweepRecord`).
+`model.py`: `PushRecord`, `LabelRecord`, `CaptureRecord`, `SweepRecord`, `RegistryMark`).
 
 Each record is a frozen dataclass with defaults, stored as one JSON row named after its
 class: a field that is misspelt is a type error, not a silent default, and a record that

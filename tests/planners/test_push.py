@@ -15,9 +15,9 @@ KNOWN = (experiment_key("1"), experiment_key("2"), experiment_key("3"), REGISTRY
 
 
 def pushed_before(**fields: Any) -> PushRecord:
-    """The record a successful push leaves: every group known, registry clean."""
+    """The record a successful push leaves: every group known."""
     stored = tuple(k.labels for k in KNOWN)  # the record keeps the labels of each group
-    base: dict[str, Any] = {"gateway_start": START, "groups": stored, "registry_dirty": False}
+    base: dict[str, Any] = {"gateway_start": START, "groups": stored}
     base.update(fields)
     return PushRecord(**base)
 
@@ -28,8 +28,13 @@ def plan(
     start: str = START,
     owns_registry: bool = True,
     verify: bool = False,
+    registry_dirty: bool = False,
 ) -> PushPlan:
-    return plan_push(IDS, dirty, record, start, owns_registry=owns_registry, verify=verify)
+    """The plan for `record`; the registry is clean unless `registry_dirty` (the mirror's
+    mark, as a successful push leaves it)."""
+    return plan_push(
+        IDS, dirty, record, registry_dirty, start, owns_registry=owns_registry, verify=verify
+    )
 
 
 def test_only_dirty_experiments_are_pushed_when_the_gateway_kept_everything() -> None:
@@ -47,7 +52,7 @@ def test_nothing_dirty_pushes_nothing_and_keeps_every_group() -> None:
 
 
 def test_a_dirty_registry_is_pushed_alone() -> None:
-    p = plan(pushed_before(registry_dirty=True))
+    p = plan(pushed_before(), registry_dirty=True)
     assert (p.experiments, p.registry) == ([], True)
 
 
@@ -66,8 +71,13 @@ def test_everything_is_pushed_when_the_groups_left_are_unknown() -> None:
 
 
 def test_the_first_push_ever_pushes_everything() -> None:
-    p = plan(PushRecord())
+    p = plan(PushRecord(), registry_dirty=True)  # a fresh mirror's registry starts dirty
     assert (p.experiments, p.registry, p.everything) == (IDS, True, True)
+
+
+def test_a_clean_registry_is_pushed_anyway_when_everything_is() -> None:
+    p = plan(pushed_before(), start="2024-01-16T08:00:00Z", registry_dirty=False)
+    assert p.registry is True
 
 
 def test_verify_asks_the_gateway_instead_of_trusting_the_record() -> None:

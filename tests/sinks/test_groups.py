@@ -12,10 +12,19 @@ from typing import Any
 import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from exporter.config import ExportSettings
-from exporter.model import Experiment, LatestMetric, ModelVersion, Registry, Run
+from exporter.config import ExportSettings, Settings
+from exporter.model import (
+    CaptureRecord,
+    Experiment,
+    LabelRecord,
+    LatestMetric,
+    ModelVersion,
+    PushRecord,
+    Registry,
+    Run,
+)
 from exporter.planners.series import REGISTRY_KEY, GroupKey, ServerCounts, experiment_key
-from exporter.sinks.groups import GroupBuilder, MirrorCollector, merge
+from exporter.sinks.groups import GroupBuilder, MirrorCollector, merge, mirror_builder
 from exporter.state import StateStore
 
 T = 1_705_314_000_000
@@ -68,6 +77,33 @@ def builder(state: StateStore, selected: set[str] | None = None, **export: Any) 
         {"1", "2"} if selected is None else selected,
         ServerCounts({"active": 2, "deleted": 1}),
     )
+
+
+def test_the_mirror_builder_reads_its_records_over_the_mirrors_own_connection(
+    state: StateStore,
+) -> None:
+    with state.transaction():
+        state.save(LabelRecord(run_id_length=14))
+        state.save(PushRecord(selected=("2",)))
+        state.save(CaptureRecord(last_capture_ms=1, deleted_experiments=1, active_experiments=2))
+    settings = Settings.model_validate(
+        {"series": {"run_window": "1d", "min_runs_per_experiment": 3}}
+    )
+    reader = state.reader()
+    try:
+        built = mirror_builder(reader, settings, lambda: T / 1000)
+    finally:
+        reader.conn.close()
+
+    assert built.mirror is reader
+    assert (built.run_id_length, built.selected) == (14, {"2"})
+    assert built.counts == ServerCounts({"active": 2, "deleted": 1})
+    assert (built.ended_since_ms, built.min_runs) == (T - 86_400_000, 3)
+
+
+def test_without_a_run_window_the_mirror_builder_keeps_every_run(state: StateStore) -> None:
+    settings = Settings.model_validate({"series": {"run_window": 0}})
+    assert mirror_builder(state.mirror, settings, lambda: T / 1000).ended_since_ms is None
 
 
 def samples(families: list[Metric], name: str) -> list[dict[str, Any]]:

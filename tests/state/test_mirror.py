@@ -145,6 +145,23 @@ def test_mark_dirty_marks_the_given_experiments_or_all(mirror: Mirror) -> None:
     assert mirror.dirty_experiments() == {"1", "2", "3"}
 
 
+def test_the_registry_starts_dirty_and_is_marked_clean_and_dirty_again(mirror: Mirror) -> None:
+    assert mirror.registry_dirty() is True  # nothing pushed yet
+    mirror.mark_registry_clean()
+    assert mirror.registry_dirty() is False
+    mirror.mark_registry_dirty()
+    assert mirror.registry_dirty() is True
+
+
+def test_the_registry_mark_is_kept_on_the_mirrors_connection(store: StateStore) -> None:
+    store.mirror.mark_registry_clean()
+    reader = store.reader()
+    try:
+        assert reader.registry_dirty() is False
+    finally:
+        reader.conn.close()
+
+
 def test_activity_is_the_newer_of_last_update_and_newest_run_start(mirror: Mirror) -> None:
     mirror.set_experiments(
         [Experiment("1", "a", "active", 0, 500), Experiment("2", "b"), Experiment("3", "c")],

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from exporter.model import CaptureRecord, LabelRecord, PushRecord, SweepRecord
+from exporter.model import CaptureRecord, LabelRecord, PushRecord, RegistryMark, SweepRecord
 from exporter.state import StateStore
 
-ALL = (PushRecord, LabelRecord, CaptureRecord, SweepRecord)
+ALL = (PushRecord, LabelRecord, CaptureRecord, SweepRecord, RegistryMark)
 
 
 def stored(store: StateStore, name: str) -> Any:
@@ -36,7 +36,6 @@ def test_a_push_record_round_trips_with_nested_tuples_that_stay_hashable(
             (("experiment_id", "2"), ("shard", "0")),
             (),
         ),
-        registry_dirty=False,
         last_success_ms=1_705_314_585_123,
         selected=("1", "2"),
     )
@@ -51,14 +50,25 @@ def test_a_push_record_round_trips_with_nested_tuples_that_stay_hashable(
 
 
 def test_none_fields_round_trip_as_none(store: StateStore) -> None:
-    store.save(PushRecord(groups=None, selected=None, registry_dirty=True))
+    store.save(PushRecord(groups=None, selected=None))
     assert store.load(PushRecord) == PushRecord()
+
+
+def test_a_push_record_saved_with_the_old_registry_flag_still_loads(store: StateStore) -> None:
+    """Older states kept `registry_dirty` in the push record; the mirror keeps it now."""
+    store.db.conn.execute(
+        "INSERT INTO record (name, value) VALUES ('PushRecord', ?)",
+        (json.dumps({"gateway_start": "s", "registry_dirty": False, "selected": ["1"]}),),
+    )
+    assert store.load(PushRecord) == PushRecord(gateway_start="s", selected=("1",))
+    assert store.mirror.registry_dirty() is True  # pushed once more after the upgrade
 
 
 @pytest.mark.parametrize(
     "record",
     [
         LabelRecord(run_id_length=12),
+        RegistryMark(dirty=False),
         CaptureRecord(last_capture_ms=5, deleted_experiments=2, active_experiments=9),
         SweepRecord(
             chunk=3,
