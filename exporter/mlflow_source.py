@@ -1,7 +1,7 @@
 """Reading MLflow: the `MlflowSource` protocol and its REST implementation.
 
 The cycle only ever talks to MLflow through `MlflowSource`, in plain `model` dataclasses, so
-unit tests swap in an in-memory fake (`tests/fake_mlflow.py`). The REST implementation uses
+unit tests swap in an in-memory fake (`tests/fakes/mlflow_server.py`). The REST implementation uses
 `requests` rather than the `mlflow` package: that import alone costs ~2 s and ~170 MB per
 process (see shared FACTS), and the REST API is where the cheap bulk endpoints live.
 

@@ -24,8 +24,8 @@ from exporter.config import DEFAULT_CONFIG_ENV, ENV_KEYS, SECRET_ENV
 from exporter.logs import MASK
 from exporter.sinks import registry
 from exporter.state import StateStore
-from tests.fake_sinks import RecordingSink
-from tests.fakes_http import http_response
+from tests.fakes.http import http_response
+from tests.fakes.sinks import FakeDeliverySink
 
 SECRET = "pk_live_Zq9-hunter2-TOPSECRET"
 PASSWORD = "pg-pass-Xy7-TOPSECRET"
@@ -328,7 +328,7 @@ def test_check_config_names_an_installed_sink_and_runs_its_probe_only_while_it_i
     tmp_path: Path, backends: FakeRequests, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def build(context: registry.SinkContext) -> Any:
-        return RecordingSink(name="acme") if context.env.get("ACME_ON") else None
+        return FakeDeliverySink(name="acme") if context.env.get("ACME_ON") else None
 
     probed: list[str] = []
 
@@ -338,7 +338,7 @@ def test_check_config_names_an_installed_sink_and_runs_its_probe_only_while_it_i
 
     plugins = [
         registry.SinkSpec("acme", "ACME", build, probe=probe),
-        registry.SinkSpec("quiet", "QUIET", lambda _c: RecordingSink(name="quiet")),
+        registry.SinkSpec("quiet", "QUIET", lambda _c: FakeDeliverySink(name="quiet")),
     ]
     monkeypatch.setattr(registry, "installed", lambda: plugins)
     config = unreachable_config(tmp_path, 9)

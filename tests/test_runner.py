@@ -1,7 +1,8 @@
 """A cycle seen whole: capture, push and delivery against the in-memory MLflow.
 
-Every collaborator is a documented fake (`tests/fake_mlflow.py`, `tests/fake_sinks.py`,
-`tests/fakes.py`) except the state, which is the real SQLite store in a temp directory.
+Every collaborator is a documented fake (`tests/fakes/mlflow_server.py`,
+`tests/fakes/sinks.py`, `tests/fakes/__init__.py`) except the state, which is the real SQLite
+store in a temp directory.
 Time is a `FakeClock` the tests move; a cycle is "10 s later".
 """
 
@@ -28,10 +29,10 @@ from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.remote_write import RemoteWriteClient
 from exporter.state import StateStore
 from exporter.state.outbox import Outbox
-from tests.fake_mlflow import FakeMlflow
-from tests.fake_sinks import FakeGateway, RecordingSink
-from tests.fakes import FakeClock, SleepRecorder
-from tests.fakes_remote_write import FakeReceiver
+from tests.fakes import FakeClock, FakeSleep
+from tests.fakes.mlflow_server import FakeMlflow
+from tests.fakes.remote_write import FakeReceiver
+from tests.fakes.sinks import FakeDeliverySink, FakeGateway
 
 SETTLE = 60.0
 INTERVAL = 10.0
@@ -48,7 +49,7 @@ class Harness:
     def __init__(
         self,
         tmp: Path,
-        sinks: list[RecordingSink] | None = None,
+        sinks: list[FakeDeliverySink] | None = None,
         series: dict[str, Any] | None = None,
         **export: Any,
     ) -> None:
@@ -57,7 +58,7 @@ class Harness:
         self.clock = FakeClock(1_700_000_000.0)
         self.mlflow = FakeMlflow(self.clock)
         self.gateway = FakeGateway()
-        self.sinks = [RecordingSink()] if sinks is None else sinks
+        self.sinks = [FakeDeliverySink()] if sinks is None else sinks
         self.export = {
             "settle_seconds": SETTLE,
             "interval_seconds": INTERVAL,
@@ -80,11 +81,11 @@ class Harness:
             pushgateway=self.gateway,
             sinks=self.sinks,
             clock=self.clock,
-            sleep=SleepRecorder(self.clock),
+            sleep=FakeSleep(self.clock),
         )
 
     @property
-    def sink(self) -> RecordingSink:
+    def sink(self) -> FakeDeliverySink:
         return self.sinks[0]
 
     def cycle(self, advance: float = INTERVAL) -> CycleResult:
@@ -96,7 +97,7 @@ class Harness:
         assert result.ok, result.reason()
         return result
 
-    def reopen(self, sinks: list[RecordingSink] | None = None) -> None:
+    def reopen(self, sinks: list[FakeDeliverySink] | None = None) -> None:
         """A new process on the same state directory (export-once after export-once)."""
         self.state.close()
         self.state = StateStore(self.tmp / "state", clock=self.clock)
@@ -104,7 +105,7 @@ class Harness:
             self.sinks = sinks
         self.runner = self._runner()
 
-    def exactly_once(self, sink: RecordingSink | None = None) -> bool:
+    def exactly_once(self, sink: FakeDeliverySink | None = None) -> bool:
         sink = sink or self.sink
         counts = sink.counts()
         return sink.delivered() == self.mlflow.all_points() and set(counts.values()) <= {1}
@@ -313,7 +314,7 @@ def test_a_sink_enabled_later_gets_the_whole_history_and_the_first_gets_nothing_
     h.ok_cycle(advance=SETTLE * 2)  # settled: most identities pruned from the ledger
     first = h.sink
 
-    history = RecordingSink(name="remote_write")
+    history = FakeDeliverySink(name="remote_write")
     h.reopen(sinks=[first, history])
     h.mlflow.log(run, "loss", 99.0, step=30)
     h.ok_cycle()
@@ -366,7 +367,7 @@ def test_two_runs_sharing_12_characters_get_two_remote_write_series_whatever_sin
         pushgateway=h.gateway if prometheus else None,
         sinks=[sink],
         clock=h.clock,
-        sleep=SleepRecorder(h.clock),
+        sleep=FakeSleep(h.clock),
     )
     exp = h.mlflow.create_experiment("twins")
     first = h.mlflow.create_run(exp, run_id="0123456789ab" + "0" * 20)
@@ -413,8 +414,8 @@ def test_a_third_sink_gets_its_own_metrics_and_error_stage_from_its_name(
     tmp_path: Path,
 ) -> None:
     # Sink names used to be a fixed tuple in selfmetrics: a third one raised KeyError.
-    third = RecordingSink(name="third_sink")
-    h = Harness(tmp_path, sinks=[RecordingSink(), RecordingSink(name="remote_write"), third])
+    third = FakeDeliverySink(name="third_sink")
+    h = Harness(tmp_path, sinks=[FakeDeliverySink(), FakeDeliverySink(name="remote_write"), third])
     try:
         queued = "mlflow_exporter_third_sink_spool_points"
         assert h.metrics.registry.get_sample_value(queued) == 0.0  # there before any cycle
@@ -438,7 +439,7 @@ def test_points_a_receiver_acknowledges_but_drops_are_counted_logged_and_not_sen
     tmp_path: Path,
 ) -> None:
     # An OTLP partial success: the request is acknowledged, some of its points dropped.
-    sink = RecordingSink(script=[Reply(Outcome.ACCEPTED, dropped_by_receiver=2)])
+    sink = FakeDeliverySink(script=[Reply(Outcome.ACCEPTED, dropped_by_receiver=2)])
     h = Harness(tmp_path, sinks=[sink])
     try:
         run = h.mlflow.create_run(h.mlflow.create_experiment("partial"))
@@ -980,7 +981,7 @@ def test_the_sync_log_line_counts_new_runs_instead_of_listing_their_ids(h: Harne
 
 def test_delivery_logs_name_what_they_count_and_no_error_on_a_success(tmp_path: Path) -> None:
     # Remote write counts samples (a value and a step per point): never added to points.
-    h = Harness(tmp_path, sinks=[RecordingSink(), RecordingSink(name="remote_write")])
+    h = Harness(tmp_path, sinks=[FakeDeliverySink(), FakeDeliverySink(name="remote_write")])
     h.mlflow.log(h.mlflow.create_run(h.mlflow.create_experiment("logs")), "loss", 1.0)
 
     try:
@@ -1012,7 +1013,7 @@ def test_delivery_logs_name_what_they_count_and_no_error_on_a_success(tmp_path: 
 def test_1320_points_over_603_keys_go_out_in_3_full_batches(tmp_path: Path) -> None:
     """Run A logs 3 keys x 40 steps, run B 600 keys x 2 steps: batches hold points across
     keys and runs, so 1,320 points at batch_size 500 are 3 requests, not one per key."""
-    h = Harness(tmp_path, sinks=[RecordingSink(batch_size=500)])
+    h = Harness(tmp_path, sinks=[FakeDeliverySink(batch_size=500)])
     exp = h.mlflow.create_experiment("full-batches")
     run_a, run_b = h.mlflow.create_run(exp), h.mlflow.create_run(exp)
     for k in range(3):
@@ -1087,7 +1088,7 @@ def _seed_1320(h: Harness) -> None:
 def test_a_full_queue_is_backpressure_every_point_arrives_once_over_later_cycles(
     tmp_path: Path,
 ) -> None:
-    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    sink = FakeDeliverySink(batch_size=100, queue_max_points=500)
     h = Harness(tmp_path, sinks=[sink])
     _seed_1320(h)
     down = Reply(Outcome.RETRY, "HTTP 503", 503)
@@ -1113,7 +1114,7 @@ def test_a_full_queue_is_backpressure_every_point_arrives_once_over_later_cycles
 def test_export_once_rounds_deliver_everything_past_the_queue_bound_in_one_run(
     tmp_path: Path,
 ) -> None:
-    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    sink = FakeDeliverySink(batch_size=100, queue_max_points=500)
     h = Harness(tmp_path, sinks=[sink])
     _seed_1320(h)
 
@@ -1132,7 +1133,7 @@ def test_export_once_rounds_deliver_everything_past_the_queue_bound_in_one_run(
 
 
 def test_export_once_rounds_end_when_a_round_delivers_nothing(tmp_path: Path) -> None:
-    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    sink = FakeDeliverySink(batch_size=100, queue_max_points=500)
     h = Harness(tmp_path, sinks=[sink])
     _seed_1320(h)
     sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 10_000  # down throughout
@@ -1164,7 +1165,7 @@ def test_export_once_rounds_end_on_a_successful_round_that_delivered_nothing() -
 
 
 def test_export_once_rounds_stop_at_their_bound(tmp_path: Path) -> None:
-    sink = RecordingSink(batch_size=100, queue_max_points=500)
+    sink = FakeDeliverySink(batch_size=100, queue_max_points=500)
     h = Harness(tmp_path, sinks=[sink])
     _seed_1320(h)
 
@@ -1173,8 +1174,8 @@ def test_export_once_rounds_stop_at_their_bound(tmp_path: Path) -> None:
 
 
 def test_a_full_sink_waits_while_the_other_sink_gets_everything(tmp_path: Path) -> None:
-    stuck = RecordingSink(name="pramathus", batch_size=100, queue_max_points=200)
-    other = RecordingSink(name="remote_write", batch_size=100)
+    stuck = FakeDeliverySink(name="pramathus", batch_size=100, queue_max_points=200)
+    other = FakeDeliverySink(name="remote_write", batch_size=100)
     h = Harness(tmp_path, sinks=[stuck, other])
     _seed_1320(h)
     stuck.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 1000
@@ -1193,7 +1194,7 @@ def test_a_full_sink_waits_while_the_other_sink_gets_everything(tmp_path: Path) 
 
 
 def test_an_opt_in_drop_policy_counts_what_it_drops_as_lost(tmp_path: Path) -> None:
-    sink = RecordingSink(batch_size=100, queue_max_points=500, overflow="drop_oldest")
+    sink = FakeDeliverySink(batch_size=100, queue_max_points=500, overflow="drop_oldest")
     h = Harness(tmp_path, sinks=[sink])
     _seed_1320(h)
     sink.script = [Reply(Outcome.RETRY, "HTTP 503", 503)] * 1000

@@ -2,14 +2,14 @@
 
 Collaborators are the documented fakes, except the state:
 
-- `FakeMlflow` (`tests/fake_mlflow.py`): an in-memory MLflow behind the `MlflowSource`
+- `FakeMlflow` (`tests/fakes/mlflow_server.py`): an in-memory MLflow behind the `MlflowSource`
   protocol, with MLflow's search semantics (views, time filters, offset pages), latest
   metrics and histories; it counts every request by endpoint in `calls`.
-- `RecordingSink` (`tests/fake_sinks.py`): a `DeliverySink` whose batch bodies are JSON
+- `FakeDeliverySink` (`tests/fakes/sinks.py`): a `DeliverySink` whose batch bodies are JSON
   lists of point identities `[run, key, step, timestamp, value bits]`, so a test reads what
   was queued for it straight from its outbox; its `queue_max_points` and `overflow` are the
   bounds capture honours.
-- `FakeClock` (`tests/fakes.py`): `time.time` that only moves when a test moves it.
+- `FakeClock` (`tests/fakes/__init__.py`): `time.time` that only moves when a test moves it.
 - `exporter.state.StateStore`: the real SQLite state in `tmp_path` (mirror, ledger, outboxes).
 
 A "Sync" below is what one cycle does: move the clock an interval, build a `Sync` over the
@@ -30,9 +30,9 @@ from exporter import sync as sync_module
 from exporter.config import Settings
 from exporter.state import StateStore
 from exporter.sync import Sync, SyncResult
-from tests.fake_mlflow import FakeMlflow
-from tests.fake_sinks import RecordingSink
 from tests.fakes import FakeClock
+from tests.fakes.mlflow_server import FakeMlflow
+from tests.fakes.sinks import FakeDeliverySink
 
 SETTLE = 60.0
 INTERVAL = 10.0
@@ -64,7 +64,7 @@ class Bench:
 
     def sync(
         self,
-        sinks: Sequence[RecordingSink],
+        sinks: Sequence[FakeDeliverySink],
         advance: float = INTERVAL,
         should_stop: Callable[[], bool] | None = None,
     ) -> SyncResult:
@@ -134,7 +134,7 @@ def test_a_first_sync_queues_every_point_of_a_new_experiment_once_for_each_sink(
     done = finished_runs(b, exp, 2)
     running = b.mlflow.create_run(exp)
     b.mlflow.log_many(running, "loss", [3.0, 2.0])
-    sinks = [RecordingSink("pramathus"), RecordingSink("remote_write")]
+    sinks = [FakeDeliverySink("pramathus"), FakeDeliverySink("remote_write")]
 
     result = b.sync(sinks)
 
@@ -156,7 +156,7 @@ def test_a_sync_without_sinks_reads_runs_but_queues_nothing_until_one_is_enabled
     finished_runs(b, exp, 2)
 
     alone = b.sync([])
-    later = b.sync([RecordingSink()])
+    later = b.sync([FakeDeliverySink()])
 
     assert alone.points_captured == 0
     assert alone.pending == 2  # their histories stay due
@@ -172,7 +172,7 @@ def test_a_second_sync_with_nothing_changed_captures_nothing_and_asks_mlflow_lit
 ) -> None:
     exp = b.mlflow.create_experiment("churn")
     finished_runs(b, exp, 30)
-    sink = RecordingSink()
+    sink = FakeDeliverySink()
     b.sync([sink])
     before = b.queued(sink.name)
     b.mlflow.calls.clear()
@@ -194,7 +194,7 @@ def test_points_logged_to_a_running_run_are_queued_by_the_next_sync_exactly_once
     exp = b.mlflow.create_experiment("live")
     run = b.mlflow.create_run(exp)
     b.mlflow.log_many(run, "loss", [1.0, 0.9, 0.8])
-    sink = RecordingSink()
+    sink = FakeDeliverySink()
     b.sync([sink])
     first = b.queued(sink.name)
 
@@ -218,7 +218,7 @@ def test_a_late_point_below_the_latest_step_of_a_settling_run_is_queued_by_the_n
     for step in range(5, 10):  # asynchronous logging: steps 5..9 land first
         b.mlflow.log(run, "loss", 1.0 / step, step, t0 + step)
     b.mlflow.finish(run)
-    sink = RecordingSink()
+    sink = FakeDeliverySink()
     b.sync([sink])
 
     for step in range(5):  # MLflow's latest metrics do not move: only settling finds them
@@ -236,7 +236,7 @@ def test_a_settled_run_that_changes_again_is_read_whole_so_points_below_its_wind
     exp = b.mlflow.create_experiment("scores")
     run = b.mlflow.create_run(exp)
     b.mlflow.log_many(run, "loss", [1.0, 0.9, 0.8], first_step=10)
-    sink = RecordingSink()
+    sink = FakeDeliverySink()
     b.sync([sink])
     # Read again once those points are older than the settle window: the window moves up.
     b.clock.advance(SETTLE + INTERVAL)
@@ -266,7 +266,7 @@ def test_a_deleted_run_is_tombstoned_and_once_restored_only_its_new_points_are_q
 ) -> None:
     exp = b.mlflow.create_experiment("churn")
     keep, gone = finished_runs(b, exp, 2)
-    sink = RecordingSink()
+    sink = FakeDeliverySink()
     b.sync([sink])
     before = b.queued(sink.name)
 
@@ -295,10 +295,10 @@ def test_a_settling_run_purged_from_mlflow_is_removed_from_the_mirror(b: Bench) 
     exp = b.mlflow.create_experiment("gc")
     run = b.mlflow.create_run(exp)
     b.mlflow.log_many(run, "loss", [1.0, 0.5])
-    b.sync([RecordingSink()])
+    b.sync([FakeDeliverySink()])
 
     b.mlflow.purge_run(run)  # `mlflow gc`: no view returns it any more
-    result = b.sync([RecordingSink()])
+    result = b.sync([FakeDeliverySink()])
 
     assert result.changes == {"removed": 1}
     assert result.runs == 0
@@ -338,7 +338,7 @@ def test_a_first_sync_asks_whether_to_stop_between_its_reads(tmp_path: Path) -> 
     b = big_bench(tmp_path)
     never = StopAfter(10**6)
     try:
-        result = b.sync([RecordingSink()], should_stop=never)
+        result = b.sync([FakeDeliverySink()], should_stop=never)
     finally:
         b.state.close()
 
@@ -350,7 +350,7 @@ def test_points_of_several_reads_in_one_sync_fill_batches_instead_of_leaving_sho
     tmp_path: Path,
 ) -> None:
     b = big_bench(tmp_path)  # 27 points in three reads of nine
-    sink = RecordingSink(batch_size=4)
+    sink = FakeDeliverySink(batch_size=4)
     try:
         b.sync([sink])
         totals = b.state.outbox(sink.name).totals()
@@ -367,7 +367,7 @@ def test_a_sync_stopped_part_way_keeps_what_it_queued_and_the_next_completes_the
     tmp_path: Path, checks: int
 ) -> None:
     b = big_bench(tmp_path)
-    sink = RecordingSink(batch_size=4)
+    sink = FakeDeliverySink(batch_size=4)
     try:
         stopped = b.sync([sink], should_stop=StopAfter(checks))
         partial = b.queued(sink.name)
@@ -394,7 +394,7 @@ def test_a_sink_enabled_later_is_backfilled_over_syncs_and_the_first_gets_nothin
     monkeypatch.setattr(sync_module, "BACKFILL_SERIES_PER_CYCLE", 2)
     exp = b.mlflow.create_experiment("churn")
     finished_runs(b, exp, 3)  # six series
-    first, later = RecordingSink("pramathus"), RecordingSink("otlp")
+    first, later = FakeDeliverySink("pramathus"), FakeDeliverySink("otlp")
     b.sync([first])
     before = b.queued(first.name)
 
@@ -417,7 +417,7 @@ def test_a_disabled_sink_loses_its_queue_and_is_backfilled_in_full_when_enabled_
 ) -> None:
     exp = b.mlflow.create_experiment("churn")
     finished_runs(b, exp, 2)
-    first, other = RecordingSink("pramathus"), RecordingSink("otlp")
+    first, other = FakeDeliverySink("pramathus"), FakeDeliverySink("otlp")
     b.sync([first, other])
 
     b.sync([first])
@@ -438,7 +438,7 @@ def test_capture_holds_back_while_every_queue_is_full_and_loses_nothing_once_dra
     b = serial
     exp = b.mlflow.create_experiment("big")
     finished_runs(b, exp, 4, keys=("loss", "acc", "f1", "auc"))  # 48 points, 4 chunks
-    sink = RecordingSink(batch_size=5, queue_max_points=10, overflow="wait")
+    sink = FakeDeliverySink(batch_size=5, queue_max_points=10, overflow="wait")
 
     first = b.sync([sink])
 
@@ -466,8 +466,8 @@ def test_a_full_queue_owes_its_points_while_another_sink_keeps_capturing(serial:
     b = serial
     exp = b.mlflow.create_experiment("big")
     finished_runs(b, exp, 4, keys=("loss", "acc", "f1", "auc"))
-    small = RecordingSink("small", batch_size=5, queue_max_points=10, overflow="wait")
-    roomy = RecordingSink("roomy")
+    small = FakeDeliverySink("small", batch_size=5, queue_max_points=10, overflow="wait")
+    roomy = FakeDeliverySink("roomy")
 
     first = b.sync([small, roomy])
 

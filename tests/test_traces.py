@@ -21,9 +21,9 @@ from exporter.sinks import remote_write as rw
 from exporter.sinks.groups import mirror_builder
 from exporter.sinks.history import RemoteWriteSink
 from exporter.state.traces import TraceMarks
-from tests.fake_mlflow import percentile
-from tests.fakes import SleepRecorder
-from tests.fakes_remote_write import FakeReceiver
+from tests.fakes import FakeSleep
+from tests.fakes.mlflow_server import percentile
+from tests.fakes.remote_write import FakeReceiver
 from tests.test_runner import Harness, sample
 
 BUCKET = 10
@@ -66,7 +66,7 @@ class TraceHarness(Harness):
             pushgateway=self.gateway,
             sinks=self.sinks,
             clock=self.clock,
-            sleep=SleepRecorder(self.clock),
+            sleep=FakeSleep(self.clock),
         )
 
     def value(self, family: str, **labels: str) -> float | None:

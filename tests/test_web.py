@@ -24,7 +24,7 @@ from exporter.web import (
     serve,
     with_headers,
 )
-from tests.fakes_http import call_wsgi
+from tests.fakes.http import call_wsgi
 from tests.support.certs import Certs, bcrypt_hash, make_certs
 
 

@@ -1,7 +1,7 @@
 """Unit tests for exporter.sinks.delivery: draining one sink's queue within its budget.
 
 The queue is a real `StateStore` outbox in tmp_path. Time only moves when the drainer sleeps
-(`SleepRecorder` advancing a `FakeClock`) or when a fake server is slow (`AdvancingPost`).
+(`FakeSleep` advancing a `FakeClock`) or when a fake server is slow (`FakeSlowPost`).
 Pramathus answers come from `FakePost`; splitting is exercised with the remote write sink
 against `FakeReceiver`, which refuses samples that are too old the way Prometheus does.
 """
@@ -33,9 +33,9 @@ from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
 from exporter.state.outbox import EncodedBatch, Outbox, QueuedBatch, QueueTotals
-from tests.fakes import FakeClock, FakePost, FakeResponse, SleepRecorder
-from tests.fakes_http import AdvancingPost
-from tests.fakes_remote_write import FakeReceiver
+from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
+from tests.fakes.http import FakeSlowPost
+from tests.fakes.remote_write import FakeReceiver
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
 RW_URL = "http://receiver.test:9090/api/v1/write"
@@ -56,8 +56,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def sleep(clock: FakeClock) -> SleepRecorder:
-    return SleepRecorder(clock)
+def sleep(clock: FakeClock) -> FakeSleep:
+    return FakeSleep(clock)
 
 
 def points(n: int, start: int = 0) -> list[MetricPoint]:
@@ -106,7 +106,7 @@ def sent_values(post: FakePost) -> list[list[float]]:
 
 
 def test_five_transient_failures_then_success_are_delivered_within_the_default_budget(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     retry_in_1s = FakeResponse(429, "slow down", {"Retry-After": "1"})
     post = FakePost([503, 503, 503, retry_in_1s, 429, 200])
@@ -124,7 +124,7 @@ def test_five_transient_failures_then_success_are_delivered_within_the_default_b
 
 
 def test_backoff_waits_grow_exponentially_and_retry_after_is_waited_exactly(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     start = clock()
     retry_in_1s = FakeResponse(429, "slow down", {"Retry-After": "1"})
@@ -142,7 +142,7 @@ def test_backoff_waits_grow_exponentially_and_retry_after_is_waited_exactly(
 
 
 def test_a_retry_after_longer_than_the_budget_is_cut_to_what_is_left_of_it(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     start = clock()
     wait_two_minutes = FakeResponse(429, "", {"Retry-After": "120"})
@@ -161,7 +161,7 @@ def test_a_retry_after_longer_than_the_budget_is_cut_to_what_is_left_of_it(
 
 
 def test_retries_stop_exactly_when_the_budget_is_spent_and_the_batch_stays_queued(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     deadline = clock() + 30.0
     post = FakePost(default=FakeResponse(503, "overloaded"))
@@ -182,7 +182,7 @@ def test_retries_stop_exactly_when_the_budget_is_spent_and_the_batch_stays_queue
 
 
 def test_a_batch_that_keeps_failing_counts_one_attempt_per_drain_and_keeps_its_key(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     post = FakePost([503, 503])
     sink = pramathus(post, max_attempts=1)
@@ -199,7 +199,7 @@ def test_a_batch_that_keeps_failing_counts_one_attempt_per_drain_and_keeps_its_k
 
 
 def test_max_attempts_caps_the_tries_of_a_batch_within_one_drain(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     start = clock()
     post = FakePost(default=FakeResponse(503, ""))
@@ -215,7 +215,7 @@ def test_max_attempts_caps_the_tries_of_a_batch_within_one_drain(
 
 
 def test_connection_errors_are_retried_like_transient_statuses(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     post = FakePost([requests.ConnectionError("refused"), requests.Timeout("slow"), 200])
     sink = pramathus(post)
@@ -231,7 +231,7 @@ def test_connection_errors_are_retried_like_transient_statuses(
 
 
 def test_a_refused_batch_is_set_aside_with_reason_and_status_and_later_batches_still_go(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     refusal = FakeResponse(409, '{"error": "bad metric"}')
     post = FakePost([200, refusal, 200])
@@ -252,7 +252,7 @@ def test_a_refused_batch_is_set_aside_with_reason_and_status_and_later_batches_s
 
 
 def test_a_batch_that_must_wait_holds_back_every_later_batch(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     post = FakePost([200, 503, 200])
     sink = pramathus(post, batch_size=1, max_attempts=1)
@@ -270,7 +270,7 @@ def test_a_batch_that_must_wait_holds_back_every_later_batch(
 
 
 def test_should_stop_is_checked_between_batches(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     post = FakePost()
     sink = pramathus(post, batch_size=1)
@@ -284,7 +284,7 @@ def test_should_stop_is_checked_between_batches(
 
 
 def test_should_stop_before_the_first_batch_sends_nothing(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     post = FakePost()
     sink = pramathus(post)
@@ -297,10 +297,10 @@ def test_should_stop_before_the_first_batch_sends_nothing(
 
 
 def test_a_spent_budget_leaves_later_batches_queued_with_a_message_saying_so(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     post = FakePost()
-    sink = pramathus(AdvancingPost(post, clock, 31.0), batch_size=1)
+    sink = pramathus(FakeSlowPost(post, clock, 31.0), batch_size=1)
     enqueue(state, sink, points(3))
 
     result = drainer(state, sink, clock, sleep).drain()
@@ -314,7 +314,7 @@ def test_a_spent_budget_leaves_later_batches_queued_with_a_message_saying_so(
 
 
 def test_an_empty_queue_drains_to_nothing(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     post = FakePost()
     assert drainer(state, pramathus(post), clock, sleep).drain() == DrainResult()
@@ -341,7 +341,7 @@ def stored_timestamps(receiver: FakeReceiver, family: str) -> list[int]:
 
 
 def test_a_partly_too_old_batch_is_bisected_until_only_the_old_samples_are_set_aside(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     # Points 0-2 are older than the receiver takes; 3-7 are fine. One request of 16 samples.
     receiver = FakeReceiver(oldest_ms=T0 + 3000)
@@ -368,7 +368,7 @@ def test_a_partly_too_old_batch_is_bisected_until_only_the_old_samples_are_set_a
 
 
 def test_halves_of_a_split_batch_are_sent_older_first_right_away(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     receiver = FakeReceiver(oldest_ms=T0 + 2000)
     sink = remote_write_sink(receiver)
@@ -387,7 +387,7 @@ def test_halves_of_a_split_batch_are_sent_older_first_right_away(
 
 
 def test_a_single_refused_sample_is_set_aside_without_splitting(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     sink = ScriptedSink([Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True)])
     outbox = state.outbox(sink.name)
@@ -400,7 +400,7 @@ def test_a_single_refused_sample_is_set_aside_without_splitting(
 
 
 def test_a_split_half_that_must_wait_stops_the_drain_and_stays_queued(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     sink = ScriptedSink(
         [
@@ -476,7 +476,7 @@ def test_a_budget_spent_to_the_exact_second_sends_no_further_batch(
             clock.now = deadline  # the first batch takes exactly what was left
             return super()._deliver(batch, deadline, result)
 
-    result = SendsForTheWholeBudget(sink, outbox, clock, SleepRecorder(clock)).drain()
+    result = SendsForTheWholeBudget(sink, outbox, clock, FakeSleep(clock)).drain()
 
     assert sink.sent == [[1]]
     assert result.error is not None
@@ -484,7 +484,7 @@ def test_a_budget_spent_to_the_exact_second_sends_no_further_batch(
 
 
 def test_a_refused_batch_of_two_points_is_split_into_single_points(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     refused = Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True)
     sink = ScriptedSink([refused, refused])
@@ -497,7 +497,7 @@ def test_a_refused_batch_of_two_points_is_split_into_single_points(
 
 
 def test_a_set_aside_batch_records_when_it_failed_in_milliseconds(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     sink = ScriptedSink([Reply(Outcome.REFUSED, "no", 400)])
     outbox = _queued(state, sink, [[1]])
@@ -509,7 +509,7 @@ def test_a_set_aside_batch_records_when_it_failed_in_milliseconds(
 
 
 def test_backoff_is_capped_at_thirty_seconds(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     busy = Reply(Outcome.RETRY, "busy")
     sink = ScriptedSink([busy] * 12)
@@ -523,7 +523,7 @@ def test_backoff_is_capped_at_thirty_seconds(
 
 
 def test_a_wait_never_outlasts_what_is_left_of_the_budget(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     sink = ScriptedSink([Reply(Outcome.RETRY, "busy", retry_after=0.0)] * 3)
     sink.budget_seconds = 0.4
@@ -543,7 +543,7 @@ def test_retry_after_zero_and_non_finite_values() -> None:
 
 
 def test_points_receivers_said_they_dropped_add_up_over_the_batches_of_a_drain(
-    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     sink = ScriptedSink(
         [

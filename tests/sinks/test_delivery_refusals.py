@@ -37,7 +37,7 @@ from exporter.sinks.delivery import (
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
 from exporter.state.outbox import EncodedBatch, QueuedBatch, QueueTotals
-from tests.fakes import FakeClock, FakePost, FakeResponse, SleepRecorder
+from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
 T0 = 1_705_314_000_000
@@ -116,7 +116,7 @@ def queue(state: StateStore, s: PramathusSink, n: int) -> None:
 
 def drain(state: StateStore, s: PramathusSink) -> Any:
     clock = FakeClock()
-    return Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+    return Drainer(s, state.outbox(s.name), clock, FakeSleep(clock)).drain()
 
 
 def set_aside(state: StateStore) -> list[tuple[str, int, int | None]]:
@@ -346,7 +346,7 @@ def scripted_queue(state: StateStore, s: Scripted, bodies: list[bytes]) -> None:
 
 def scripted_drain(state: StateStore, s: Scripted) -> Any:
     clock = FakeClock()
-    return Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+    return Drainer(s, state.outbox(s.name), clock, FakeSleep(clock)).drain()
 
 
 def test_a_blocked_reply_without_a_cause_blocks_as_an_endpoint_problem(state: StateStore) -> None:
@@ -415,7 +415,7 @@ def test_each_attempt_waits_at_most_what_is_left_of_the_budget(state: StateStore
     s = sink(slow, batch_size=10, timeout_seconds=10, delivery_budget_seconds=25)
     queue(state, s, 3)
 
-    Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+    Drainer(s, state.outbox(s.name), clock, FakeSleep(clock)).drain()
 
     assert timeouts[:2] == [10, 10]
     assert all(t <= 10 for t in timeouts)
@@ -438,7 +438,7 @@ def test_the_last_attempt_gets_what_is_left_of_the_budget_or_one_second(
     s = sink(slow, batch_size=10, timeout_seconds=10, delivery_budget_seconds=budget)
     queue(state, s, 1)
 
-    Drainer(s, state.outbox(s.name), clock, SleepRecorder(clock)).drain()
+    Drainer(s, state.outbox(s.name), clock, FakeSleep(clock)).drain()
 
     assert timeouts == pytest.approx(expected)
 

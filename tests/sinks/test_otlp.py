@@ -1,8 +1,8 @@
 """The OTLP sink: encoding with the OpenTelemetry proto messages, answers as the OTLP/HTTP
 spec says, and delivery through the framework's queue.
 
-`FakePost` (tests/fakes.py) stands in for `requests.post`; bodies are decoded with the same
-`opentelemetry-proto` messages a receiver uses. The queue is a real `StateStore` outbox.
+`FakePost` (`tests/fakes/__init__.py`) stands in for `requests.post`; bodies are decoded with
+the same `opentelemetry-proto` messages a receiver uses. The queue is a real `StateStore` outbox.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from exporter.sinks.delivery import Drainer, Outcome
 from exporter.sinks.otlp import OtlpSink, data_point_count
 from exporter.state import StateStore
 from exporter.state.outbox import QueuedBatch
-from tests.fakes import FakeClock, FakePost, FakeResponse, SleepRecorder
+from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
 
 URL = "https://otlp.vendor.example/v1/metrics"
 RUN = "0123456789abcdef0123456789abcdef"
@@ -281,7 +281,7 @@ def test_a_receiver_down_then_up_gets_each_point_once_and_a_refused_point_is_set
     with state.transaction():
         outbox.add(s.encode(points(4), CONTEXTS, 0).batches, 0)
 
-    drained = Drainer(s, outbox, clock, SleepRecorder(clock)).drain()
+    drained = Drainer(s, outbox, clock, FakeSleep(clock)).drain()
 
     assert drained.points == 3
     assert drained.set_aside == {"rejected": 1}

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from exporter.sinks.probe import http_answers
-from tests.fakes_http import http_response
+from tests.fakes.http import http_response
 
 URL = "https://receiver.example/v1/metrics"
 

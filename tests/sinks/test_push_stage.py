@@ -1,7 +1,7 @@
 """Unit tests for exporter.sinks.push_stage: the Pushgateway stage over a real state.
 
 The state is the SQLite store in a temp directory, seeded by hand; the Pushgateway is
-`FakeGateway` (`tests/fake_sinks.py`), time a `FakeClock`. Whole cycles (capture, then the
+`FakeGateway` (`tests/fakes/sinks.py`), time a `FakeClock`. Whole cycles (capture, then the
 push) are in tests/test_runner.py.
 """
 
@@ -22,8 +22,8 @@ from exporter.sinks.push_stage import PushResult, PushStage
 from exporter.sinks.pushgateway import PushedGroup, PushError
 from exporter.state import StateStore
 from exporter.state.mirror import PENDING_NONE
-from tests.fake_sinks import FakeGateway
 from tests.fakes import FakeClock
+from tests.fakes.sinks import FakeGateway
 
 
 @dataclass

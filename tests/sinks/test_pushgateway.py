@@ -1,6 +1,6 @@
 """Unit tests for exporter.sinks.pushgateway: start time, group listing, push and delete.
 
-No socket: `http_get` is a `ScriptedGet` answering with real `requests.Response` objects built
+No socket: `http_get` is a `FakeGet` answering with real `requests.Response` objects built
 in memory, and prometheus_client's urllib opener is replaced by a `FakeOpener`, so the push
 and delete requests (method, URL, headers, body) are exactly what prometheus_client would send.
 """
@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.config import PrometheusSettings
 from exporter.planners.series import REGISTRY_KEY, GroupKey, experiment_key
 from exporter.sinks.pushgateway import PushedGroup, PushError, Pushgateway
-from tests.fakes_http import FakeOpener, ScriptedGet, http_response
+from tests.fakes.http import FakeGet, FakeOpener, http_response
 
 GATEWAY = "http://pushgateway.test:9091"
 STATUS = {
@@ -34,7 +34,7 @@ STATUS = {
 
 def gateway(*answers: requests.Response | BaseException, **overrides: Any) -> Pushgateway:
     settings = PrometheusSettings(gateway=GATEWAY, **overrides)
-    return Pushgateway(settings, http_get=ScriptedGet(answers))
+    return Pushgateway(settings, http_get=FakeGet(answers))
 
 
 @pytest.fixture

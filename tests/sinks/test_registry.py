@@ -20,11 +20,11 @@ from exporter.selfmetrics import SelfMetrics
 from exporter.sinks import registry
 from exporter.sinks.delivery import DeliverySink
 from exporter.sinks.registry import ENTRY_POINT_GROUP, SinkContext, SinkSpec
-from tests.fake_sinks import RecordingSink
+from tests.fakes.sinks import FakeDeliverySink
 
 
 def _third(context: SinkContext) -> DeliverySink | None:
-    return RecordingSink(name="third") if context.env.get("THIRD_ON") else None
+    return FakeDeliverySink(name="third") if context.env.get("THIRD_ON") else None
 
 
 THIRD = SinkSpec("third", "THIRD", _third)
@@ -107,7 +107,7 @@ def test_sink_names_must_be_valid_unique_and_not_a_stage(name: str, problem: str
 
 
 def test_a_factory_building_a_sink_of_another_name_is_refused() -> None:
-    spec = SinkSpec("fourth", "X", lambda c: RecordingSink(name="fifth"))
+    spec = SinkSpec("fourth", "X", lambda c: FakeDeliverySink(name="fifth"))
 
     with pytest.raises(ConfigError, match="sink 'fourth' built a sink named 'fifth'"):
         registry.build_sinks(SinkContext(settings(), env={}), [spec])

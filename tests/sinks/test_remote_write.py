@@ -1,7 +1,7 @@
 """Unit tests for exporter.sinks.remote_write: wire format, splitting, verdicts, client.
 
 No sockets: the client gets `tests.fakes.FakePost` (scripted answers) or
-`tests.fakes_remote_write.FakeReceiver` (decodes bodies, refuses like Prometheus 2.42).
+`tests.fakes.remote_write.FakeReceiver` (decodes bodies, refuses like Prometheus 2.42).
 The wire format is checked independently of the module's own message classes: bodies are
 decompressed with cramjam's raw snappy and parsed as protobuf unknown fields, by number.
 """
@@ -28,7 +28,7 @@ from exporter.sinks import remote_write as rw
 from exporter.sinks.delivery import retry_after_seconds
 from exporter.sinks.remote_write import RemoteWriteClient, TimeSeries, Verdict
 from tests.fakes import FakeClock, FakePost, FakeResponse
-from tests.fakes_remote_write import FakeReceiver
+from tests.fakes.remote_write import FakeReceiver
 
 NOW_MS = 1_795_000_000_000
 DAY_MS = 86_400_000

@@ -23,7 +23,7 @@ What it imitates (MLflow 3.17's REST API as `exporter.mlflow_source.RestSource` 
   `traces_supported = False` it answers like MLflow 2 or a file store (HTTP 404).
 
 Every call is counted by endpoint name in `calls`; `fail_next` makes the next call raise
-(an outage) and `answer_shape` replaces an endpoint's result with garbage (a proxy page).
+(an outage) and `broken` makes every call to an endpoint raise.
 Writing happens through plain methods (`create_run`, `log`, `finish`, `delete_run`, ...),
 with a clock the test controls.
 """
@@ -53,12 +53,16 @@ from exporter.trace_model import TracePoint, TraceQuery
 
 @dataclass
 class FakeRun:
+    """A run as the MLflow server stores it: its metadata and every point logged per key."""
+
     run: Run  # metadata; metrics are derived from `points`
     points: dict[str, list[MetricPoint]] = field(default_factory=dict)
 
 
 @dataclass
 class FakeAssessment:
+    """An MLflow 3 assessment on a trace as the server stores it (feedback name and value)."""
+
     name: str
     value: float | None  # booleans as 1/0; None for text feedback
     valid: bool = True
@@ -66,6 +70,8 @@ class FakeAssessment:
 
 @dataclass
 class FakeTrace:
+    """An MLflow 3 trace as the server stores it: state, time, duration, tokens, assessments."""
+
     trace_id: str
     experiment_id: str
     name: str | None
@@ -108,7 +114,7 @@ def _order_key(p: MetricPoint) -> tuple[int, int, float]:
 
 
 class FakeMlflow:
-    """The `MlflowSource` protocol over in-memory experiments, runs and registry."""
+    """Stands in for `RestSource` and the MLflow server behind it, all in memory."""
 
     def __init__(self, clock: Callable[[], float], page_size: int = 1000) -> None:
         self.clock = clock

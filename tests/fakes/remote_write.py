@@ -1,4 +1,4 @@
-"""A hand-written remote write receiver standing in for `requests.post` (no socket).
+"""A fake Prometheus remote write receiver, standing in for `requests.post` (no socket).
 
 `FakeReceiver` decodes each body and answers the way Prometheus 2.42 answered in the
 integration tests (tests/integration/test_remote_write_receivers.py):
@@ -41,7 +41,7 @@ class ReceivedCall:
 
 
 class FakeReceiver:
-    """Callable standing in for `requests.post`, storing samples like a small Prometheus."""
+    """Stands in for `requests.post` to a Prometheus remote write receiver, storing samples."""
 
     def __init__(
         self,

@@ -1,13 +1,21 @@
-"""Small hand-written stand-ins for the exporter's injectable collaborators.
+"""Hand-written fakes of the exporter's injectable collaborators: time and `requests.post`.
 
-Unit tests never open sockets: `PramathusSink` takes `post`, `sleep` and `clock` as
-arguments, and these fakes fill those slots while recording what the sink did with them.
+Unit tests never open sockets: the sinks take `post`, `sleep` and `clock` as arguments, and
+these fakes fill those slots while recording what the sink did with them. Each fake is named
+`Fake<RealThing>` after what it stands in for.
 
-- `FakeClock`: a `time.time` replacement that only moves when told to.
-- `SleepRecorder`: a `time.sleep` replacement that records each delay (and, when given a
-  clock, advances it by that delay so deadlines behave as in real time).
-- `FakeResponse`: the three attributes of `requests.Response` the sink reads.
-- `FakePost`: a `requests.post` replacement answering from a script of replies.
+- `FakeClock`: `time.time`, only moving when told to.
+- `FakeSleep`: `time.sleep`, recording each delay (and, when given a clock, advancing it by
+  that delay so deadlines behave as in real time).
+- `FakeResponse`: the attributes of `requests.Response` the sinks read.
+- `FakePost`: `requests.post`, answering from a script of replies.
+
+The package's other modules, each importing from this one (never the other way round):
+
+- `tests.fakes.mlflow_server`: an in-memory MLflow server (`FakeMlflow`);
+- `tests.fakes.sinks`: a history sink and the Pushgateway as the runner uses them;
+- `tests.fakes.http`: `requests.get`, a slow server, prometheus_client's urllib opener, WSGI;
+- `tests.fakes.remote_write`: a Prometheus remote write receiver (`FakeReceiver`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any
 
 
 class FakeClock:
-    """Callable returning seconds since the epoch; starts at `start`, moves on `advance()`."""
+    """Stands in for `time.time`: epoch seconds from `start`, moving only on `advance()`."""
 
     def __init__(self, start: float = 1_705_314_585.123) -> None:
         self.now = start
@@ -31,8 +39,8 @@ class FakeClock:
         self.now += seconds
 
 
-class SleepRecorder:
-    """Callable standing in for `time.sleep`: records each delay instead of waiting."""
+class FakeSleep:
+    """Stands in for `time.sleep`: records each delay instead of waiting."""
 
     def __init__(self, clock: FakeClock | None = None) -> None:
         self.delays: list[float] = []
@@ -46,7 +54,7 @@ class SleepRecorder:
 
 @dataclass
 class FakeResponse:
-    """What the sink reads from a `requests.Response`: status, body text, headers."""
+    """Stands in for `requests.Response`: the status, body text and headers a sink reads."""
 
     status_code: int = 200
     text: str = '{"status": "ok"}'
@@ -66,7 +74,7 @@ class PostCall:
 
 
 class FakePost:
-    """Callable standing in for `requests.post`.
+    """Stands in for `requests.post`, answering from a script and recording every call.
 
     Each call takes the next item of `script`: an `int` (a status with an empty body), a
     `FakeResponse`, or an exception instance (raised, as `requests` raises connection

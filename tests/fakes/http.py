@@ -1,16 +1,17 @@
-"""Hand-written HTTP stand-ins for the unit tests of sinks and endpoints (no socket anywhere).
+"""Hand-written fakes of HTTP clients and servers for sinks and endpoints (no socket anywhere).
 
-- `AdvancingPost`: wraps a `post` fake and moves a `FakeClock` on each call, playing a slow
-  server against the delivery budget.
+- `FakeSlowPost`: `requests.post` to a slow server: wraps a `post` fake and moves a
+  `FakeClock` on each call, playing the server's delay against the delivery budget.
 - `http_response`: a real `requests.Response` built by hand (status, headers, a body read from
   memory as if streamed), so `raise_for_status`, `json` and `iter_lines` behave exactly as
   they do for an answer from the network.
-- `ScriptedGet`: a `requests.get` replacement answering from a script of responses and
+- `FakeGet`: `requests.get`, answering from a script of responses and
   exceptions, recording each call's URL and keyword arguments.
 - `FakeOpener`: stands in for urllib's `build_opener(...)` inside prometheus_client's push
   handlers: records each `urllib.request.Request` (method, URL, headers, body, timeout) and
   answers from a script (a status, or an exception instance to raise).
-- `StartResponse` and `environ`: call a WSGI app directly, recording what it started.
+- `FakeStartResponse`: the WSGI server's `start_response`, recording what the app started;
+  `environ` and `call_wsgi` call a WSGI app directly with it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import requests
 from tests.fakes import FakeClock
 
 
-class AdvancingPost:
-    """A `post` replacement that advances `clock` by `seconds` and then asks `inner`."""
+class FakeSlowPost:
+    """Stands in for `requests.post` to a slow server: moves `clock` by `seconds`, asks `inner`."""
 
     def __init__(self, inner: Callable[..., Any], clock: FakeClock, seconds: float) -> None:
         self.inner = inner
@@ -60,13 +61,18 @@ def http_response(
 
 @dataclass(frozen=True)
 class GetCall:
+    """One request the code made: the URL and the keyword arguments it passed to `get`."""
+
     url: str
     kwargs: Mapping[str, Any]
 
 
-class ScriptedGet:
-    """Callable standing in for `requests.get`: each call takes the next scripted item, a
-    `requests.Response` (returned) or an exception instance (raised)."""
+class FakeGet:
+    """Stands in for `requests.get`, answering from a script and recording every call.
+
+    Each call takes the next scripted item, a `requests.Response` (returned) or an exception
+    instance (raised).
+    """
 
     def __init__(self, script: Iterable[requests.Response | BaseException]) -> None:
         self.script: deque[requests.Response | BaseException] = deque(script)
@@ -92,15 +98,20 @@ class OpenedRequest:
 
 
 class _Answer:
+    """What urllib's `open` returns, as far as prometheus_client reads it."""
+
     def __init__(self, code: int) -> None:
         self.code = code
         self.msg = "OK" if code < 400 else "error"
 
 
 class FakeOpener:
-    """Replaces `prometheus_client.exposition.build_opener` (monkeypatch it in): calling it
-    returns this object, whose `open` records the request and answers from `script` (an int
-    status, or an exception instance to raise, as urllib raises URLError and HTTPError)."""
+    """Stands in for urllib's `build_opener` inside prometheus_client's push handlers.
+
+    Monkeypatch it over `prometheus_client.exposition.build_opener`: calling it returns this
+    object, whose `open` records the request and answers from `script` (an int status, or an
+    exception instance to raise, as urllib raises URLError and HTTPError).
+    """
 
     def __init__(self, script: Iterable[int | BaseException] = ()) -> None:
         self.script: deque[int | BaseException] = deque(script)
@@ -125,8 +136,8 @@ class FakeOpener:
         return _Answer(item)
 
 
-class StartResponse:
-    """The `start_response` of a WSGI call, recording the status line and headers."""
+class FakeStartResponse:
+    """Stands in for a WSGI server's `start_response`, recording the status line and headers."""
 
     def __init__(self) -> None:
         self.status: str | None = None
@@ -152,9 +163,9 @@ def environ(path: str, method: str = "GET") -> dict[str, Any]:
 
 def call_wsgi(
     app: Callable[..., Iterable[bytes]], path: str, headers: Mapping[str, str] | None = None
-) -> tuple[StartResponse, bytes]:
+) -> tuple[FakeStartResponse, bytes]:
     """Call `app` for `path` with request `headers`; the recorded start and the whole body."""
-    start = StartResponse()
+    start = FakeStartResponse()
     env = environ(path)
     for name, value in (headers or {}).items():
         env["HTTP_" + name.upper().replace("-", "_")] = value

@@ -1,6 +1,6 @@
-"""Stand-ins for the cycle's outputs, recording what the runner did with them.
+"""Fakes of the cycle's outputs (history sinks, the Pushgateway), recording what was done.
 
-- `RecordingSink`: a `DeliverySink` (what Pramathus or remote write are to the runner) whose
+- `FakeDeliverySink`: a `DeliverySink` (what Pramathus or remote write are to the runner) whose
   bodies are JSON lists of point identities; `send` answers from a script (default accept)
   and records every accepted point, so a test compares deliveries with what MLflow holds;
   a short last batch is left open (`open_tail`) as real sinks leave it, and `posts` counts
@@ -31,8 +31,8 @@ PointKey = tuple[str, str, int, int, int]  # run, key, step, timestamp, value bi
 
 
 @dataclass
-class RecordingSink:
-    """A history sink that records accepted points; `script` holds replies to give first."""
+class FakeDeliverySink:
+    """Stands in for a `DeliverySink` (Pramathus, remote write): records accepted points."""
 
     name: str = "pramathus"
     batch_size: int = 100
@@ -84,7 +84,7 @@ class RecordingSink:
 
 @dataclass
 class FakeGateway:
-    """The Pushgateway as seen by the runner, holding groups in memory."""
+    """Stands in for `Pushgateway` (the `PushTarget` the runner uses), groups in memory."""
 
     groups: dict[GroupKey, list[Metric]] = field(default_factory=dict)
     pushes: list[GroupKey] = field(default_factory=list)
