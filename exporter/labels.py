@@ -34,6 +34,6 @@ def decide_run_id_length(state: StateStore, minimum: int, runs: Iterable[str]) -
     if length != current:
         with state.transaction():
             state.save(LabelRecord(length))
-            mirror.mark_dirty()
-            mirror.mark_registry_dirty()
+            state.push_marks.mark_dirty()
+            state.push_marks.mark_registry_dirty()
     return length

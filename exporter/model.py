@@ -251,8 +251,9 @@ class PushRecord:
 
 @dataclass(frozen=True, slots=True)
 class RegistryMark:
-    """Whether the registry group must be pushed again; kept by the mirror (`mark_registry_*`)
-    beside the experiments' dirty marks. A fresh state starts dirty (nothing pushed yet)."""
+    """Whether the registry group must be pushed again; kept by the push marks
+    (`state/push_marks.py`, `mark_registry_*`) beside the experiments' dirty marks. A fresh
+    state starts dirty (nothing pushed yet)."""
 
     dirty: bool = True
 

@@ -222,7 +222,7 @@ class Runner:
     def _decide_labels(self) -> None:
         """The run_id label length, when capture did not get to decide it (MLflow failed
         or a stop came first): the runs it mirrored are still due, so they are checked."""
-        due = self.state.mirror.capture_due(int(self.clock() * 1000))
+        due = self.state.schedule.capture_due(int(self.clock() * 1000))
         decide_run_id_length(self.state, self.settings.prometheus.run_id_length, due)
 
     # ------------------------------------------------------------------ push

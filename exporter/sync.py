@@ -52,7 +52,7 @@ from exporter.planners.scope import in_scope, metric_filter
 from exporter.progress import CaptureProgress
 from exporter.sinks.delivery import DeliverySink
 from exporter.state import StateStore
-from exporter.state.mirror import PENDING_FULL, PENDING_WINDOW
+from exporter.state.schedule import PENDING_FULL, PENDING_WINDOW
 
 log = structlog.get_logger("exporter.sync")
 
@@ -132,7 +132,7 @@ class Sync:
                 self.state.save(
                     CaptureRecord(now_ms, record.deleted_experiments, record.active_experiments)
                 )
-            due = self.state.mirror.capture_due(now_ms)  # newest runs first
+            due = self.state.schedule.capture_due(now_ms)  # newest runs first
             # Before any point is encoded, whatever sinks are on (defect: remote write once
             # encoded a new run's points under the label of another sharing its prefix).
             decide_run_id_length(
@@ -143,10 +143,10 @@ class Sync:
             self._backfill(result)
         except _StoppedError:
             result.stopped = True
-        mirror = self.state.mirror
+        mirror, schedule = self.state.mirror, self.state.schedule
         result.runs = mirror.run_count()
-        result.pending = mirror.pending_count()
-        result.settling = sum(1 for r in mirror.settling(now_ms) if r.deleted_ms is None)
+        result.pending = schedule.pending_count()
+        result.settling = sum(1 for r in schedule.settling(now_ms) if r.deleted_ms is None)
         return result
 
     def _check_stop(self) -> None:
@@ -190,7 +190,7 @@ class Sync:
             )
             counts = (scope.counts["deleted"], scope.counts["active"])
             if gone or (record.deleted_experiments, record.active_experiments) != counts:
-                mirror.mark_registry_dirty()
+                self.state.push_marks.mark_registry_dirty()
         return mirror.unsynced_experiments()
 
     def _registry(self) -> None:
@@ -200,8 +200,8 @@ class Sync:
             change = mirror.set_registry(registry)
             if change.changed:
                 known = mirror.known(change.runs)
-                mirror.mark_dirty(k.experiment_id for k in known.values())
-                mirror.mark_registry_dirty()
+                self.state.push_marks.mark_dirty(k.experiment_id for k in known.values())
+                self.state.push_marks.mark_registry_dirty()
 
     def _full_read(self, experiment_id: str, now_ms: int, result: SyncResult) -> None:
         """All active runs of an experiment seen for the first time, page by page."""
@@ -213,7 +213,7 @@ class Sync:
             self.state.mirror.mark_synced([experiment_id])
 
     def _deltas(self, now_ms: int, fresh: Sequence[str], result: SyncResult) -> None:
-        mirror = self.state.mirror
+        mirror, schedule = self.state.mirror, self.state.schedule
         skip = set(fresh)
         ids = [e.experiment_id for e in mirror.experiments() if e.experiment_id not in skip]
         if not ids:
@@ -225,7 +225,7 @@ class Sync:
         deleted = [
             r for page in _pages(self.source, ids, capture.DELETED_PROBE, max_pages=1) for r in page
         ]
-        again = capture.recheck_by_id(mirror.settling(now_ms), mirror.unfinished(), seen)
+        again = capture.recheck_by_id(schedule.settling(now_ms), schedule.unfinished(), seen)
         by_experiment: dict[str, list[str]] = {}
         for k in again:
             by_experiment.setdefault(k.experiment_id, []).append(k.run_id)
@@ -339,7 +339,7 @@ class Sync:
     # ------------------------------------------------------------------ points
 
     def _capture(self, now_ms: int, due: dict[str, bool], result: SyncResult) -> None:
-        """Read the histories of the due runs (changed or settling; `Mirror.capture_due`);
+        """Read the histories of the due runs (changed or settling; `CaptureSchedule.capture_due`);
         queue the new points."""
         if not self.sinks:
             return  # nothing to deliver to: runs stay pending until a sink is enabled
@@ -360,7 +360,7 @@ class Sync:
                     remaining[w.run_id] += 1
                 idle = [r for r, n in remaining.items() if n == 0]
                 with self.state.transaction():
-                    mirror.captured(idle)
+                    self.state.schedule.captured(idle)
                 self.progress.planned(len(run_ids), capture.points_bound(wanted))
                 self.progress.advance(len(idle), 0)
                 chunks = capture.group_by_key(wanted, BULK_MAX_RUNS)
@@ -370,7 +370,7 @@ class Sync:
                     new, done = self._record(chunk, read, series, remaining, now_ms, result)
                     result.points_captured += new
                     self.progress.advance(done, new)
-                if self._all_full() and (runs_due := mirror.pending_count()) > 0:
+                if self._all_full() and (runs_due := self.state.schedule.pending_count()) > 0:
                     result.held_back = True
                     log.info(
                         "capture.held_back",
@@ -428,7 +428,7 @@ class Sync:
     ) -> tuple[int, int]:
         """Queue the new points of one read for every sink, record them, move windows;
         (new points, runs whose every series is now read)."""
-        ledger, mirror = self.state.ledger, self.state.mirror
+        ledger, schedule = self.state.ledger, self.state.schedule
         by_series: dict[tuple[str, str], list[MetricPoint]] = {}
         for p in read:
             by_series.setdefault((p.run_id, p.key), []).append(p)
@@ -456,7 +456,7 @@ class Sync:
                     result.waiting[sink.name] = result.waiting.get(sink.name, 0) + len(new)
             open_sinks = [sink for sink in self.sinks if sink not in full]
             tails = self._enqueue(open_sinks, new, now_ms, result)
-            mirror.captured(done_runs)
+            schedule.captured(done_runs)
         self._keep_tails(tails)
         return len(new), len(done_runs)
 

@@ -202,7 +202,7 @@ class TraceStage:
         with self.state.transaction():
             store.save(changed)
             store.forget(gone)
-            self.state.mirror.mark_dirty(dirty)
+            self.state.push_marks.mark_dirty(dirty)
             if sink is not None and samples:
                 batch_size = getattr(getattr(sink, "settings", None), "batch_size", 5000)
                 outbox = self.state.outbox(sink.name)

@@ -16,8 +16,8 @@ from exporter.sinks import registry
 from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
-from exporter.state.mirror import PENDING_NONE
 from exporter.state.records import save
+from exporter.state.schedule import PENDING_NONE
 
 
 def settings(tmp_path: Path, **env: str) -> Settings:

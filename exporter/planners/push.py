@@ -32,7 +32,7 @@ def plan_push(
     owns_registry: bool,
     verify: bool,
 ) -> PushPlan:
-    """Decide the groups to push this cycle (`registry_dirty`: the mirror's mark that the
+    """Decide the groups to push this cycle (`registry_dirty`: the push mark that the
     registry group changed since the last push)."""
     everything = record.groups is None or gateway_start != record.gateway_start
     dirty_set = set(dirty)

@@ -3,7 +3,9 @@
 It runs from the mirror, never from MLflow, so it also refills a restarted Pushgateway while
 MLflow is down. It is the one writer of `PushRecord` (what the Pushgateway was last left
 holding, and the per-run selection and run window the groups were built with); other stages
-only mark the mirror (`mark_dirty`, `mark_registry_dirty`). The planner
+only set the push marks dirty (`state/push_marks.py`: `mark_dirty`, `mark_registry_dirty`),
+and only this stage sets them clean after a push (and records the runs each group cut). The
+planner
 (`planners/push.py`) decides; this module does the I/O and keeps the record and the push
 self-metrics.
 """
@@ -51,18 +53,18 @@ class PushStage:
         leaving the per-run selection (`MAX_EXPERIMENTS`), or runs moving across the edge
         of the run window since the last cycle (a longer run_id label is marked by
         `labels.decide_run_id_length`)."""
-        mirror = self.state.mirror
-        experiment_ids = [e.experiment_id for e in mirror.experiments()]
-        selected = with_run_series(mirror.activity(), self.settings.export.max_experiments)
+        marks = self.state.push_marks
+        experiment_ids = [e.experiment_id for e in self.state.mirror.experiments()]
+        selected = with_run_series(marks.activity(), self.settings.export.max_experiments)
         record = self.state.load(PushRecord)
         since = run_window_since_ms(self.settings.series, self.clock())
         with self.state.transaction():
             moved = selected.symmetric_difference(record.selected or ())
             if record.selected is None:
                 moved = set(experiment_ids)
-            mirror.mark_dirty(moved & set(experiment_ids))
+            marks.mark_dirty(moved & set(experiment_ids))
             crossed = self._window_moves(record.window_since_ms, since)
-            mirror.mark_dirty(set(experiment_ids) if crossed is None else crossed)
+            marks.mark_dirty(set(experiment_ids) if crossed is None else crossed)
             if moved or since != record.window_since_ms:
                 self.state.save(
                     replace(record, selected=tuple(sorted(selected)), window_since_ms=since)
@@ -76,15 +78,15 @@ class PushStage:
         assert self.gateway is not None
         if self.state.load(CaptureRecord).last_capture_ms is None:
             return PushResult()  # nothing mirrored yet: pushing would only delete others'
-        mirror, export = self.state.mirror, self.settings.export
+        marks, export = self.state.push_marks, self.settings.export
         start = self.gateway.start_time()
         record = self.state.load(PushRecord)
-        ids = [e.experiment_id for e in mirror.experiments()]
+        ids = [e.experiment_id for e in self.state.mirror.experiments()]
         plan = push_plan.plan_push(
             ids,
-            mirror.dirty_experiments(),
+            marks.dirty_experiments(),
             record,
-            mirror.registry_dirty(),
+            marks.registry_dirty(),
             start,
             owns_registry=owns_registry(export),
             verify=verify,
@@ -102,8 +104,8 @@ class PushStage:
                 self.state.save(replace(record, groups=None, series=tuple(sorted(counts.items()))))
             raise
         with self.state.transaction():
-            mirror.mark_clean(plan.experiments)
-            mirror.mark_registry_clean()
+            marks.mark_clean(plan.experiments)
+            marks.mark_registry_clean()
             self.state.save(
                 PushRecord(
                     gateway_start=start,
@@ -125,7 +127,7 @@ class PushStage:
         m.exported_series.set(sum(counts.values()))
         m.nonfinite.set(pushed.nonfinite)
         m.last_push_success.set(self.clock())
-        m.excluded.labels("runs").set(mirror.cut_runs())
+        m.excluded.labels("runs").set(self.state.push_marks.cut_runs())
         allowed = metric_filter(self.settings.export)
         m.excluded.labels("metrics").set(sum(not allowed(k) for k in mirror.metric_keys()))
 
@@ -136,7 +138,7 @@ class PushStage:
             return set()
         if before is None or now is None:
             return None
-        return self.state.mirror.experiments_with_runs_ended_between(
+        return self.state.push_marks.experiments_with_runs_ended_between(
             min(before, now), max(before, now)
         )
 
@@ -162,7 +164,7 @@ class PushStage:
             groups, series = groups + 1, series + pushed.series
         with self.state.transaction():
             for exp_id, cut in cuts.items():
-                mirror.set_cut_runs(exp_id, cut)
+                self.state.push_marks.set_cut_runs(exp_id, cut)
         present = gateway.existing_groups() if plan.known is None else plan.known
         stale = push_plan.stale_groups(
             present, plan.keep, lambda k: k in ours and owns_group(k, export)

@@ -2,6 +2,8 @@
 
 - `db.py`: opening, locking, corruption versus passing trouble, transactions;
 - `mirror.py`: what MLflow holds (experiments, runs, latest values, registry);
+- `schedule.py`: when runs are read again (due captures, settle windows, unfinished runs);
+- `push_marks.py`: Pushgateway bookkeeping (groups to push again, runs the push cut);
 - `ledger.py`: what was captured (series windows, point identities, sinks, backfills);
 - `outbox.py`: per-sink delivery queues and set-aside batches;
 - `records.py`: small typed facts (push state, label length, sweep cursor, ...; their
@@ -24,12 +26,16 @@ from exporter.state.db import Database, StateError, explain, is_corruption
 from exporter.state.ledger import Ledger
 from exporter.state.mirror import Mirror
 from exporter.state.outbox import Outbox
+from exporter.state.push_marks import PushMarks
+from exporter.state.schedule import CaptureSchedule
 from exporter.state.traces import TraceMarks
 
 __all__ = [
+    "CaptureSchedule",
     "Ledger",
     "Mirror",
     "Outbox",
+    "PushMarks",
     "StateError",
     "StateStore",
     "explain",
@@ -45,8 +51,7 @@ class StateStore:
     def __init__(self, directory: Path, clock: Callable[[], float] = time.time) -> None:
         self.db = Database(directory, clock)
         self.directory = directory
-        self.mirror = Mirror(self.db.conn)
-        self.ledger = Ledger(self.db.conn)
+        self._open_parts()
 
     @property
     def path(self) -> Path:
@@ -69,9 +74,16 @@ class StateStore:
         `Database.ensure_file`); True when it was."""
         if not self.db.ensure_file():
             return False
-        self.mirror = Mirror(self.db.conn)
-        self.ledger = Ledger(self.db.conn)
+        self._open_parts()
         return True
+
+    def _open_parts(self) -> None:
+        """The state's parts over the writer connection (again when `ensure_file` reopens)."""
+        conn = self.db.conn
+        self.mirror = Mirror(conn)
+        self.schedule = CaptureSchedule(conn)
+        self.push_marks = PushMarks(conn)
+        self.ledger = Ledger(conn)
 
     def outbox(self, sink: str) -> Outbox:
         return Outbox(self.db.conn, sink)

@@ -4,6 +4,15 @@ Experiments, runs with the latest value of each metric key, and the registry. Pu
 pull scrapes are built from it, never from extra MLflow reads. A run that leaves MLflow's
 active view keeps a tombstone (`deleted_ms`) so a restore is recognised; its latest values
 go. Writes happen inside the caller's transaction.
+
+Two concerns share its tables and live beside it: when runs are read again
+(`schedule.py`: the runs' `pending` and `settle_until_ms`) and which Pushgateway groups must
+be pushed again (`push_marks.py`: the experiments' `dirty` and `cut_runs`). The mirror's
+writes initialise them where one statement does both: `write_run` sets a run's `pending`
+and settle deadline with its data (one write per run on the capture path, hot at 100,000
+runs), `tombstone` its settle deadline, and `set_experiments`' upsert marks an experiment
+dirty when what its group shows changed; a written or tombstoned run marks its
+experiment dirty through `PushMarks`.
 """
 
 from __future__ import annotations
@@ -21,15 +30,11 @@ from exporter.model import (
     LatestMetric,
     ModelVersion,
     Registry,
-    RegistryMark,
     Run,
     RunContext,
 )
-from exporter.state import records
 from exporter.state.db import CHUNK, qmarks
-
-# A run's `pending`: its histories are captured / due from their windows / due whole.
-PENDING_NONE, PENDING_WINDOW, PENDING_FULL = 0, 1, 2
+from exporter.state.push_marks import PushMarks
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +57,8 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
         yield items[start : start + CHUNK]
 
 
-_KNOWN = (
+# The columns of `KnownRun` (the capture schedule reads runs the same way).
+KNOWN = (
     "SELECT run_id, experiment_id, fingerprint, status, start_time_ms, settle_until_ms, "
     "deleted_ms FROM run"
 )
@@ -67,6 +73,7 @@ class Mirror:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._marks = PushMarks(conn)  # a run written or tombstoned changes its group
 
     # ------------------------------------------------------------------ experiments
 
@@ -93,6 +100,8 @@ class Mirror:
             ]
             self.tombstone(run_ids, now_ms, settle_until_ms=0)
             self.conn.execute("DELETE FROM experiment WHERE experiment_id = ?", (exp_id,))
+        # The push mark `dirty` (`push_marks.py`) is set in the upsert itself: it compares
+        # the old row with the new, which a second statement would have to read again.
         self.conn.executemany(
             "INSERT INTO experiment (experiment_id, name, lifecycle_stage, creation_time_ms, "
             "last_update_time_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT (experiment_id) DO UPDATE "
@@ -127,58 +136,6 @@ class Mirror:
             [(i,) for i in experiment_ids],
         )
 
-    def mark_dirty(self, experiment_ids: Iterable[str] | None = None) -> None:
-        """Flag experiments (None: all) whose Pushgateway group must be pushed again."""
-        if experiment_ids is None:
-            self.conn.execute("UPDATE experiment SET dirty = 1")
-            return
-        self.conn.executemany(
-            "UPDATE experiment SET dirty = 1 WHERE experiment_id = ?",
-            [(i,) for i in set(experiment_ids)],
-        )
-
-    def mark_clean(self, experiment_ids: Iterable[str]) -> None:
-        self.conn.executemany(
-            "UPDATE experiment SET dirty = 0 WHERE experiment_id = ?",
-            [(i,) for i in experiment_ids],
-        )
-
-    def dirty_experiments(self) -> set[str]:
-        return {
-            i for (i,) in self.conn.execute("SELECT experiment_id FROM experiment WHERE dirty = 1")
-        }
-
-    def mark_registry_dirty(self) -> None:
-        """Flag the registry group to be pushed again (its counts or run_id labels changed)."""
-        records.save(self.conn, RegistryMark(dirty=True))
-
-    def mark_registry_clean(self) -> None:
-        records.save(self.conn, RegistryMark(dirty=False))
-
-    def registry_dirty(self) -> bool:
-        """Whether the registry group must be pushed again (True until a first push)."""
-        return records.load(self.conn, RegistryMark).dirty
-
-    def activity(self) -> dict[str, int]:
-        """Per experiment, the newest of its last update and its newest run's start (ms)."""
-        rows = self.conn.execute(
-            "SELECT e.experiment_id, max(coalesce(e.last_update_time_ms, 0), "
-            "coalesce((SELECT max(start_time_ms) FROM run r "
-            "WHERE r.experiment_id = e.experiment_id), 0)) FROM experiment e"
-        )
-        return {i: int(t) for i, t in rows}
-
-    def set_cut_runs(self, experiment_id: str, cut: int) -> None:
-        self.conn.execute(
-            "UPDATE experiment SET cut_runs = ? WHERE experiment_id = ?", (cut, experiment_id)
-        )
-
-    def cut_runs(self) -> int:
-        """Runs left out of per-run series by `max_runs_per_experiment`, as last pushed."""
-        return int(
-            self.conn.execute("SELECT coalesce(sum(cut_runs), 0) FROM experiment").fetchone()[0]
-        )
-
     # ------------------------------------------------------------------ runs
 
     def known(self, run_ids: Iterable[str]) -> dict[str, KnownRun]:
@@ -186,13 +143,15 @@ class Mirror:
         ids = sorted(set(run_ids))
         out: dict[str, KnownRun] = {}
         for chunk in _chunks(ids):
-            for row in self.conn.execute(f"{_KNOWN} WHERE run_id IN ({qmarks(chunk)})", chunk):
+            for row in self.conn.execute(f"{KNOWN} WHERE run_id IN ({qmarks(chunk)})", chunk):
                 out[row[0]] = KnownRun(*row)
         return out
 
     def write_run(self, run: Run, settle_until_ms: int, pending: int) -> None:
-        """Store a run as read from MLflow (restoring it if it was a tombstone); `pending`
-        says its histories are due: PENDING_WINDOW from their windows, PENDING_FULL whole."""
+        """Store a run as read from MLflow (restoring it if it was a tombstone) and mark its
+        experiment's group dirty. `pending` and `settle_until_ms` initialise the capture
+        schedule's columns in the same statement (`schedule.py`): `pending` says the run's
+        histories are due, PENDING_WINDOW from their windows, PENDING_FULL whole."""
         # An upsert, not a REPLACE: the run counts' triggers see an update, not a silent delete.
         self.conn.execute(
             "INSERT INTO run (run_id, experiment_id, run_name, status, user_id, "
@@ -227,54 +186,11 @@ class Mirror:
         self.conn.executemany(
             "INSERT OR IGNORE INTO metric_key (key) VALUES (?)", [(m.key,) for m in run.metrics]
         )
-        self.mark_dirty([run.experiment_id])
-
-    def set_settle(self, run_ids: Iterable[str], settle_until_ms: int) -> None:
-        """Extend how long these runs are re-read every cycle."""
-        self.conn.executemany(
-            "UPDATE run SET settle_until_ms = max(settle_until_ms, ?) WHERE run_id = ?",
-            [(settle_until_ms, r) for r in run_ids],
-        )
-
-    def capture_due(self, now_ms: int) -> dict[str, bool]:
-        """Active runs whose histories must be read (changed and not yet captured, or still
-        settling), each with whether it must be read whole; newest start first, so a long
-        first capture fills dashboards where users look first."""
-        # Two indexed lookups (`run_pending`, `run_by_settle`) instead of one OR, and the
-        # order made here: given `ORDER BY`, SQLite walks the whole table in key order.
-        rows = self.conn.execute(
-            "SELECT run_id, pending, start_time_ms FROM run WHERE pending != 0 "
-            "AND deleted_ms IS NULL UNION SELECT run_id, pending, start_time_ms FROM run "
-            "WHERE settle_until_ms > ? AND deleted_ms IS NULL",
-            (now_ms,),
-        )
-        ordered = sorted(rows, key=lambda row: (-(row[2] if row[2] is not None else -1), row[0]))
-        return {r: p == PENDING_FULL for r, p, _start in ordered}
-
-    def captured(self, run_ids: Iterable[str]) -> None:
-        """Every series of these runs was read and its new points queued."""
-        self.conn.executemany(
-            "UPDATE run SET pending = ? WHERE run_id = ?", [(PENDING_NONE, r) for r in run_ids]
-        )
-
-    def pending_count(self) -> int:
-        row = self.conn.execute(
-            "SELECT count(*) FROM run WHERE pending != 0 AND deleted_ms IS NULL"
-        ).fetchone()
-        return int(row[0])
-
-    def settle_until(self, run_ids: Sequence[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for chunk in _chunks(list(run_ids)):
-            rows = self.conn.execute(
-                f"SELECT run_id, settle_until_ms FROM run WHERE run_id IN ({qmarks(chunk)})",  # noqa: S608
-                chunk,
-            )
-            out.update({r: int(s) for r, s in rows})
-        return out
+        self._marks.mark_dirty([run.experiment_id])
 
     def tombstone(self, run_ids: Iterable[str], now_ms: int, settle_until_ms: int) -> list[str]:
-        """Mark active runs as gone from MLflow's active view; returns those that were."""
+        """Mark active runs as gone from MLflow's active view (settling until
+        `settle_until_ms`, their groups dirty); returns those that were."""
         gone = []
         for run_id in run_ids:
             row = self.conn.execute(
@@ -287,22 +203,9 @@ class Mirror:
                 (now_ms, settle_until_ms, run_id),
             )
             self.conn.execute("DELETE FROM latest WHERE run_id = ?", (run_id,))
-            self.mark_dirty([row[0]])
+            self._marks.mark_dirty([row[0]])
             gone.append(run_id)
         return gone
-
-    def settling(self, now_ms: int) -> list[KnownRun]:
-        """Runs (tombstones too) still inside their settle window."""
-        # Sorted here, so SQLite reads `run_by_settle` rather than the whole table in key order.
-        rows = self.conn.execute(f"{_KNOWN} WHERE settle_until_ms > ?", (now_ms,))
-        return [KnownRun(*row) for row in sorted(rows)]
-
-    def unfinished(self) -> list[KnownRun]:
-        """Active runs whose last known status is RUNNING or SCHEDULED."""
-        rows = self.conn.execute(
-            f"{_KNOWN} WHERE status IN {UNFINISHED_STATUSES} AND deleted_ms IS NULL ORDER BY run_id"
-        )
-        return [KnownRun(*row) for row in rows]
 
     def active_keys_between(
         self,
@@ -362,17 +265,6 @@ class Mirror:
         )
         return {status: int(n) for status, n in rows}
 
-    def experiments_with_runs_ended_between(self, low_ms: int, high_ms: int) -> set[str]:
-        """Experiments holding a finished active run whose end (its start when it has no
-        end time) lies in [low_ms, high_ms): their runs entered or left a series window."""
-        rows = self.conn.execute(
-            "SELECT DISTINCT experiment_id FROM run "
-            "WHERE coalesce(end_time_ms, start_time_ms) >= ? "
-            "AND coalesce(end_time_ms, start_time_ms) < ? AND deleted_ms IS NULL",
-            (low_ms, high_ms),
-        )
-        return {i for (i,) in rows}
-
     def last_run_start(self, experiment_id: str) -> int | None:
         row = self.conn.execute(
             "SELECT max(start_time_ms) FROM run WHERE experiment_id = ? AND deleted_ms IS NULL",
@@ -388,7 +280,8 @@ class Mirror:
         min_runs: int = 0,
     ) -> tuple[list[Run], int]:
         """The runs of an experiment that get per-run series, with their latest metrics, and
-        how many active runs are left out.
+        how many active runs are left out (for the groups of the push and the pull view
+        alike, `sinks/groups.py`).
 
         Every unfinished run; of the newest `limit` (0 = all), those among the newest
         `min_runs` or, when `ended_since_ms` is given, ended (or, without an end time,

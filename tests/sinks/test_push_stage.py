@@ -21,7 +21,7 @@ from exporter.selfmetrics import SelfMetrics
 from exporter.sinks.push_stage import PushResult, PushStage
 from exporter.sinks.pushgateway import PushedGroup, PushError
 from exporter.state import StateStore
-from exporter.state.mirror import PENDING_NONE
+from exporter.state.schedule import PENDING_NONE
 from tests.fakes import FakeClock
 from tests.fakes.sinks import FakeGateway
 
@@ -83,7 +83,8 @@ def test_a_first_push_sends_every_group_and_records_them_and_the_registry_clean(
     record = state.load(PushRecord)
     assert record.groups == tuple(sorted(k.labels for k in gateway.groups))
     assert sum(n for _group, n in record.series) == series
-    assert (state.mirror.dirty_experiments(), state.mirror.registry_dirty()) == (set(), False)
+    marks = state.push_marks
+    assert (marks.dirty_experiments(), marks.registry_dirty()) == (set(), False)
     assert push.metrics.registry.get_sample_value("mlflow_exporter_pushed_groups") == 3
 
 
@@ -95,8 +96,8 @@ def test_a_second_push_sends_only_what_was_marked(state: StateStore) -> None:
     push.push(verify=False)
     assert push.push(verify=False).groups == 0
     with state.transaction():
-        state.mirror.mark_dirty(["2"])
-        state.mirror.mark_registry_dirty()
+        state.push_marks.mark_dirty(["2"])
+        state.push_marks.mark_registry_dirty()
     pushed = len(gateway.pushes)
 
     result = push.push(verify=False)
@@ -119,8 +120,8 @@ def test_a_failed_push_leaves_the_groups_unknown_and_the_next_pushes_everything(
     record = state.load(PushRecord)
     assert record.groups is None
     assert dict(record.series).keys() == {"1"}  # what was pushed before the error is ours
-    assert state.mirror.dirty_experiments() == {"1", "2"}
-    assert state.mirror.registry_dirty() is True
+    assert state.push_marks.dirty_experiments() == {"1", "2"}
+    assert state.push_marks.registry_dirty() is True
     gateway.fail_after = 100
     assert push.push(verify=False).groups == 3
 
@@ -149,16 +150,16 @@ def test_verify_lists_the_gateway_and_deletes_only_strays_it_pushed(state: State
 def test_prepare_marks_every_group_first_then_only_what_moved(state: StateStore) -> None:
     mirrored(state, "1", "2")
     with state.transaction():
-        state.mirror.mark_clean(["1", "2"])
+        state.push_marks.mark_clean(["1", "2"])
     push = stage(state)
 
     push.prepare()
-    assert state.mirror.dirty_experiments() == {"1", "2"}
+    assert state.push_marks.dirty_experiments() == {"1", "2"}
     assert state.load(PushRecord).selected == ("1", "2")
     with state.transaction():
-        state.mirror.mark_clean(["1", "2"])
+        state.push_marks.mark_clean(["1", "2"])
     push.prepare()
-    assert state.mirror.dirty_experiments() == set()
+    assert state.push_marks.dirty_experiments() == set()
 
 
 def test_prepare_without_a_gateway_records_the_selection_for_the_pull_view(

@@ -467,7 +467,7 @@ def test_the_reader_cannot_write(store: StateStore) -> None:
     reader = store.reader()
     try:
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
-            reader.mark_dirty()
+            reader.mark_synced(["1"])
     finally:
         reader.conn.close()
 

@@ -1,24 +1,34 @@
 """Unit tests for exporter.state.mirror: experiments, runs with their latest values,
-settle and capture bookkeeping, tombstones, the sweep's key ranges, push selection and
-the registry. A real state database under `tmp_path`, no servers."""
+tombstones, the sweep's key ranges, the runs that get per-run series and the registry; and
+the schedule's and the push marks' columns the mirror's writes set. A real state database
+under `tmp_path`, no servers."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 
 import pytest
 
 import exporter.state.mirror as mirror_module
 from exporter.model import Experiment, KnownRun, LatestMetric, ModelVersion, Registry, Run
-from exporter.state import Mirror, StateStore
-from exporter.state.mirror import PENDING_FULL, PENDING_NONE, PENDING_WINDOW
+from exporter.state import CaptureSchedule, Mirror, PushMarks, StateStore
+from exporter.state.schedule import PENDING_FULL, PENDING_NONE, PENDING_WINDOW
 
 
 @pytest.fixture
 def mirror(store: StateStore) -> Mirror:
     return store.mirror
+
+
+@pytest.fixture
+def marks(store: StateStore) -> PushMarks:
+    return store.push_marks
+
+
+@pytest.fixture
+def schedule(store: StateStore) -> CaptureSchedule:
+    return store.schedule
 
 
 def make_run(
@@ -89,14 +99,6 @@ def test_set_experiments_tombstones_the_active_runs_of_experiments_that_went(
     assert mirror.latest(["a", "b"]) == {"b": metric}
 
 
-def test_new_experiments_start_dirty_and_unsynced(mirror: Mirror) -> None:
-    mirror.set_experiments([Experiment("1", "one"), Experiment("2", "two")], now_ms=1)
-    assert mirror.dirty_experiments() == {"1", "2"}
-    assert mirror.unsynced_experiments() == ["1", "2"]
-    mirror.mark_synced(["2"])
-    assert mirror.unsynced_experiments() == ["1"]
-
-
 @pytest.mark.parametrize(
     ("again", "dirty"),
     [
@@ -117,68 +119,47 @@ def test_new_experiments_start_dirty_and_unsynced(mirror: Mirror) -> None:
     ],
 )
 def test_set_experiments_marks_an_experiment_dirty_only_when_what_is_exported_changed(
-    mirror: Mirror, again: Experiment, dirty: bool
+    mirror: Mirror, marks: PushMarks, again: Experiment, dirty: bool
 ) -> None:
     mirror.set_experiments([Experiment("1", "one", "active", 7, 8)], now_ms=1)
-    mirror.mark_clean(["1"])
-    assert mirror.dirty_experiments() == set()
+    marks.mark_clean(["1"])
+    assert marks.dirty_experiments() == set()
 
     mirror.set_experiments([again], now_ms=2)
 
-    assert mirror.dirty_experiments() == ({"1"} if dirty else set())
+    assert marks.dirty_experiments() == ({"1"} if dirty else set())
     assert mirror.experiments()[0].name == again.name
     assert mirror.experiments()[0].last_update_time_ms == again.last_update_time_ms
 
 
-def test_a_dirty_experiment_stays_dirty_when_set_again_unchanged(mirror: Mirror) -> None:
+def test_a_dirty_experiment_stays_dirty_when_set_again_unchanged(
+    mirror: Mirror, marks: PushMarks
+) -> None:
     mirror.set_experiments([Experiment("1", "one")], now_ms=1)
     mirror.set_experiments([Experiment("1", "one")], now_ms=2)
-    assert mirror.dirty_experiments() == {"1"}
+    assert marks.dirty_experiments() == {"1"}
 
 
-def test_mark_dirty_marks_the_given_experiments_or_all(mirror: Mirror) -> None:
-    mirror.set_experiments([Experiment(i, i) for i in ("1", "2", "3")], now_ms=1)
-    mirror.mark_clean(["1", "2", "3"])
-    mirror.mark_dirty(iter(["2", "2"]))
-    assert mirror.dirty_experiments() == {"2"}
-    mirror.mark_dirty()
-    assert mirror.dirty_experiments() == {"1", "2", "3"}
+def test_new_experiments_start_unsynced_until_marked_synced(mirror: Mirror) -> None:
+    mirror.set_experiments([Experiment("1", "one"), Experiment("2", "two")], now_ms=1)
+    assert mirror.unsynced_experiments() == ["1", "2"]
+    mirror.mark_synced(["2"])
+    assert mirror.unsynced_experiments() == ["1"]
 
 
-def test_the_registry_starts_dirty_and_is_marked_clean_and_dirty_again(mirror: Mirror) -> None:
-    assert mirror.registry_dirty() is True  # nothing pushed yet
-    mirror.mark_registry_clean()
-    assert mirror.registry_dirty() is False
-    mirror.mark_registry_dirty()
-    assert mirror.registry_dirty() is True
-
-
-def test_the_registry_mark_is_kept_on_the_mirrors_connection(store: StateStore) -> None:
-    store.mirror.mark_registry_clean()
-    reader = store.reader()
-    try:
-        assert reader.registry_dirty() is False
-    finally:
-        reader.conn.close()
-
-
-def test_activity_is_the_newer_of_last_update_and_newest_run_start(mirror: Mirror) -> None:
-    mirror.set_experiments(
-        [Experiment("1", "a", "active", 0, 500), Experiment("2", "b"), Experiment("3", "c")],
-        now_ms=1,
-    )
-    write(mirror, make_run("r1", "1", start=400), make_run("r2", "2", start=900))
-    write(mirror, make_run("r3", "2", start=None))
-    assert mirror.activity() == {"1": 500, "2": 900, "3": 0}
-
-
-def test_cut_runs_sum_over_experiments(mirror: Mirror) -> None:
-    mirror.set_experiments([Experiment("1", "a"), Experiment("2", "b")], now_ms=1)
-    assert mirror.cut_runs() == 0
-    mirror.set_cut_runs("1", 4)
-    mirror.set_cut_runs("2", 3)
-    mirror.set_cut_runs("1", 1)
-    assert mirror.cut_runs() == 4
+def test_write_run_initialises_the_schedule_columns_in_its_one_statement(
+    mirror: Mirror, schedule: CaptureSchedule
+) -> None:
+    mirror.write_run(make_run("whole"), 5_000, PENDING_FULL)
+    mirror.write_run(make_run("window"), 0, PENDING_WINDOW)
+    mirror.write_run(make_run("idle"), 0, PENDING_NONE)
+    assert schedule.settle_until(["whole", "window", "idle"]) == {
+        "whole": 5_000,
+        "window": 0,
+        "idle": 0,
+    }
+    assert schedule.capture_due(now_ms=5_000) == {"whole": True, "window": False}
+    assert schedule.pending_count() == 2
 
 
 # ---------------------------------------------------------------- runs
@@ -221,11 +202,11 @@ def test_write_run_replaces_the_latest_values_a_run_had(mirror: Mirror) -> None:
     assert mirror.metric_keys() == ["a", "b"]  # keys ever seen stay known
 
 
-def test_write_run_marks_its_experiment_dirty(mirror: Mirror) -> None:
+def test_write_run_marks_its_experiment_dirty(mirror: Mirror, marks: PushMarks) -> None:
     mirror.set_experiments([Experiment("1", "a"), Experiment("2", "b")], now_ms=1)
-    mirror.mark_clean(["1", "2"])
+    marks.mark_clean(["1", "2"])
     write(mirror, make_run("r1", "2"))
-    assert mirror.dirty_experiments() == {"2"}
+    assert marks.dirty_experiments() == {"2"}
 
 
 def test_known_latest_and_contexts_work_across_more_ids_than_one_query_binds(
@@ -240,7 +221,6 @@ def test_known_latest_and_contexts_work_across_more_ids_than_one_query_binds(
     assert sorted(mirror.known(wanted)) == ids
     assert sorted(mirror.latest(wanted)) == ids
     assert sorted(mirror.contexts(wanted)) == ids
-    assert mirror.settle_until(wanted) == {r: i for i, r in enumerate(ids)}
 
 
 def test_contexts_give_experiment_name_run_name_and_tags(mirror: Mirror) -> None:
@@ -293,109 +273,29 @@ def test_run_counts_follow_every_change_without_a_scan(mirror: Mirror) -> None:
     assert kept == counted
 
 
-def test_experiments_with_runs_ended_between_use_the_start_when_there_is_no_end(
-    mirror: Mirror,
-) -> None:
-    write(
-        mirror,
-        make_run("ended-5", "1", start=1, end=5),
-        make_run("started-7", "2", start=7, end=None),
-        make_run("ended-9", "3", start=1, end=9),
-        make_run("gone", "4", start=1, end=6),
-    )
-    mirror.tombstone(["gone"], now_ms=1, settle_until_ms=0)
-    assert mirror.experiments_with_runs_ended_between(5, 9) == {"1", "2"}
-    assert mirror.experiments_with_runs_ended_between(9, 10) == {"3"}
-    assert mirror.experiments_with_runs_ended_between(0, 5) == set()
-
-
-# ---------------------------------------------------------------- settle and capture
-
-
-def test_capture_due_lists_pending_and_settling_active_runs_with_whether_to_read_whole(
-    mirror: Mirror,
-) -> None:
-    mirror.write_run(make_run("window"), 0, PENDING_WINDOW)
-    mirror.write_run(make_run("whole"), 0, PENDING_FULL)
-    mirror.write_run(make_run("settling"), 1_000, PENDING_NONE)
-    mirror.write_run(make_run("settled"), 1_000, PENDING_NONE)
-    mirror.write_run(make_run("idle"), 0, PENDING_NONE)
-    mirror.write_run(make_run("gone"), 5_000, PENDING_FULL)
-    mirror.tombstone(["gone"], now_ms=1, settle_until_ms=5_000)
-    mirror.set_settle(["settling"], 2_000)
-
-    assert mirror.capture_due(now_ms=1_000) == {"settling": False, "whole": True, "window": False}
-    assert mirror.capture_due(now_ms=999) == {
-        "settled": False,
-        "settling": False,
-        "whole": True,
-        "window": False,
-    }
-    assert mirror.pending_count() == 2
-
-
-def test_captured_clears_pending_but_a_settling_run_stays_due(mirror: Mirror) -> None:
-    mirror.write_run(make_run("a"), 0, PENDING_FULL)
-    mirror.write_run(make_run("b"), 500, PENDING_WINDOW)
-    mirror.captured(["a", "b"])
-    assert mirror.pending_count() == 0
-    assert mirror.capture_due(now_ms=100) == {"b": False}
-    assert mirror.capture_due(now_ms=500) == {}
-
-
-def test_set_settle_only_extends_a_settle_window(mirror: Mirror) -> None:
-    mirror.write_run(make_run("a"), 1_000, PENDING_NONE)
-    mirror.write_run(make_run("b"), 1_000, PENDING_NONE)
-    mirror.set_settle(["a"], 3_000)
-    mirror.set_settle(["b"], 500)
-    assert mirror.settle_until(["a", "b", "absent"]) == {"a": 3_000, "b": 1_000}
-
-
-def test_settling_lists_runs_and_tombstones_inside_their_window(mirror: Mirror) -> None:
-    mirror.write_run(make_run("a"), 1_000, PENDING_NONE)
-    mirror.write_run(make_run("b"), 10, PENDING_NONE)
-    mirror.write_run(make_run("c"), 0, PENDING_NONE)
-    mirror.tombstone(["c"], now_ms=5, settle_until_ms=2_000)
-    assert [k.run_id for k in mirror.settling(now_ms=10)] == ["a", "c"]
-    assert [k.run_id for k in mirror.settling(now_ms=1_000)] == ["c"]
-    assert mirror.settling(now_ms=2_000) == []
-
-
-def test_unfinished_lists_active_running_and_scheduled_runs(mirror: Mirror) -> None:
-    for run_id, status in [
-        ("r", "RUNNING"),
-        ("s", "SCHEDULED"),
-        ("f", "FINISHED"),
-        ("x", "FAILED"),
-        ("k", "KILLED"),
-        ("gone", "RUNNING"),
-    ]:
-        write(mirror, make_run(run_id, status=status))
-    mirror.tombstone(["gone"], now_ms=1, settle_until_ms=0)
-    assert [k.run_id for k in mirror.unfinished()] == ["r", "s"]
-
-
 # ---------------------------------------------------------------- tombstones
 
 
 def test_tombstone_marks_active_runs_gone_drops_their_latest_and_returns_them(
-    mirror: Mirror,
+    mirror: Mirror, marks: PushMarks
 ) -> None:
     mirror.set_experiments([Experiment("1", "a"), Experiment("2", "b")], now_ms=1)
     write(mirror, make_run("a", "1", metrics=(LatestMetric("k", 1.0, 0, 0),)), make_run("b", "2"))
-    mirror.mark_clean(["1", "2"])
+    marks.mark_clean(["1", "2"])
 
     assert mirror.tombstone(["a", "absent"], now_ms=70, settle_until_ms=900) == ["a"]
 
     assert mirror.known(["a"])["a"].deleted_ms == 70
     assert mirror.known(["a"])["a"].settle_until_ms == 900
     assert mirror.latest(["a"]) == {}
-    assert mirror.dirty_experiments() == {"1"}
+    assert marks.dirty_experiments() == {"1"}
     assert mirror.tombstone(["a"], now_ms=80, settle_until_ms=0) == []  # already gone
     assert mirror.known(["a"])["a"].deleted_ms == 70
 
 
-def test_write_run_over_a_tombstone_restores_the_run(mirror: Mirror) -> None:
+def test_write_run_over_a_tombstone_restores_the_run(
+    mirror: Mirror, schedule: CaptureSchedule
+) -> None:
     write(mirror, make_run("a"))
     mirror.tombstone(["a"], now_ms=70, settle_until_ms=900)
     restored = make_run("a", metrics=(LatestMetric("k", 2.0, 1, 1),))
@@ -404,7 +304,7 @@ def test_write_run_over_a_tombstone_restores_the_run(mirror: Mirror) -> None:
     assert known.deleted_ms is None
     assert known.settle_until_ms == 1_500
     assert mirror.latest(["a"]) == {"a": restored.metrics}
-    assert mirror.capture_due(now_ms=0) == {"a": True}
+    assert schedule.capture_due(now_ms=0) == {"a": True}
     assert mirror.run_count() == 1
 
 
@@ -459,7 +359,7 @@ def test_active_keys_between_is_exclusive_after_inclusive_upto_with_null_start_a
     assert mirror.active_keys_between([], None, None) == []
 
 
-# ---------------------------------------------------------------- push selection
+# ---------------------------------------------------------------- per-run series
 
 
 def test_runs_for_push_keeps_the_newest_n_plus_every_unfinished_run_and_counts_the_cut(
@@ -647,53 +547,3 @@ def test_set_registry_reports_a_change_of_models_alone_with_no_runs(mirror: Mirr
     assert mirror.registry().models == ("m", "new")
     assert mirror.set_registry(Registry()).runs == {"r1"}
     assert mirror.registry() == Registry()
-
-
-def test_the_per_cycle_run_queries_read_indexes_not_the_whole_run_table(
-    store: StateStore,
-) -> None:
-    # Each idle cycle asks which runs settle and which are due for capture: at 20,000 runs a
-    # walk of the whole table in key order costs milliseconds per query, every cycle.
-    mirror = store.mirror
-    conn = mirror.conn
-    asked: list[str] = []
-    conn.set_trace_callback(asked.append)
-    try:
-        mirror.settling(1)
-        mirror.capture_due(1)
-        mirror.experiments_with_runs_ended_between(1, 2)  # the run window's edge
-        mirror.run_count()  # the sweep's pacing
-        mirror.status_counts("1")
-    finally:
-        conn.set_trace_callback(None)
-    plans = {
-        sql: [row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
-        for sql in asked
-        if sql.startswith("SELECT")
-    }
-    assert len(plans) == 5
-    for sql, steps in plans.items():
-        # "SCAN run USING INDEX x" walks the whole table too, in that index's order, unless
-        # x is partial (it holds only the rows asked for: pending, unfinished, deleted).
-        whole_table = [
-            s
-            for s in steps
-            if (
-                re.match(r"SCAN run( |$)", s)
-                and not re.search(r"INDEX run_(pending|unfinished|deleted)", s)
-            )
-            or "autoindex_run" in s
-        ]
-        assert not whole_table, (sql, steps)
-
-
-def test_capture_due_lists_the_newest_runs_first(mirror: Mirror) -> None:
-    write(
-        mirror,
-        make_run("old", start=10),
-        make_run("new-b", start=30),
-        make_run("new-a", start=30),
-        make_run("none", start=None),
-        make_run("mid", start=20),
-    )
-    assert list(mirror.capture_due(now_ms=0)) == ["new-a", "new-b", "mid", "old", "none"]

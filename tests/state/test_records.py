@@ -61,7 +61,7 @@ def test_a_push_record_saved_with_the_old_registry_flag_still_loads(store: State
         (json.dumps({"gateway_start": "s", "registry_dirty": False, "selected": ["1"]}),),
     )
     assert store.load(PushRecord) == PushRecord(gateway_start="s", selected=("1",))
-    assert store.mirror.registry_dirty() is True  # pushed once more after the upgrade
+    assert store.push_marks.registry_dirty() is True  # pushed once more after the upgrade
 
 
 @pytest.mark.parametrize(

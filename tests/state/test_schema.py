@@ -299,8 +299,8 @@ def test_run_fingerprints_are_emptied_and_every_run_is_due_for_capture_from_its_
     known = migrated.mirror.known(["run-a", "run-b"])
     assert {k.run_id: k.fingerprint for k in known.values()} == {"run-a": "", "run-b": ""}
     assert {(k.settle_until_ms, k.deleted_ms) for k in known.values()} == {(0, None)}
-    assert migrated.mirror.capture_due(now_ms=0) == {"run-a": False, "run-b": False}
-    assert [k.run_id for k in migrated.mirror.unfinished()] == ["run-b"]
+    assert migrated.schedule.capture_due(now_ms=0) == {"run-a": False, "run-b": False}
+    assert [k.run_id for k in migrated.schedule.unfinished()] == ["run-b"]
 
 
 def test_experiments_keep_their_synced_flag_and_every_group_is_pushed_again(
@@ -308,8 +308,8 @@ def test_experiments_keep_their_synced_flag_and_every_group_is_pushed_again(
 ) -> None:
     assert [e.name for e in migrated.mirror.experiments()] == ["exp one", "exp two"]
     assert migrated.mirror.unsynced_experiments() == ["2"]
-    assert migrated.mirror.dirty_experiments() == {"1", "2"}
-    assert migrated.mirror.cut_runs() == 0
+    assert migrated.push_marks.dirty_experiments() == {"1", "2"}
+    assert migrated.push_marks.cut_runs() == 0
 
 
 def test_runs_and_latest_values_read_back_through_the_mirror(migrated: StateStore) -> None:
