@@ -1,6 +1,6 @@
 """The container health check (`python -m exporter.healthcheck`), with a fake opener.
 
-`FakeOpener` imitates `urllib.request.urlopen` for the two URLs the check tries: each scheme
+`FakeProbeOpen` imitates `urllib.request.urlopen` for the two URLs the check tries: each scheme
 answers a status or raises what urllib raises (an OSError for a refused connection or a
 TLS/plain-text mismatch, an HTTPError for a non-2xx answer).
 """
@@ -18,7 +18,10 @@ from exporter import healthcheck
 
 
 @dataclass
-class FakeOpener:
+class FakeProbeOpen:
+    """Imitates healthcheck's one HTTP probe (URL, TLS context, timeout -> status): answers
+    by scheme from `answers` (a status, or an exception to raise) and records each call."""
+
     answers: dict[str, int | Exception]
     calls: list[tuple[str, bool]] = field(default_factory=list)
 
@@ -35,13 +38,13 @@ def http_error(url: str, code: int) -> urllib.error.HTTPError:
 
 
 def test_a_plain_http_exporter_is_healthy_without_trying_tls() -> None:
-    opener = FakeOpener({"http": 200, "https": OSError("unused")})
+    opener = FakeProbeOpen({"http": 200, "https": OSError("unused")})
     assert healthcheck.check({"EXPORTER_PORT": "9999"}, opener) is None
     assert opener.calls == [("http://127.0.0.1:9999/healthz", False)]
 
 
 def test_a_tls_exporter_is_reached_over_https_without_verifying_its_certificate() -> None:
-    opener = FakeOpener({"http": ConnectionResetError("reset"), "https": 200})
+    opener = FakeProbeOpen({"http": ConnectionResetError("reset"), "https": 200})
     assert healthcheck.check({}, opener) is None
     assert opener.calls == [
         ("http://127.0.0.1:9877/healthz", False),
@@ -56,7 +59,7 @@ def test_the_tls_context_checks_neither_the_name_nor_the_chain() -> None:
 
 
 def test_an_exporter_that_answers_an_error_or_nothing_is_unhealthy_with_both_reasons() -> None:
-    opener = FakeOpener(
+    opener = FakeProbeOpen(
         {"http": http_error("http://x", 503), "https": ssl.SSLError("wrong version number")}
     )
     problem = healthcheck.check({"EXPORTER_PORT": "1"}, opener)
@@ -66,7 +69,7 @@ def test_an_exporter_that_answers_an_error_or_nothing_is_unhealthy_with_both_rea
 
 
 def test_a_status_other_than_200_is_not_healthy() -> None:
-    opener = FakeOpener({"http": 204, "https": 204})
+    opener = FakeProbeOpen({"http": 204, "https": 204})
     assert healthcheck.check({}, opener) == (
         "http://127.0.0.1:9877/healthz answered 204; https://127.0.0.1:9877/healthz answered 204"
     )

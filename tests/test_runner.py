@@ -1146,7 +1146,7 @@ def test_export_once_rounds_end_when_a_round_delivers_nothing(tmp_path: Path) ->
     h.state.close()
 
 
-class ScriptedRunner:
+class FakeRunner:
     """Imitates `Runner.run_cycle` with the results given, one per call."""
 
     def __init__(self, *results: CycleResult) -> None:
@@ -1159,7 +1159,7 @@ class ScriptedRunner:
 def test_export_once_rounds_end_on_a_successful_round_that_delivered_nothing() -> None:
     held = CycleResult(held_back=True, sent={"pramathus": 100})
     nothing = CycleResult(held_back=True, sent={"pramathus": 0})
-    runner = ScriptedRunner(held, nothing, held)
+    runner = FakeRunner(held, nothing, held)
 
     assert run_until_drained(runner) == [held, nothing]  # type: ignore[arg-type]
 

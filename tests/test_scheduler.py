@@ -1,6 +1,6 @@
 """Unit tests for exporter.scheduler.run_forever with a stand-in runner (no servers).
 
-`ScriptedRunner` imitates `Runner.run_cycle`: each call takes the next item of a script (a
+`FakeRunner` imitates `Runner.run_cycle`: each call takes the next item of a script (a
 `CycleResult`, an exception to raise, or a delay to block for) and records when it ran.
 """
 
@@ -22,7 +22,10 @@ from exporter.runner import CycleResult
 
 
 @dataclass
-class ScriptedRunner:
+class FakeRunner:
+    """Imitates `Runner.run_cycle`: each call plays the next entry of `script` (a result to
+    return, an exception to raise, or seconds to sleep first) and sets `ran`."""
+
     script: list[Any] = field(default_factory=list)
     calls: int = 0
     ran: threading.Event = field(default_factory=threading.Event)
@@ -47,7 +50,7 @@ def _restore_signals() -> Iterator[None]:
         signal.signal(s, handler)
 
 
-def run_until(runner: ScriptedRunner, stop: threading.Event, done: Any) -> bool:
+def run_until(runner: FakeRunner, stop: threading.Event, done: Any) -> bool:
     """`run_forever` in this (the main) thread, as signal handlers require; a helper thread
     sets `stop` once `done()` holds (or after 5 s)."""
 
@@ -70,7 +73,7 @@ def wait_for(predicate: Any, timeout: float = 5) -> None:
 
 
 def test_cycles_repeat_until_stopped_and_a_finished_cycle_is_reported() -> None:
-    runner, stop = ScriptedRunner(), threading.Event()
+    runner, stop = FakeRunner(), threading.Event()
     with structlog.testing.capture_logs() as logs:
         finished = run_until(runner, stop, lambda: runner.calls >= 3)
     assert finished
@@ -82,7 +85,7 @@ def test_cycles_repeat_until_stopped_and_a_finished_cycle_is_reported() -> None:
 
 def test_a_failing_cycle_is_not_ready_and_a_bug_in_a_cycle_does_not_stop_the_schedule() -> None:
     failed = CycleResult(errors={"mlflow": "down"})
-    runner, stop = ScriptedRunner([failed, RuntimeError("bug")]), threading.Event()
+    runner, stop = FakeRunner([failed, RuntimeError("bug")]), threading.Event()
     with structlog.testing.capture_logs() as logs:
         run_until(runner, stop, lambda: runner.calls >= 3)
     events = [e["event"] for e in logs]
@@ -92,7 +95,7 @@ def test_a_failing_cycle_is_not_ready_and_a_bug_in_a_cycle_does_not_stop_the_sch
 
 def test_a_stuck_cycle_is_abandoned_after_the_grace_period(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scheduler, "STOP_GRACE_SECONDS", 0.1)
-    runner, stop = ScriptedRunner([2.0]), threading.Event()
+    runner, stop = FakeRunner([2.0]), threading.Event()
     assert run_until(runner, stop, runner.ran.is_set) is False
 
 
