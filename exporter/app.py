@@ -19,7 +19,7 @@ from exporter.planners.scope import owns_registry
 from exporter.runner import Runner
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks import registry
-from exporter.sinks.delivery import CREDENTIAL_HEADER, DeliverySink
+from exporter.sinks.delivery import DeliverySink
 from exporter.sinks.groups import GroupBuilder, MirrorCollector, mirror_builder
 from exporter.sinks.pushgateway import Pushgateway
 from exporter.state import StateStore
@@ -29,22 +29,17 @@ log = structlog.get_logger("exporter.app")
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret value in the settings in every form it travels in (raw, URL-encoded,
-    base64, `user:password` in base64), longest first, for the one redaction."""
-    candidates = (
-        settings.mlflow.password,
-        settings.mlflow.token,
-        settings.pramathus.api_key,
-        settings.prometheus.password,
-        settings.remote_write.password,
-        settings.remote_write.bearer_token,
-    )
+    base64, `user:password` in base64), longest first, for the one redaction. Each sink
+    declares its own (`SinkSpec.secrets`, `SinkSpec.logins`)."""
+    candidates = (settings.mlflow.password, settings.mlflow.token, settings.prometheus.password)
     values = [c.get_secret_value() for c in candidates if c is not None]
-    values += [v for k, v in settings.remote_write.headers.items() if CREDENTIAL_HEADER.search(k)]
-    values += [v for spec in registry.all_specs() for v in spec.secrets(settings)]
     pairs = [
         (_plain(section.username), _plain(section.password))
-        for section in (settings.mlflow, settings.prometheus, settings.remote_write)
+        for section in (settings.mlflow, settings.prometheus)
     ]
+    for spec in registry.all_specs():
+        values += spec.secrets(settings)
+        pairs += spec.logins(settings)
     return secret_forms(values, pairs)
 
 

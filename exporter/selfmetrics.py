@@ -30,9 +30,8 @@ BLOCKED_CAUSES = ("credentials", "redirect", "endpoint")
 class SinkMetrics:
     """The delivery metrics of one history sink, named after it (`..._pramathus_...`)."""
 
-    def __init__(self, sink: str, registry: CollectorRegistry) -> None:
+    def __init__(self, sink: str, registry: CollectorRegistry, unit: str = "points") -> None:
         p, r, what = f"{P}{sink}_", registry, sink.replace("_", " ")
-        unit = "samples" if sink == "remote_write" else "points"
         # The name is kept for dashboards and alerts; the help says what is counted.
         self.points_sent = Counter(
             f"{p}points_sent", f"Metric points {what} acknowledged ({unit}).", registry=r
@@ -262,6 +261,8 @@ class SelfMetrics:
         """The delivery metrics of the sink `name`, created (at zero, with its error stage)
         the first time it is asked for."""
         if name not in self.sinks:
-            self.sinks[name] = SinkMetrics(name, self.registry)
+            from exporter.sinks.registry import unit  # what its counts count
+
+            self.sinks[name] = SinkMetrics(name, self.registry, unit(name))
             self.errors.labels(name)
         return self.sinks[name]

@@ -25,8 +25,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
+from pydantic import SecretStr
+
 from exporter.config import ConfigError, Settings
-from exporter.sinks.delivery import DeliverySink
+from exporter.sinks.delivery import CREDENTIAL_HEADER, DeliverySink
 from exporter.sinks.probe import Probe, http_answers
 
 ENTRY_POINT_GROUP = "mlflow_monitoring.sinks"
@@ -58,6 +60,8 @@ class SinkSpec:
     # Its secret setting values (keys, tokens, credential headers), masked in every log
     # line, health reason and error message.
     secrets: Callable[[Settings], Iterable[str]] = lambda _settings: ()
+    # Its basic-auth `(username, password)` pairs, masked also as their base64 form.
+    logins: Callable[[Settings], Iterable[tuple[str, str]]] = lambda _settings: ()
     # Whether its endpoint answers, for `check-config` (called only while it is enabled);
     # None: `check-config` says the sink is on and has no probe.
     probe: Callable[[SinkContext], Probe] | None = None
@@ -126,10 +130,33 @@ def _probe_otlp(context: SinkContext) -> Probe:
     )
 
 
+def _plain(value: SecretStr | None) -> str:
+    return "" if value is None else value.get_secret_value()
+
+
+def _pramathus_secrets(settings: Settings) -> list[str]:
+    return [_plain(settings.pramathus.api_key)] if settings.pramathus.api_key else []
+
+
+def _remote_write_secrets(settings: Settings) -> list[str]:
+    rw = settings.remote_write
+    values = [_plain(v) for v in (rw.password, rw.bearer_token) if v is not None]
+    # Headers whose names say they carry credentials (a tenant id is not one).
+    return values + [v for k, v in rw.headers.items() if CREDENTIAL_HEADER.search(k)]
+
+
 BUILTIN: tuple[SinkSpec, ...] = (
-    SinkSpec("pramathus", "pramathus", _pramathus, probe=_probe_pramathus),
     SinkSpec(
-        "remote_write", "remote_write", _remote_write, unit="samples", probe=_probe_remote_write
+        "pramathus", "pramathus", _pramathus, secrets=_pramathus_secrets, probe=_probe_pramathus
+    ),
+    SinkSpec(
+        "remote_write",
+        "remote_write",
+        _remote_write,
+        unit="samples",
+        secrets=_remote_write_secrets,
+        logins=lambda s: [(_plain(s.remote_write.username), _plain(s.remote_write.password))],
+        probe=_probe_remote_write,
     ),
     SinkSpec("otlp", "otlp", _otlp, secrets=lambda s: s.otlp.headers.values(), probe=_probe_otlp),
 )
