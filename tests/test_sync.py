@@ -18,7 +18,6 @@ same state and run it. Nothing is delivered: the queues are read, or drained by 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 
 from exporter import sync as sync_module
 from exporter.config import Settings
-from exporter.state import StateStore
+from exporter.state import StateStore, captured
 from exporter.sync import Sync, SyncResult
 from tests.fake_mlflow import FakeMlflow
 from tests.fake_sinks import RecordingSink
@@ -75,11 +74,12 @@ class Bench:
         return capture.run()
 
     def queued(self, sink: str) -> Counter[Point]:
-        """Every point in the sink's queue, with how many times it is there."""
+        """Every point in the sink's queue (stored in the captured form), with how many
+        times it is there."""
         return Counter(
-            (r, k, s, t, v)
+            (p.run_id, p.key, p.step, p.timestamp_ms, p.identity[2])
             for batch in self.state.outbox(sink).batches()
-            for r, k, s, t, v in json.loads(batch.body)
+            for p in captured.loads(batch.body).points
         )
 
     def drain(self, sink: str) -> Counter[Point]:
