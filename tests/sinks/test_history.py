@@ -20,6 +20,7 @@ from exporter.naming import MAX_LABEL_VALUE
 from exporter.sinks import remote_write as rw
 from exporter.sinks.delivery import Outcome, Outgoing, Reply, queue_entries
 from exporter.sinks.history import STEP_FAMILY, RemoteWriteSink
+from exporter.sinks.trace_history import plan_buckets
 from exporter.trace_model import BucketSample
 from tests.fakes import FakePost, FakeResponse
 
@@ -376,3 +377,19 @@ def test_a_sink_without_a_client_makes_one_from_its_settings() -> None:
     assert isinstance(s.client, rw.RemoteWriteClient)
     assert s.client.settings is settings
     assert s.run_id_length() == 12
+
+
+def test_trace_buckets_are_planned_in_batches_of_batch_size_each_series_in_time_order() -> None:
+    a, b = (("status", "OK"),), (("status", "ERROR"),)
+    samples = [
+        BucketSample("7", "f", a, NOW_MS + 60_000, 2.0),
+        BucketSample("7", "f", b, NOW_MS, 9.0),
+        BucketSample("7", "f", a, NOW_MS, 1.0),
+    ]
+
+    groups = plan_buckets(samples, batch_size=2)
+
+    assert [[(s.labels, s.bucket_ms - NOW_MS) for s in g] for g in groups] == [
+        [(b, 0), (a, 0)],
+        [(a, 60_000)],
+    ]

@@ -419,3 +419,46 @@ def test_a_version_2_state_gets_its_run_counts_once_on_upgrade(tmp_path: Path) -
         assert upgraded.mirror.status_counts("2") == {"FINISHED": 2}
     finally:
         upgraded.close()
+
+
+def test_a_version_3_state_gains_the_form_column_its_queued_rows_being_wire_bodies(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "state"
+    store = StateStore(directory)
+    conn = store.db.conn
+    for table in ("spool", "dead_letter"):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN form")
+    conn.execute(
+        "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "
+        "VALUES ('remote_write', 'k1', 1, 2, x'00')"
+    )
+    conn.execute(
+        "INSERT INTO dead_letter (sink, idempotency_key, created_ms, failed_ms, points, body) "
+        "VALUES ('remote_write', 'k0', 1, 2, 2, x'01')"
+    )
+    conn.execute("PRAGMA user_version = 3")
+    store.close()
+
+    upgraded = StateStore(directory)
+    try:
+        assert raw(upgraded, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        [old] = upgraded.outbox("remote_write").batches()
+        assert (old.idempotency_key, old.form, old.body) == ("k1", "wire", b"\x00")
+        assert raw(upgraded, "SELECT form FROM dead_letter") == [("wire",)]
+        with upgraded.transaction():
+            upgraded.outbox("remote_write").add([entry("k2", 2)])
+        assert [b.form for b in upgraded.outbox("remote_write").batches()] == ["wire", "captured"]
+    finally:
+        upgraded.close()
+    # Opening again changes nothing (the column is there once).
+    again = StateStore(directory)
+    try:
+        assert len(list(again.outbox("remote_write").batches())) == 2
+    finally:
+        again.close()
+
+
+def test_a_version_1_state_gains_the_form_column_too(migrated: StateStore) -> None:
+    columns = {row[1] for row in migrated.db.conn.execute("PRAGMA table_info(dead_letter)")}
+    assert "form" in columns
