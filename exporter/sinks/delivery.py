@@ -179,9 +179,11 @@ def halves(batch: CapturedBatch) -> tuple[CapturedBatch, CapturedBatch]:
     points = sorted(batch.points, key=lambda p: (p.timestamp_ms, p.run_id, p.key, p.step))
     buckets = sorted(batch.buckets, key=lambda b: (b.bucket_ms, b.family, b.labels))
     # Both are in time order, so the older half is a prefix of each.
-    stamps = sorted([(p.timestamp_ms, 0) for p in points] + [(b.bucket_ms, 1) for b in buckets])
+    stamps = sorted(
+        [(p.timestamp_ms, True) for p in points] + [(b.bucket_ms, False) for b in buckets]
+    )
     older = stamps[: len(stamps) // 2]
-    n_points = sum(1 for _, kind in older if kind == 0)
+    n_points = sum(is_point for _, is_point in older)
     n_buckets = len(older) - n_points
     return (
         _part(batch, points[:n_points], buckets[:n_buckets]),

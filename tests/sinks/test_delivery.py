@@ -439,6 +439,7 @@ class ScriptedSink:
         self.max_attempts = max_attempts
         self.sent: list[Any] = []
         self.keys: list[str] = []
+        self.counts: list[int] = []
 
     def plan(self, pts: Any, contexts: Any, now_ms: int) -> Planned:
         return Planned([pts])
@@ -452,6 +453,7 @@ class ScriptedSink:
     def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
         self.sent.append(json.loads(batch.body))
         self.keys.append(batch.idempotency_key)
+        self.counts.append(batch.points)
         return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
 
 
@@ -579,6 +581,7 @@ def test_a_refused_batch_splits_by_time_older_half_first_each_half_under_a_new_k
     result = Drainer(sink, outbox, clock, sleep).drain()
 
     assert sink.sent == [[4, 1, 3, 2], [1, 2], [3, 4]]
+    assert sink.counts == [4, 2, 2]
     assert sink.keys[0] == "k0"
     assert len(set(sink.keys)) == 3
     assert (result.batches, result.points) == (2, 4)
@@ -596,6 +599,16 @@ def test_halves_keep_the_contexts_of_their_runs_and_the_capture_time() -> None:
     assert newer == CapturedBatch((late,), {"run-b": contexts["run-b"]}, created_ms=7)
     with pytest.raises(ValueError, match="cannot split a batch of 1"):
         halves(older)
+
+
+def test_halves_of_a_batch_of_points_and_buckets_cut_both_by_time() -> None:
+    pts = tuple(MetricPoint("run-a", "loss", 1.0, i, T0 + i) for i in (0, 1))
+    buckets = tuple(BucketSample("1", "f", (), T0 + i, 1.0) for i in (2, 3))
+
+    older, newer = halves(CapturedBatch(pts, CONTEXTS, buckets))
+
+    assert (older.points, older.buckets) == (pts, ())
+    assert (newer.points, newer.buckets) == ((), buckets)
 
 
 def test_halves_of_trace_buckets_are_by_bucket_time() -> None:
@@ -667,7 +680,7 @@ def test_a_wire_row_of_an_older_version_is_sent_as_it_is_before_later_batches(
 def test_a_wire_row_that_would_need_splitting_is_set_aside_whole_and_can_be_replayed(
     state: StateStore, clock: FakeClock, sleep: SleepRecorder, status: int, reason: str
 ) -> None:
-    post = FakePost([status, 200])
+    post = FakePost([FakeResponse(status, "refused"), 200])
     sink = pramathus(post)
     wire_row(state, "pramathus", b'{"metrics": [1, 2, 3]}', 3)
     outbox = state.outbox("pramathus")
@@ -678,8 +691,10 @@ def test_a_wire_row_that_would_need_splitting_is_set_aside_whole_and_can_be_repl
     assert len(post.calls) == 1
     [aside] = outbox.set_aside_batches()
     assert (aside.reason, aside.points) == (reason, 3)
-    assert aside.error is not None
-    assert "older version" in aside.error
+    assert aside.error == (
+        f"Pramathus answered HTTP {status}: refused (queued by an older version as a request "
+        "body: set aside whole)"
+    )
     outbox.replay()
     assert drainer(state, sink, clock, sleep).drain().points == 3
     assert post.calls[1].data == b'{"metrics": [1, 2, 3]}'
@@ -708,3 +723,16 @@ def test_a_version_3_state_delivers_its_queued_request_body_once_after_the_upgra
 
     assert (first.batches, first.points, second.batches) == (1, 2, 0)
     assert [c.data for c in post.calls] == [b'{"metrics": ["v3"]}']
+
+
+def test_a_wire_row_refused_for_good_is_set_aside_with_the_message_as_it_came(
+    state: StateStore, clock: FakeClock, sleep: SleepRecorder
+) -> None:
+    sink = pramathus(FakePost([FakeResponse(409, "conflict")]))
+    wire_row(state, "pramathus", b'{"metrics": [1]}', 1)
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert result.set_aside == {"rejected": 1}
+    [aside] = state.outbox("pramathus").set_aside_batches()
+    assert aside.error == "Pramathus answered HTTP 409: conflict"
