@@ -4,12 +4,15 @@ The points are shaped like `bench.seed`'s (20,000 runs x 10 keys x 5 steps by de
 go through the exporter's own code, in the chunks its capture uses (one metric key, 100 runs
 per `get-history-bulk-interval` answer, points sorted as `Sync` sorts them):
 
-(a) encoding: `RemoteWriteSink.encode` (protobuf + snappy, value and step series) and
-    `PramathusSink.encode` (JSON), timed apart;
-(b) queueing: each chunk's batches added to a `StateStore` outbox in a transaction, then
-    trimmed to the queue bound, as `Sync._enqueue` does (one transaction per sink here; the
-    exporter shares one with the capture ledger, which is not measured);
-(c) delivering: the exporter's `Drainer` sends each queue to a real receiver on loopback:
+(a) encoding: each sink's `plan` and then `encode` of every planned batch
+    (`RemoteWriteSink`: protobuf + snappy, value and step series; `PramathusSink`: JSON),
+    timed apart; the exporter encodes at delivery, so (c) pays for this once more;
+(b) queueing: each chunk's batches added to a `StateStore` outbox in a transaction in the
+    captured form, then trimmed to the queue bound, as `Sync._enqueue` does (one
+    transaction per sink here; the exporter shares one with the capture ledger, which is
+    not measured);
+(c) delivering: the exporter's `Drainer` decodes, encodes and sends each queue to a real
+    receiver on loopback:
     a VictoriaMetrics (Debian binary) for remote write, and `tests.support.receiver.Receiver`
     (a real HTTP server parsing every JSON body, in its own process) for Pramathus.
 
@@ -49,7 +52,7 @@ from bench.seed import METRICS
 from exporter.config import PramathusSettings, RemoteWriteSettings
 from exporter.mlflow_source import BULK_MAX_RUNS
 from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import DeliverySink, Drainer, Encoded
+from exporter.sinks.delivery import DeliverySink, Drainer, queue_entries
 from exporter.sinks.history import SAMPLES_PER_POINT, RemoteWriteSink
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
@@ -145,20 +148,20 @@ def encode_and_queue(
     for points in chunks(run_ids, start):
         for sink in sinks:
             started = time.perf_counter()
-            encoded: Encoded = sink.encode(points, contexts, now_ms)
+            planned = sink.plan(points, contexts, now_ms)
+            entries = queue_entries(sink, planned.batches, contexts, now_ms)
+            for entry in entries:
+                sink.encode(entry.batch)
             encode[sink.name].seconds += time.perf_counter() - started
             encode[sink.name].points += len(points)
             started = time.perf_counter()
             outbox = state.outbox(sink.name)
             with state.transaction():
-                outbox.add(encoded.batches, now_ms)
-                for reason, bodies in encoded.refused.items():
-                    for body in bodies:
-                        outbox.set_aside_new(body, now_ms, reason, "bench")
+                outbox.add(entries)
                 dropped = outbox.trim(sink.queue_max_points, sink.overflow == "drop_oldest")
             queue[sink.name].seconds += time.perf_counter() - started
             queue[sink.name].points += len(points)
-            if dropped or encoded.refused:
+            if dropped or planned.refused:
                 raise RuntimeError(f"{sink.name}: points dropped or refused while queueing")
     rss = peak_rss_mb()
     for sink in sinks:

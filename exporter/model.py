@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from exporter.trace_model import BucketSample
+
 RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 UNFINISHED_STATUSES = ("RUNNING", "SCHEDULED")
 # MLflow's registry stages (deprecated since MLflow 2.9, still widely used); "None" is a stage.
@@ -142,6 +144,28 @@ class RunContext:
     experiment_name: str
     run_name: str
     tags: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedBatch:
+    """What a sink's queue holds: points (or trace buckets) as captured, in no sink's format.
+
+    Each sink encodes it into a request body when it delivers it (`DeliverySink.encode`),
+    so labels decided per cycle (the `run_id` length) are those of the delivering cycle.
+    `contexts` holds the runs of its points only; `created_ms` is when it was captured
+    (Pramathus' payload timestamp: the same body on every retry). A batch holds points or
+    buckets; splitting halves it by time (`delivery.halves`).
+    """
+
+    points: tuple[MetricPoint, ...] = ()
+    contexts: Mapping[str, RunContext] = field(default_factory=dict)
+    buckets: tuple[BucketSample, ...] = ()
+    created_ms: int = 0
+
+    @property
+    def size(self) -> int:
+        """Points and buckets held (what a split can halve)."""
+        return len(self.points) + len(self.buckets)
 
 
 # ------------------------------------------------------------- what a cycle asks of MLflow

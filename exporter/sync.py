@@ -12,8 +12,10 @@ decide. Each cycle it asks MLflow for:
 - the histories of runs that changed or are settling, from each series' read window on.
 
 New points go to every registered sink's queue in the same transaction that records them
-as captured. Reads of MLflow happen outside transactions; each batch of writes commits on
-its own, so a failure part-way keeps what was done and the rest is redone next cycle.
+as captured, planned into batches by the sink and stored as captured (`CapturedBatch`):
+each sink encodes them only when it delivers them. Reads of MLflow happen outside
+transactions; each batch of writes commits on its own, so a failure part-way keeps what
+was done and the rest is redone next cycle.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -38,6 +40,7 @@ from exporter.mlflow_source import (
     runs_by_id,
 )
 from exporter.model import (
+    CapturedBatch,
     CaptureRecord,
     HistoryRequest,
     MetricPoint,
@@ -50,7 +53,7 @@ from exporter.model import (
 from exporter.planners import capture, sweep
 from exporter.planners.scope import in_scope, metric_filter
 from exporter.progress import CaptureProgress
-from exporter.sinks.delivery import DeliverySink
+from exporter.sinks.delivery import DeliverySink, queue_entries
 from exporter.state import StateStore
 from exporter.state.schedule import PENDING_FULL, PENDING_WINDOW
 
@@ -89,11 +92,10 @@ class _StoppedError(Exception):
 @dataclass(frozen=True)
 class _Tail:
     """A sink's last batch queued this cycle, not full: never sent yet, so points captured
-    later in the cycle join it (it is re-encoded with them under a new key)."""
+    later in the cycle join it (it is planned again with them and queued under a new key)."""
 
     batch_id: int
-    points: Sequence[MetricPoint]
-    contexts: dict[str, RunContext]
+    batch: CapturedBatch
 
 
 @dataclass
@@ -496,21 +498,20 @@ class Sync:
         for sink in sinks:
             outbox = self.state.outbox(sink.name)
             pending: Sequence[MetricPoint] = ordered
-            known = contexts
+            known: Mapping[str, RunContext] = contexts
             tail = self._tails.get(sink.name)
             if tail is not None and outbox.remove(tail.batch_id):
-                pending, known = [*tail.points, *ordered], {**tail.contexts, **contexts}
-            encoded = sink.encode(pending, known, now_ms)
-            ids = outbox.add(encoded.batches, now_ms)
+                pending = [*tail.batch.points, *ordered]
+                known = {**tail.batch.contexts, **contexts}
+            planned = sink.plan(pending, known, now_ms)
+            entries = queue_entries(sink, planned.batches, known, now_ms)
+            ids = outbox.add(entries)
             tails[sink.name] = None
-            if encoded.open_tail and ids:
-                runs = {p.run_id for p in encoded.open_tail}
-                tails[sink.name] = _Tail(
-                    ids[-1], list(encoded.open_tail), {r: known[r] for r in runs if r in known}
-                )
-            for reason, bodies in encoded.refused.items():
-                for body in bodies:
-                    outbox.set_aside_new(body, now_ms, reason, f"{sink.name} cannot take these")
+            if planned.open_tail and ids:
+                tails[sink.name] = _Tail(ids[-1], entries[-1].batch)
+            for reason, groups in planned.refused.items():
+                for entry in queue_entries(sink, groups, known, now_ms):
+                    outbox.set_aside_new(entry, now_ms, reason, f"{sink.name} cannot take these")
             if sink.overflow == "wait":
                 continue
             dropped = outbox.trim(sink.queue_max_points, sink.overflow == "drop_oldest")

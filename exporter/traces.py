@@ -14,6 +14,7 @@ probe: one warning, and the stage stays off for the life of the process.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -21,11 +22,13 @@ import structlog
 
 from exporter.config import Settings
 from exporter.mlflow_source import TRACE_MAX_RESULTS, MlflowSource, TracesUnsupportedError
+from exporter.model import CapturedBatch
 from exporter.planners import traces as plan
 from exporter.planners.traces import Marks, MovedRead, Step
 from exporter.sinks.delivery import DeliverySink
-from exporter.sinks.trace_history import encode_buckets
+from exporter.sinks.trace_history import plan_buckets
 from exporter.state import StateStore
+from exporter.state.outbox import QueueEntry
 from exporter.state.traces import TraceMarks
 from exporter.trace_model import BucketSample, Fingerprint, TracePoint, TraceQuery
 
@@ -206,7 +209,11 @@ class TraceStage:
             if sink is not None and samples:
                 batch_size = getattr(getattr(sink, "settings", None), "batch_size", 5000)
                 outbox = self.state.outbox(sink.name)
-                outbox.add(encode_buckets(samples, batch_size), now_ms)
+                batches = [
+                    CapturedBatch(buckets=group, created_ms=now_ms)
+                    for group in plan_buckets(samples, batch_size)
+                ]
+                outbox.add([QueueEntry(str(uuid.uuid4()), sink.count(b), b) for b in batches])
                 # Trace buckets are few: under the default `wait` policy they are always
                 # queued; only an opt-in drop policy trims (and says what was lost).
                 if sink.overflow != "wait":

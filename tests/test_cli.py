@@ -746,20 +746,16 @@ def test_a_missing_web_config_file_stops_start_up_naming_the_key(tmp_path: Path)
 
 def _set_aside(state_dir: Path) -> None:
     """Two set-aside Pramathus batches and one remote write batch, as a drain leaves them."""
-    from exporter.state.outbox import EncodedBatch
+    from tests.support.planned import entry
 
     store = StateStore(state_dir)
     try:
         with store.transaction():
             pramathus = store.outbox("pramathus")
-            pramathus.set_aside_new(
-                EncodedBatch("k1", 3, b"{}"), 1_700_000_000_000, "too_large", "HTTP 413"
-            )
-            pramathus.set_aside_new(
-                EncodedBatch("k2", 2, b"{}"), 1_700_000_000_000, "rejected", "HTTP 400"
-            )
+            pramathus.set_aside_new(entry("k1", 3), 1_700_000_000_000, "too_large", "HTTP 413")
+            pramathus.set_aside_new(entry("k2", 2), 1_700_000_000_000, "rejected", "HTTP 400")
             store.outbox("remote_write").set_aside_new(
-                EncodedBatch("k3", 4, b"x"), 1_700_000_000_000, "too_old", "too old"
+                entry("k3", 4), 1_700_000_000_000, "too_old", "too old"
             )
     finally:
         store.close()

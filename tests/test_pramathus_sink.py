@@ -16,10 +16,10 @@ import pytest
 
 from exporter.config import PramathusSettings
 from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import Outcome
+from exporter.sinks.delivery import Outcome, Outgoing
 from exporter.sinks.pramathus import PramathusSink
-from exporter.state.outbox import EncodedBatch, QueuedBatch
 from scripts import pramathus_sink
+from tests.support.planned import outgoing
 
 KEY = "local-key-TOPSECRET"
 CONTEXTS = {"run-a": RunContext("1", "churn", "brave-owl", {"team": "ml"})}
@@ -45,12 +45,11 @@ def exporter_sink(endpoint: str, api_key: str = KEY) -> PramathusSink:
     return PramathusSink(PramathusSettings.model_validate(settings))
 
 
-def encoded(sink: PramathusSink, values: list[float]) -> list[QueuedBatch]:
+def encoded(sink: PramathusSink, values: list[float]) -> list[Outgoing]:
     points = [
         MetricPoint("run-a", "val/loss", v, i, 1_700_000_000_000 + i) for i, v in enumerate(values)
     ]
-    batches: list[EncodedBatch] = sink.encode(points, CONTEXTS, 1_700_000_100_000).batches
-    return [QueuedBatch(i, b.idempotency_key, b.points, b.body, 0) for i, b in enumerate(batches)]
+    return outgoing(sink, points, CONTEXTS, 1_700_000_100_000)
 
 
 def recorded(sink: pramathus_sink.Sink) -> list[dict[str, object]]:

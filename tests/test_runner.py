@@ -390,6 +390,60 @@ def test_two_runs_sharing_12_characters_get_two_remote_write_series_whatever_sin
     assert labelled == [("0123456789ab", 1.0), ("0123456789ab1", 2.0)]
 
 
+def test_a_point_queued_before_the_run_id_length_grew_goes_out_with_the_delivering_cycles(
+    tmp_path: Path,
+) -> None:
+    # Queues hold captured points, encoded at delivery: a point that waited in the queue
+    # while a second run sharing its prefix appeared carries the label the Pushgateway
+    # shows for its run in the cycle that delivers it, never the one of its capture.
+    h = Harness(tmp_path, sinks=[])
+    settings = Settings.model_validate(
+        {
+            "export": h.export,
+            "remote_write": {"enabled": True, "url": "http://127.0.0.1:9/api/v1/write"},
+        }
+    )
+    receiver = FakeReceiver(in_order=False, outages=[401])  # blocks the first cycle
+    sink = RemoteWriteSink(
+        settings.remote_write,
+        run_id_length=lambda: max(h.state.load(LabelRecord).run_id_length, 12),
+        client=RemoteWriteClient(settings.remote_write, post=receiver, clock=h.clock),
+    )
+    h.runner = Runner(
+        settings=settings,
+        source=h.mlflow,
+        state=h.state,
+        metrics=h.metrics,
+        health=h.health,
+        pushgateway=h.gateway,
+        sinks=[sink],
+        clock=h.clock,
+        sleep=FakeSleep(h.clock),
+    )
+    exp = h.mlflow.create_experiment("twins")
+    first = h.mlflow.create_run(exp, run_id="0123456789ab" + "0" * 20)
+    h.mlflow.log(first, "loss", 1.0)
+    try:
+        assert not h.cycle().ok  # captured under a 12-character label, still queued
+        assert h.gateway.value("mlflow_loss", run_id="0123456789ab") == [1.0]
+        second = h.mlflow.create_run(exp, run_id="0123456789ab" + "1" * 20)
+        h.mlflow.log(second, "loss", 2.0)
+        h.ok_cycle()
+        shown = h.gateway.value("mlflow_loss", run_id="0123456789ab0")
+    finally:
+        h.state.close()
+
+    delivered = [
+        (dict(ts.labels)["run_id"], ts.samples[0][1])
+        for call in receiver.calls
+        if call.status == 204
+        for ts in call.series
+        if dict(ts.labels)["__name__"] == "mlflow_loss"
+    ]
+    assert sorted(delivered) == [("0123456789ab0", 1.0), ("0123456789ab1", 2.0)]
+    assert shown == [1.0]  # the same label as the Pushgateway's for the first run
+
+
 def test_runs_mirrored_by_a_capture_that_stopped_early_still_decide_the_run_id_length(
     h: Harness,
 ) -> None:

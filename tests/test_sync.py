@@ -18,7 +18,6 @@ same state and run it. Nothing is delivered: the queues are read, or drained by 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,7 +27,8 @@ import pytest
 
 from exporter import sync as sync_module
 from exporter.config import Settings
-from exporter.state import StateStore
+from exporter.model import MetricPoint
+from exporter.state import StateStore, captured
 from exporter.sync import Sync, SyncResult
 from tests.fakes import FakeClock
 from tests.fakes.mlflow_server import FakeMlflow
@@ -75,11 +75,12 @@ class Bench:
         return capture.run()
 
     def queued(self, sink: str) -> Counter[Point]:
-        """Every point in the sink's queue, with how many times it is there."""
+        """Every point in the sink's queue (stored in the captured form), with how many
+        times it is there."""
         return Counter(
-            (r, k, s, t, v)
+            (p.run_id, p.key, p.step, p.timestamp_ms, p.identity[2])
             for batch in self.state.outbox(sink).batches()
-            for r, k, s, t, v in json.loads(batch.body)
+            for p in captured.loads(batch.body).points
         )
 
     def drain(self, sink: str) -> Counter[Point]:
@@ -383,6 +384,27 @@ def test_a_sync_stopped_part_way_keeps_what_it_queued_and_the_next_completes_the
     assert queued == everything  # nothing lost, nothing twice
     assert stopped.points_captured + rest.points_captured == 27
     assert rest.pending == 0
+
+
+def test_a_rolled_back_transaction_keeps_the_open_tail_as_the_queue_kept_it(b: Bench) -> None:
+    sink = FakeDeliverySink(batch_size=4)
+    capture = Sync(b.mlflow, b.state, b.settings, [sink], b.clock)
+
+    def queue(steps: range, fail: bool = False) -> None:
+        pts = [MetricPoint("run-a", "loss", 0.5, s, 1_000 + s) for s in steps]
+        with b.state.transaction():
+            tails = capture._enqueue([sink], pts, 1, SyncResult())  # noqa: SLF001
+            if fail:
+                raise RuntimeError("the capture failed part-way")
+        capture._keep_tails(tails)  # noqa: SLF001
+
+    queue(range(2))  # an open batch of two
+    with pytest.raises(RuntimeError):
+        queue(range(2, 4), fail=True)  # joined the tail, then rolled back
+    queue(range(4, 6))  # joins the tail the queue holds
+
+    batches = list(b.state.outbox(sink.name).batches())
+    assert [[p.step for p in captured.loads(x.body).points] for x in batches] == [[0, 1, 4, 5]]
 
 
 # ---------------------------------------------------------------------- a later sink

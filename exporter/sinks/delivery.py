@@ -1,7 +1,15 @@
 """Delivering a sink's queue: oldest batch first, retried within the delivery budget.
 
-Every history sink (Pramathus, remote write) plugs in through `DeliverySink`: it encodes
-captured points into request bodies, sends one body once and says what the answer means.
+Every history sink (Pramathus, remote write, OTLP, an installed one) plugs in through
+`DeliverySink`, in three steps:
+
+- `plan` (at capture): which captured points go together in a batch, and which the sink can
+  never take (set aside at once, by reason); it may measure sizes but keeps no bytes. The
+  queue stores each batch in one neutral form (`CapturedBatch`), whatever the sink;
+- `encode` (at delivery): the request body of a captured batch, deterministic (every retry
+  of one idempotency key carries the same body), with the labels of the delivering cycle;
+- `send`: one attempt with one body, and what the answer means (`Reply`).
+
 This module owns what is common, and one rule for every sink: a point is delivered (a 2xx
 from the endpoint it was sent to, for the request that carried it), still queued, or set
 aside with a reason an operator can see and replay (`exporter dead-letters`).
@@ -15,8 +23,11 @@ aside with a reason an operator can see and replay (`exporter dead-letters`).
   points stay queued); 413 and 400/422 split the batch until only the refused points are
   left, set aside as `too_large` or `rejected`; other 4xx set aside as `rejected`;
 - `Drainer` retries with capped exponential backoff and jitter (honouring `Retry-After`)
-  for as long as the sink's delivery budget allows, keeps queue order, splits and sets
-  aside, remembers the largest body accepted after a 413, and stops promptly when asked.
+  for as long as the sink's delivery budget allows, keeps queue order, splits (`halves`:
+  by time, the older half sent first) and sets aside, remembers the largest body accepted
+  after a 413, and stops promptly when asked. A row queued by a version before 4 holds a
+  wire body: it is sent as it is, and when it would need splitting it is set aside with
+  its reason instead (counted, replayable).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import enum
 import math
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -35,8 +47,9 @@ import requests
 from tenacity import RetryCallState, Retrying, retry_if_result, wait_exponential_jitter
 
 from exporter.errors import reason
-from exporter.model import MetricPoint, RunContext
-from exporter.state.outbox import EncodedBatch, Outbox, QueuedBatch
+from exporter.model import CapturedBatch, MetricPoint, RunContext
+from exporter.state.outbox import Outbox, QueuedBatch, QueueEntry
+from exporter.trace_model import BucketSample
 
 
 class Outcome(enum.Enum):
@@ -69,16 +82,27 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
-class Encoded:
-    """Points as request bodies, and bodies of points the sink can never take (by reason).
+class Planned:
+    """Points grouped into batches, and groups of points the sink can never take (by
+    reason). No bytes: each batch is queued in the neutral form and encoded at delivery.
 
-    `open_tail` holds the points of the last batch when it is not full: points captured
-    later in the same cycle may join them (re-encoded together), so a batch holds up to
-    `batch_size` points across keys and runs."""
+    `open_tail` says the last batch is not full: points captured later in the same cycle
+    may join it (it is planned again with them), so a batch holds up to `batch_size`
+    points across keys and runs."""
 
-    batches: list[EncodedBatch]
-    refused: dict[str, list[EncodedBatch]] = field(default_factory=dict)
-    open_tail: Sequence[MetricPoint] = ()
+    batches: Sequence[Sequence[MetricPoint]]
+    refused: Mapping[str, Sequence[Sequence[MetricPoint]]] = field(default_factory=dict)
+    open_tail: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One request of a batch: its idempotency key, its count in the sink's unit, and the
+    body the sink encoded (or a wire body queued by an older version)."""
+
+    idempotency_key: str
+    points: int
+    body: bytes
 
 
 class DeliverySink(Protocol):
@@ -104,20 +128,75 @@ class DeliverySink(Protocol):
         `drop_oldest` / `drop_newest` (counted and logged as lost)."""
         ...
 
-    def encode(
+    def plan(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
-    ) -> Encoded:
-        """Request bodies for these points (each with a stable idempotency key)."""
+    ) -> Planned:
+        """Batches of these points, and those refused for good (no request made)."""
         ...
 
-    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
-        """One attempt to deliver one batch, waiting at most `timeout` seconds (what is
+    def count(self, batch: CapturedBatch) -> int:
+        """What a batch counts in the sink's unit (queue bounds, self-metrics)."""
+        ...
+
+    def encode(self, batch: CapturedBatch) -> bytes:
+        """The request body of a batch: the same bytes for the same batch."""
+        ...
+
+    def send(self, request: Outgoing, timeout: float | None = None) -> Reply:
+        """One attempt to deliver one request, waiting at most `timeout` seconds (what is
         left of the delivery budget) when it is shorter than the sink's own timeout."""
         ...
 
-    def split(self, body: bytes) -> list[EncodedBatch]:
-        """Two halves of a batch's body (only called when a reply was `splittable`)."""
-        ...
+
+def queue_entries(
+    sink: DeliverySink,
+    groups: Sequence[Sequence[MetricPoint]],
+    contexts: Mapping[str, RunContext],
+    now_ms: int,
+) -> list[QueueEntry]:
+    """Planned groups as entries to queue: each a captured batch with the contexts of its
+    runs, a new idempotency key and its count in the sink's unit."""
+    entries = []
+    for group in groups:
+        runs = {p.run_id for p in group}
+        batch = CapturedBatch(
+            points=tuple(group),
+            contexts={r: contexts[r] for r in sorted(runs) if r in contexts},
+            created_ms=now_ms,
+        )
+        entries.append(QueueEntry(str(uuid.uuid4()), sink.count(batch), batch))
+    return entries
+
+
+def halves(batch: CapturedBatch) -> tuple[CapturedBatch, CapturedBatch]:
+    """Two halves of a batch by time, the older half first (a receiver without an
+    out-of-order window refuses for good a sample older than one it stored for its series,
+    and receivers refuse samples for their age: cutting by time isolates those in few
+    steps). Each half keeps the contexts of its runs and the batch's `created_ms`.
+    ValueError for a batch of fewer than 2 points and buckets."""
+    if batch.size < 2:
+        raise ValueError(f"cannot split a batch of {batch.size}")
+    points = sorted(batch.points, key=lambda p: (p.timestamp_ms, p.run_id, p.key, p.step))
+    buckets = sorted(batch.buckets, key=lambda b: (b.bucket_ms, b.family, b.labels))
+    # Both are in time order, so the older half is a prefix of each.
+    stamps = sorted(
+        [(p.timestamp_ms, True) for p in points] + [(b.bucket_ms, False) for b in buckets]
+    )
+    older = stamps[: len(stamps) // 2]
+    n_points = sum(is_point for _, is_point in older)
+    n_buckets = len(older) - n_points
+    return (
+        _part(batch, points[:n_points], buckets[:n_buckets]),
+        _part(batch, points[n_points:], buckets[n_buckets:]),
+    )
+
+
+def _part(
+    batch: CapturedBatch, points: Sequence[MetricPoint], buckets: Sequence[BucketSample]
+) -> CapturedBatch:
+    runs = {p.run_id for p in points}
+    contexts = {r: c for r, c in batch.contexts.items() if r in runs}
+    return CapturedBatch(tuple(points), contexts, tuple(buckets), batch.created_ms)
 
 
 @dataclass
@@ -166,19 +245,25 @@ class Drainer:
         return result
 
     def _deliver(self, batch: QueuedBatch, deadline: float, result: DrainResult) -> bool:
+        captured = batch.captured()  # None: a wire body queued by an older version
+        body = batch.body if captured is None else self.sink.encode(captured)
+        splittable = captured is not None and captured.size > 1
         limit = self._limit
-        if limit is not None and len(batch.body) > limit and batch.points > 1:
+        if limit is not None and len(body) > limit and splittable:
             # A receiver refused bodies this large before: split before sending.
-            return self._split(batch, deadline, result)
+            assert captured is not None
+            return self._split(batch, captured, deadline, result)
         self.outbox.claim(batch)  # raises if the state cannot record it: send nothing
-        reply = self._send_with_retries(batch, deadline)
+        reply = self._send_with_retries(
+            Outgoing(batch.idempotency_key, batch.points, body), deadline
+        )
         if reply.outcome is Outcome.ACCEPTED:
             self.outbox.done(batch.id)
             result.batches += 1
             result.points += batch.points
             result.dropped_by_receiver += reply.dropped_by_receiver
             if self._refused_large:
-                self._learnt = max(self._learnt or 0, len(batch.body))
+                self._learnt = max(self._learnt or 0, len(body))
                 self.outbox.set_body_limit(self._learnt)
             return True
         if reply.outcome in (Outcome.RETRY, Outcome.BLOCKED):
@@ -189,22 +274,30 @@ class Drainer:
             return False
         if reply.reason == "too_large":
             self._refused_large = True
-        if reply.splittable and batch.points > 1:
-            return self._split(batch, deadline, result)
-        self.outbox.set_aside(
-            batch, int(self.clock() * 1000), reply.reason, reply.status, reply.message
-        )
+        if reply.splittable and splittable:
+            assert captured is not None
+            return self._split(batch, captured, deadline, result)
+        message = reply.message
+        if reply.splittable and captured is None:
+            message += " (queued by an older version as a request body: set aside whole)"
+        self.outbox.set_aside(batch, int(self.clock() * 1000), reply.reason, reply.status, message)
         result.set_aside[reply.reason] = result.set_aside.get(reply.reason, 0) + batch.points
-        result.error = reply.message
+        result.error = message
         return True
 
-    def _split(self, batch: QueuedBatch, deadline: float, result: DrainResult) -> bool:
-        """Replace a partly refused batch by its halves and deliver those at once, so the
-        refused samples end up alone and set aside while the others land."""
-        parts = self.outbox.replace(batch, self.sink.split(batch.body))
-        return all(self._deliver(part, deadline, result) for part in parts)
+    def _split(
+        self, batch: QueuedBatch, captured: CapturedBatch, deadline: float, result: DrainResult
+    ) -> bool:
+        """Replace a partly refused batch by its halves, each under a new idempotency key,
+        and deliver those at once (older half first), so the refused points end up alone
+        and set aside while the others land."""
+        parts = [
+            QueueEntry(str(uuid.uuid4()), self.sink.count(half), half) for half in halves(captured)
+        ]
+        queued = self.outbox.replace(batch, parts)
+        return all(self._deliver(part, deadline, result) for part in queued)
 
-    def _send_with_retries(self, batch: QueuedBatch, deadline: float) -> Reply:
+    def _send_with_retries(self, request: Outgoing, deadline: float) -> Reply:
         def wait(state: RetryCallState) -> float:
             hinted = _last_reply(state).retry_after
             backoff = wait_exponential_jitter(multiplier=0.5, max=30)(state)
@@ -228,7 +321,8 @@ class Drainer:
 
         def attempt() -> Reply:
             # An attempt never outlasts the budget (a floor keeps a last one meaningful).
-            return self.sink.send(batch, timeout=max(MIN_ATTEMPT_SECONDS, deadline - self.clock()))
+            timeout = max(MIN_ATTEMPT_SECONDS, deadline - self.clock())
+            return self.sink.send(request, timeout=timeout)
 
         reply: Reply = retrying(attempt)
         return reply

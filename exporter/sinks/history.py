@@ -11,22 +11,25 @@ timestamp: of points sharing one, the highest step is sent and the others are se
 (`duplicate_timestamp`). Samples older than `max_sample_age` are set aside (`too_old`)
 without a request; receivers that refuse samples for their age or order get them split
 out and set aside by the delivery loop.
+
+The sink also takes the trace history buckets (`trace_history.py`): a queued batch holds
+points or buckets, and `encode` renders either when the batch is delivered, with the
+`run_id` length decided for the delivering cycle.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from exporter.config import RemoteWriteSettings
-from exporter.model import MetricPoint, RunContext
+from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.naming import label_value, metric_family_name
 from exporter.sinks import remote_write as wire
-from exporter.sinks.delivery import Encoded, Outcome, Reply, reply_for
-from exporter.state.outbox import EncodedBatch, QueuedBatch
+from exporter.sinks.delivery import Outcome, Outgoing, Planned, Reply, reply_for
+from exporter.sinks.trace_history import bucket_series
 
 STEP_FAMILY = "mlflow_metric_step"
 SAMPLES_PER_POINT = 2
@@ -80,45 +83,41 @@ class RemoteWriteSink:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(
-        self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
-    ) -> Encoded:
+    def plan(
+        self,
+        points: Sequence[MetricPoint],
+        contexts: Mapping[str, RunContext],  # noqa: ARG002 - the protocol's; labels at encode
+        now_ms: int,
+    ) -> Planned:
         """Batches of at most `batch_size` samples; too old and same-timestamp points aside."""
-        length = self.run_id_length()
         oldest = (
             now_ms - int(self.settings.max_sample_age * 1000)
             if self.settings.max_sample_age
             else None
         )
         keep, duplicates, too_old = _sort_out(points, oldest)
-        refused: dict[str, list[EncodedBatch]] = {}
-        for reason, group in (("too_old", too_old), ("duplicate_timestamp", duplicates)):
-            if group:
-                refused[reason] = [_aside(group, contexts, length)]
-        return Encoded(self._batches(keep, contexts, length), refused)
-
-    def _batches(
-        self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], length: int
-    ) -> list[EncodedBatch]:
+        refused = {
+            reason: [group]
+            for reason, group in (("too_old", too_old), ("duplicate_timestamp", duplicates))
+            if group
+        }
         per_batch = max(1, self.settings.batch_size // SAMPLES_PER_POINT)
-        out = []
-        for start in range(0, len(points), per_batch):
-            chunk = points[start : start + per_batch]
-            series = _series(chunk, contexts, length)
-            body = wire.encode(series)
-            out.append(EncodedBatch(str(uuid.uuid4()), len(chunk) * SAMPLES_PER_POINT, body))
-        return out
+        batches = [keep[start : start + per_batch] for start in range(0, len(keep), per_batch)]
+        return Planned(batches, refused)
 
-    def split(self, body: bytes) -> list[EncodedBatch]:
-        older, newer = wire.split(body)
-        return [
-            EncodedBatch(str(uuid.uuid4()), wire.sample_count(part), part)
-            for part in (older, newer)
-        ]
+    def count(self, batch: CapturedBatch) -> int:
+        """Samples: two per point (value and step), one per trace bucket."""
+        return len(batch.points) * SAMPLES_PER_POINT + len(batch.buckets)
+
+    def encode(self, batch: CapturedBatch) -> bytes:
+        """A write request of the batch's points (labels with this cycle's `run_id`
+        length) and buckets."""
+        series = _series(batch.points, batch.contexts, self.run_id_length())
+        return wire.encode([*series, *bucket_series(batch.buckets)])
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
         assert self.client is not None
         sent = self.client.send(batch.body, timeout)
         if sent.verdict is wire.Verdict.ACCEPTED:
@@ -136,16 +135,6 @@ class RemoteWriteSink:
             reason=_REFUSALS[sent.verdict],
             splittable=sent.verdict is not wire.Verdict.REJECTED,
         )
-
-
-def _aside(
-    points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], length: int
-) -> EncodedBatch:
-    """Points never sent, kept as a request body for a human: one series entry per point,
-    as several may share a series and a timestamp."""
-    series = [s for p in points for s in _series([p], contexts, length)]
-    body = wire.encode(series)
-    return EncodedBatch(str(uuid.uuid4()), len(points) * SAMPLES_PER_POINT, body)
 
 
 def _rank(p: MetricPoint) -> tuple[int, float]:
@@ -191,24 +180,36 @@ def _infinite(value: float) -> float:
 def _series(
     points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], length: int
 ) -> list[wire.TimeSeries]:
-    """The value and step series of these points (one timestamp per series at most)."""
-    values: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    """The value and step series of these points. Points sharing a series and a timestamp
+    (set aside as `duplicate_timestamp`, then replayed) each get their own series entry."""
+    values: dict[tuple[str, str], list[MetricPoint]] = {}
     for p in points:
-        values.setdefault((p.run_id, p.key), []).append((p.timestamp_ms, _infinite(p.value)))
-    steps = {(p.run_id, p.key, p.timestamp_ms): float(p.step) for p in points}
+        values.setdefault((p.run_id, p.key), []).append(p)
     out = []
-    for (run_id, key), samples in values.items():
-        ctx = contexts.get(run_id) or RunContext("", "", "", {})
-        labels = {
-            "experiment_id": ctx.experiment_id,
-            "experiment_name": label_value(ctx.experiment_name),
-            "run_id": run_id[:length],
-            "run_name": label_value(ctx.run_name),
-            "metric_key": key,
-        }
-        stamps = sorted({t for t, _ in samples})
-        out.append(wire.TimeSeries.of(metric_family_name(key), labels, samples))
-        out.append(
-            wire.TimeSeries.of(STEP_FAMILY, labels, [(t, steps[(run_id, key, t)]) for t in stamps])
-        )
+    for group in values.values():
+        if len({p.timestamp_ms for p in group}) == len(group):
+            out += _pair(group, contexts, length)
+        else:
+            out += [s for p in group for s in _pair([p], contexts, length)]
     return out
+
+
+def _pair(
+    points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], length: int
+) -> list[wire.TimeSeries]:
+    """The value and step series of points of one run and key at distinct timestamps."""
+    run_id, key = points[0].run_id, points[0].key
+    samples = [(p.timestamp_ms, _infinite(p.value)) for p in points]
+    steps = [(p.timestamp_ms, float(p.step)) for p in points]
+    ctx = contexts.get(run_id) or RunContext("", "", "", {})
+    labels = {
+        "experiment_id": ctx.experiment_id,
+        "experiment_name": label_value(ctx.experiment_name),
+        "run_id": run_id[:length],
+        "run_name": label_value(ctx.run_name),
+        "metric_key": key,
+    }
+    return [
+        wire.TimeSeries.of(metric_family_name(key), labels, samples),
+        wire.TimeSeries.of(STEP_FAMILY, labels, steps),
+    ]

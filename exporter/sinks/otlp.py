@@ -13,7 +13,9 @@ its body (points the receiver dropped: never to be retried) is logged and counte
 what it means for every sink (`delivery.reply_for`: credentials and URLs block the sink
 with the points kept, 400 and 413 split the batch until the refused points are set aside,
 other 4xx set aside, other 5xx retried: a retry within the budget costs nothing).
-Queueing, retries and set-aside are the delivery framework's.
+Batches are planned by count at capture and encoded at delivery (the `run_id` length is
+the delivering cycle's). Queueing, retries, splitting and set-aside are the delivery
+framework's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import gzip
 import math
 import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,17 +48,17 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from exporter import __version__
 from exporter.config import OtlpSettings
 from exporter.logs import redact
-from exporter.model import MetricPoint, RunContext
+from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.naming import label_value, metric_family_name
 from exporter.sinks.delivery import (
-    Encoded,
     Outcome,
+    Outgoing,
+    Planned,
     Reply,
     post_batch,
     reply_for,
     retry_after_seconds,
 )
-from exporter.state.outbox import EncodedBatch, QueuedBatch
 
 log = structlog.get_logger("exporter.sinks.otlp")
 
@@ -144,32 +145,6 @@ def data_point_count(body: bytes) -> int:
     )
 
 
-def split_request(body: bytes) -> tuple[bytes, bytes]:
-    """Two request bodies holding the first and second half of a body's data points."""
-    request = ExportMetricsServiceRequest.FromString(body)
-    service = ""
-    flat: list[tuple[Metric, NumberDataPoint]] = []
-    for rm in request.resource_metrics:
-        service = next(
-            (a.value.string_value for a in rm.resource.attributes if a.key == "service.name"),
-            service,
-        )
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                flat.extend((m, dp) for dp in m.gauge.data_points)
-    half = len(flat) // 2
-    parts = []
-    for chunk in (flat[:half], flat[half:]):
-        metrics: dict[str, Metric] = {}
-        for metric, dp in chunk:
-            kept = metrics.get(metric.name)
-            if kept is None:
-                kept = metrics[metric.name] = Metric(name=metric.name, gauge=Gauge())
-            kept.gauge.data_points.append(dp)
-        parts.append(_request(list(metrics.values()), service))
-    return parts[0], parts[1]
-
-
 @dataclass
 class OtlpSink:
     """The OTLP `DeliverySink`; `post` is injectable for tests."""
@@ -196,28 +171,27 @@ class OtlpSink:
     def overflow(self) -> str:
         return self.settings.queue_overflow
 
-    def encode(
+    def plan(
         self,
         points: Sequence[MetricPoint],
-        contexts: Mapping[str, RunContext],
+        contexts: Mapping[str, RunContext],  # noqa: ARG002 - the protocol's
         now_ms: int,  # noqa: ARG002 - the protocol's; a point carries its own time
-    ) -> Encoded:
-        """Batches of at most `batch_size` points (each body with its idempotency key)."""
-        length, size = self.run_id_length(), self.settings.batch_size
-        batches = []
-        for start in range(0, len(points), size):
-            chunk = points[start : start + size]
-            body = encode_request(chunk, contexts, length, self.settings.service_name)
-            batches.append(EncodedBatch(str(uuid.uuid4()), len(chunk), body))
-        return Encoded(batches)
+    ) -> Planned:
+        """Batches of at most `batch_size` points."""
+        size = self.settings.batch_size
+        return Planned([points[start : start + size] for start in range(0, len(points), size)])
 
-    def split(self, body: bytes) -> list[EncodedBatch]:
-        return [
-            EncodedBatch(str(uuid.uuid4()), data_point_count(part), part)
-            for part in split_request(body)
-        ]
+    def count(self, batch: CapturedBatch) -> int:
+        return len(batch.points)
 
-    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+    def encode(self, batch: CapturedBatch) -> bytes:
+        """One request body (uncompressed: `send` compresses), `run_id` cut to the length
+        of the delivering cycle."""
+        return encode_request(
+            batch.points, batch.contexts, self.run_id_length(), self.settings.service_name
+        )
+
+    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
         s = self.settings
         wait = s.timeout_seconds if timeout is None else min(s.timeout_seconds, timeout)
         headers = {
@@ -244,7 +218,7 @@ class OtlpSink:
             return answer
         return self._reply(answer.response, answer.url, batch)
 
-    def _reply(self, response: Any, url: str, batch: QueuedBatch) -> Reply:
+    def _reply(self, response: Any, url: str, batch: Outgoing) -> Reply:
         status = response.status_code
         endpoint = str(self.settings.endpoint)
         if 200 <= status < 300:
@@ -264,7 +238,7 @@ class OtlpSink:
             status, message, FIXES, location=response.headers.get("Location"), retry_after=None
         )
 
-    def _partial_success(self, content: bytes, batch: QueuedBatch) -> int:
+    def _partial_success(self, content: bytes, batch: Outgoing) -> int:
         """The points a receiver accepted the request without (the OTLP spec: never
         retried), logged once."""
         try:

@@ -1,7 +1,10 @@
 """Pramathus: captured points as the seed contract's JSON batches, POSTed one at a time.
 
-Encoding is pure (`point_json`, `build_payload`); `PramathusSink.send` makes one POST and
-says what the answer means. Queueing, retries and setting aside live in `delivery.py`.
+Encoding is pure (`point_json`, `build_payload`): `PramathusSink.plan` groups points by
+count and body size at capture, `encode` renders a queued batch at delivery (its payload
+`timestamp` is the batch's capture time, so every retry sends the same body), and `send`
+makes one POST and says what the answer means. Queueing, retries, splitting and setting
+aside live in `delivery.py`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,16 +21,16 @@ import requests
 
 from exporter.config import PramathusSettings
 from exporter.logs import redact, secret_forms
-from exporter.model import MetricPoint, RunContext
+from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.sinks.delivery import (
-    Encoded,
     Outcome,
+    Outgoing,
+    Planned,
     Reply,
     post_batch,
     reply_for,
     retry_after_seconds,
 )
-from exporter.state.outbox import EncodedBatch, QueuedBatch
 
 SOURCE = "mlflow"
 FIXES = {
@@ -79,11 +81,7 @@ def point_json(point: MetricPoint, ctx: RunContext, max_tag: int) -> dict[str, A
 
 def build_payload(entries: Sequence[dict[str, Any]], now_ms: float) -> bytes:
     """The request body for one batch, as the seed's contract shapes it."""
-    return _payload(entries, iso8601(now_ms))
-
-
-def _payload(entries: Sequence[dict[str, Any]], timestamp: str) -> bytes:
-    body = {"timestamp": timestamp, "source": SOURCE, "metrics": list(entries)}
+    body = {"timestamp": iso8601(now_ms), "source": SOURCE, "metrics": list(entries)}
     return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
 
 
@@ -116,48 +114,44 @@ class PramathusSink:
     def overflow(self) -> str:
         return self.settings.spool_overflow
 
-    def encode(
+    def plan(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
-    ) -> Encoded:
+    ) -> Planned:
         """Batches of up to `batch_size` points and `max_body_bytes` bytes; a point that
         alone is larger than that is set aside as `too_large`."""
         s = self.settings
         room = s.max_body_bytes - len(build_payload([], now_ms))
-        out: list[EncodedBatch] = []
-        too_large: list[EncodedBatch] = []
-        chunk: list[dict[str, Any]] = []
+        out: list[list[MetricPoint]] = []
+        too_large: list[list[MetricPoint]] = []
         members: list[MetricPoint] = []
         used = 0
         for point in points:
-            entry = point_json(point, contexts[point.run_id], s.max_tag_value_length)
-            size = _entry_bytes(entry)
+            size = _entry_bytes(point_json(point, contexts[point.run_id], s.max_tag_value_length))
             if size > room:
-                too_large.append(_batch([entry], now_ms))
+                too_large.append([point])
                 continue
-            if len(chunk) == s.batch_size or used + size > room:
-                out.append(_batch(chunk, now_ms))
-                chunk, members, used = [], [], 0
-            chunk.append(entry)
+            if len(members) == s.batch_size or used + size > room:
+                out.append(members)
+                members, used = [], 0
             members.append(point)
             used += size
-        if chunk:
-            out.append(_batch(chunk, now_ms))
+        if members:
+            out.append(members)
         # A last batch short of `batch_size` may take points captured later this cycle.
-        tail = members if len(chunk) < s.batch_size else []
-        return Encoded(out, {"too_large": too_large} if too_large else {}, tail)
+        return Planned(
+            out, {"too_large": too_large} if too_large else {}, 0 < len(members) < s.batch_size
+        )
 
-    def split(self, body: bytes) -> list[EncodedBatch]:
-        """Two halves of a body's points (a refused batch is bisected to find the points
-        a receiver refuses)."""
-        payload = json.loads(body)
-        entries = payload["metrics"]
-        half = len(entries) // 2
-        return [
-            EncodedBatch(str(uuid.uuid4()), len(part), _payload(part, payload["timestamp"]))
-            for part in (entries[:half], entries[half:])
-        ]
+    def count(self, batch: CapturedBatch) -> int:
+        return len(batch.points)
 
-    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+    def encode(self, batch: CapturedBatch) -> bytes:
+        """The payload of a queued batch, stamped with its capture time."""
+        tag = self.settings.max_tag_value_length
+        entries = [point_json(p, batch.contexts[p.run_id], tag) for p in batch.points]
+        return build_payload(entries, batch.created_ms)
+
+    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
         s = self.settings
         wait = s.timeout_seconds if timeout is None else min(s.timeout_seconds, timeout)
         headers = {
@@ -195,7 +189,3 @@ class PramathusSink:
             location=response.headers.get("Location"),
             retry_after=retry_after_seconds(response.headers.get("Retry-After"), time.time()),
         )
-
-
-def _batch(entries: Sequence[dict[str, Any]], now_ms: float) -> EncodedBatch:
-    return EncodedBatch(str(uuid.uuid4()), len(entries), build_payload(entries, now_ms))

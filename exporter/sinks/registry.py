@@ -3,9 +3,13 @@
 A sink is a `SinkSpec`: its name (its queue's, its self-metrics' `mlflow_exporter_<name>_...`
 families' and its health stage's), its config section, what its counts count, and a
 factory that builds the `DeliverySink` from a `SinkContext`, or returns None while it is
-off. The framework gives every sink the rest: its durable queue and delivery marks,
-retries within its budget, set-aside and replay, self-metrics, health stage and backfill
-when it is first enabled.
+off. A `DeliverySink` plans captured points into batches (`plan`, at capture), encodes a
+queued batch into a request body (`encode`, at delivery: the queue holds every sink's
+batches in one neutral form, `CapturedBatch`) and sends one body (`send`); see
+`delivery.py`, and tests/plugins/example_sink for a complete one. The framework gives
+every sink the rest: its durable queue and delivery marks, retries within its budget,
+splitting of refused batches, set-aside and replay, self-metrics, health stage and
+backfill when it is first enabled.
 
 A package installed next to the exporter adds a sink with no change here: it declares an
 entry point in the `mlflow_monitoring.sinks` group whose object is a `SinkSpec`, e.g. in
@@ -41,8 +45,9 @@ _RESERVED = frozenset({"mlflow", "traces", "pushgateway", "state", "internal"})
 @dataclass(frozen=True)
 class SinkContext:
     """What a factory may use: the settings, the `run_id` label length decided for the
-    cycle before anything is encoded (call it when encoding, never cache it), and the
-    environment (where third-party sinks find their own settings)."""
+    cycle before anything is captured or delivered (call it in `encode`, at delivery, and
+    never cache it), and the environment (where third-party sinks find their own
+    settings)."""
 
     settings: Settings
     run_id_length: Callable[[], int] = lambda: 12

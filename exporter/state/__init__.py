@@ -5,7 +5,8 @@
 - `schedule.py`: when runs are read again (due captures, settle windows, unfinished runs);
 - `push_marks.py`: Pushgateway bookkeeping (groups to push again, runs the push cut);
 - `ledger.py`: what was captured (series windows, point identities, sinks, backfills);
-- `outbox.py`: per-sink delivery queues and set-aside batches;
+- `outbox.py`: per-sink delivery queues and set-aside batches, each batch stored in one
+  neutral form (`captured.py`) that its sink encodes at delivery;
 - `records.py`: small typed facts (push state, label length, sweep cursor, ...; their
   dataclasses are in `model.py`);
 - `traces.py`: per-experiment trace marks (fingerprints, live series, history marks).

@@ -1,9 +1,12 @@
-"""Delivery queues: one durable queue of encoded batches per sink, and what was set aside.
+"""Delivery queues: one durable queue of captured batches per sink, and what was set aside.
 
 A batch is written in the same transaction that records its points as captured, so a point
-is either still to be read from MLflow or safely queued. It leaves the queue only when its
-sink acknowledged it, or when it can never succeed: then it moves to `dead_letter` with a
-reason, kept on disk for a human and counted, never retried.
+is either still to be read from MLflow or safely queued. It is stored in one neutral form
+(`CapturedBatch`, as `captured.dumps` writes it, `form` = `captured`) and encoded by its
+sink only when it is delivered. Rows of form `wire` are request bodies queued by a version
+before 4, delivered as they are. A batch leaves the queue only when its sink acknowledged
+it, or when it can never succeed: then it moves to `dead_letter` with a reason (and its
+form), kept on disk for a human and counted, never retried unless replayed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from exporter.model import CapturedBatch
+from exporter.state import captured
 from exporter.state.db import reserve_wal
+
+CAPTURED = "captured"  # the body is `captured.dumps` of a `CapturedBatch`
+WIRE = "wire"  # the body is a sink's request body (queued by a version before 4)
 
 # Pages besides a body's that one write of a queued row may touch (its leaf, the index,
 # interior and freelist pages, the header page), counted generously.
@@ -20,21 +28,29 @@ CLAIM_SPARE_PAGES = 8
 
 
 @dataclass(frozen=True, slots=True)
-class EncodedBatch:
-    """A request body ready to send, with the number of points it carries."""
+class QueueEntry:
+    """A captured batch to queue: its idempotency key (kept by every retry) and its count
+    in the sink's unit (points; remote write: samples)."""
 
     idempotency_key: str
     points: int
-    body: bytes
+    batch: CapturedBatch
 
 
 @dataclass(frozen=True, slots=True)
 class QueuedBatch:
+    """A queued row: `body` is what is stored (see `form`)."""
+
     id: int
     idempotency_key: str
     points: int
     body: bytes
     attempts: int
+    form: str = CAPTURED
+
+    def captured(self) -> CapturedBatch | None:
+        """The captured batch, or None for a wire body queued by an older version."""
+        return captured.loads(self.body) if self.form == CAPTURED else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,18 +79,19 @@ class Outbox:
         self.conn = conn
         self.sink = sink
 
-    def add(self, batches: Sequence[EncodedBatch], created_ms: int) -> list[int]:
+    def add(self, entries: Sequence[QueueEntry]) -> list[int]:
         """Queue batches behind everything already queued (call inside a transaction);
         returns their queue ids."""
-        ids = []
-        for b in batches:
-            cur = self.conn.execute(
-                "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (self.sink, b.idempotency_key, created_ms, b.points, b.body),
-            )
-            ids.append(int(cur.lastrowid or 0))
-        return ids
+        return [self._insert(e, e.batch.created_ms).id for e in entries]
+
+    def _insert(self, entry: QueueEntry, created_ms: int) -> QueuedBatch:
+        body = captured.dumps(entry.batch)
+        cur = self.conn.execute(
+            "INSERT INTO spool (sink, idempotency_key, created_ms, points, body, form) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (self.sink, entry.idempotency_key, created_ms, entry.points, body, CAPTURED),
+        )
+        return QueuedBatch(int(cur.lastrowid or 0), entry.idempotency_key, entry.points, body, 0)
 
     def remove(self, batch_id: int) -> bool:
         """Take a batch that was never sent out of the queue (its points are queued again
@@ -90,7 +107,7 @@ class Outbox:
         last = 0
         while True:
             row = self.conn.execute(
-                "SELECT id, idempotency_key, points, body, attempts FROM spool "
+                "SELECT id, idempotency_key, points, body, attempts, form FROM spool "
                 "WHERE sink = ? AND id > ? ORDER BY id LIMIT 1",
                 (self.sink, last),
             ).fetchone()
@@ -104,7 +121,8 @@ class Outbox:
         delivery: a state that cannot record it (disk full, read-only, a file size limit)
         fails here (StateError or sqlite3.Error), and nothing is sent that could not be
         marked. The room covers this write and `done`'s: each rewrites the row's page, its
-        overflow pages (the body) and a few b-tree and freelist pages."""
+        overflow pages (the stored body, whatever the sink encodes from it) and a few
+        b-tree and freelist pages."""
         page = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
         body_pages = -(-len(batch.body) // (page - 4))
         reserve_wal(self.conn, 2 * (body_pages + CLAIM_SPARE_PAGES))
@@ -119,7 +137,7 @@ class Outbox:
             (error[:500], batch_id),
         )
 
-    def replace(self, batch: QueuedBatch, parts: Sequence[EncodedBatch]) -> list[QueuedBatch]:
+    def replace(self, batch: QueuedBatch, parts: Sequence[QueueEntry]) -> list[QueuedBatch]:
         """Queue `parts` instead of `batch` (what is left of a batch that was split).
 
         They go to the end of the queue: ids only grow, and a split part that must wait
@@ -129,25 +147,7 @@ class Outbox:
             "SELECT created_ms FROM spool WHERE id = ?", (batch.id,)
         ).fetchone()
         self.conn.execute("DELETE FROM spool WHERE id = ?", (batch.id,))
-        out = []
-        for part in parts:
-            cur = self.conn.execute(
-                "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (
-                    self.sink,
-                    part.idempotency_key,
-                    created[0] if created else 0,
-                    part.points,
-                    part.body,
-                ),
-            )
-            out.append(
-                QueuedBatch(
-                    int(cur.lastrowid or 0), part.idempotency_key, part.points, part.body, 0
-                )
-            )
-        return out
+        return [self._insert(part, created[0] if created else 0) for part in parts]
 
     def set_aside(
         self, batch: QueuedBatch, failed_ms: int, reason: str, status: int | None, error: str
@@ -155,26 +155,27 @@ class Outbox:
         """Move a batch that can never succeed out of the queue, keeping it for a human."""
         self.conn.execute(
             "INSERT INTO dead_letter (sink, idempotency_key, created_ms, failed_ms, points, "
-            "body, status, error, reason) SELECT sink, idempotency_key, created_ms, ?, "
-            "points, body, ?, ?, ? FROM spool WHERE id = ?",
+            "body, status, error, reason, form) SELECT sink, idempotency_key, created_ms, ?, "
+            "points, body, ?, ?, ?, form FROM spool WHERE id = ?",
             (failed_ms, status, error[:500], reason, batch.id),
         )
         self.conn.execute("DELETE FROM spool WHERE id = ?", (batch.id,))
 
-    def set_aside_new(self, batch: EncodedBatch, failed_ms: int, reason: str, error: str) -> None:
+    def set_aside_new(self, entry: QueueEntry, failed_ms: int, reason: str, error: str) -> None:
         """Set aside a batch that was never queued (e.g. samples too old to send at all)."""
         self.conn.execute(
             "INSERT INTO dead_letter (sink, idempotency_key, created_ms, failed_ms, points, body, "
-            "status, error, reason) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+            "status, error, reason, form) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
             (
                 self.sink,
-                batch.idempotency_key,
+                entry.idempotency_key,
+                entry.batch.created_ms,
                 failed_ms,
-                failed_ms,
-                batch.points,
-                batch.body,
+                entry.points,
+                captured.dumps(entry.batch),
                 error[:500],
                 reason,
+                CAPTURED,
             ),
         )
 
@@ -228,8 +229,8 @@ class Outbox:
             args,
         ).fetchone()
         self.conn.execute(
-            "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "  # noqa: S608
-            f"SELECT sink, idempotency_key, created_ms, points, body FROM dead_letter "
+            "INSERT INTO spool (sink, idempotency_key, created_ms, points, body, form) "  # noqa: S608
+            f"SELECT sink, idempotency_key, created_ms, points, body, form FROM dead_letter "
             f"WHERE {where} ORDER BY id",
             args,
         )

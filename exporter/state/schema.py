@@ -3,7 +3,10 @@
 - mirror: `experiment`, `run`, `latest`, `registered_model`, `model_version`, `metric_key`;
 - capture ledger: `series` (one per run and metric key, with its read window) and `point`
   (identities of points delivered within that window), `sink` and the `backfill*` tables;
-- delivery queues: `spool` (batches per sink, oldest first) and `dead_letter` (set aside);
+- delivery queues: `spool` (batches per sink, oldest first) and `dead_letter` (set aside),
+  each row's `form` saying what its body is: `captured` (a `CapturedBatch`, see
+  `captured.py`, encoded by its sink at delivery) or `wire` (a request body queued by a
+  version before 4, sent as it is);
 - typed records: `record` (one JSON row per record dataclass, see `records.py`);
 - traces: `trace_marks` (per experiment: last fingerprint, live series, history marks).
 """
@@ -12,9 +15,9 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = (
-    3  # 3: run_count with its triggers, trace_marks (a version 2 database gains both on open)
-)
+# 3: run_count with its triggers, trace_marks (a version 2 database gains both on open);
+# 4: the queues' `form` column (a version 3 database gains it on open, its rows `wire`).
+SCHEMA_VERSION = 4
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS record (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,13 +69,14 @@ CREATE TABLE IF NOT EXISTS backfill_point (
 CREATE TABLE IF NOT EXISTS spool (
     id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL DEFAULT 'pramathus',
     idempotency_key TEXT NOT NULL, created_ms INTEGER NOT NULL, points INTEGER NOT NULL,
-    body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT);
+    body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    form TEXT NOT NULL DEFAULT 'wire');
 CREATE INDEX IF NOT EXISTS spool_by_sink ON spool (sink, id);
 CREATE TABLE IF NOT EXISTS dead_letter (
     id INTEGER PRIMARY KEY, sink TEXT NOT NULL DEFAULT 'pramathus',
     idempotency_key TEXT NOT NULL, created_ms INTEGER NOT NULL, failed_ms INTEGER NOT NULL,
     points INTEGER NOT NULL, body BLOB NOT NULL, status INTEGER, error TEXT,
-    reason TEXT NOT NULL DEFAULT 'rejected');
+    reason TEXT NOT NULL DEFAULT 'rejected', form TEXT NOT NULL DEFAULT 'wire');
 CREATE TABLE IF NOT EXISTS trace_marks (
     experiment_id TEXT PRIMARY KEY, body TEXT NOT NULL) WITHOUT ROWID;
 """
@@ -111,9 +115,26 @@ def _counts(conn: sqlite3.Connection) -> None:
         )
 
 
+# Columns added after a table was first made: an older database gains them on open.
+LATER_COLUMNS = (
+    ("spool", "form", "TEXT NOT NULL DEFAULT 'wire'"),
+    ("dead_letter", "form", "TEXT NOT NULL DEFAULT 'wire'"),
+)
+
+
+def _later_columns(conn: sqlite3.Connection) -> None:
+    """Add the `LATER_COLUMNS` a table lacks (its rows take the default: queued bodies of a
+    version before 4 are wire bodies)."""
+    for table, column, kind in LATER_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
 def create(conn: sqlite3.Connection) -> None:
-    """Create every table that is missing and stamp the schema version."""
+    """Create every table and column that is missing and stamp the schema version."""
     conn.executescript(TABLES)
+    _later_columns(conn)
     _counts(conn)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -145,6 +166,7 @@ def migrate(conn: sqlite3.Connection, from_version: int) -> None:
         for statement in TABLES.split(";"):  # executescript would commit the transaction
             if statement.strip():
                 conn.execute(statement)
+        _later_columns(conn)
         _counts(conn)
         # Fingerprints were computed differently: an empty one makes the next read of each
         # run adopt it as if first seen (its windows still keep delivered points out).

@@ -1,7 +1,7 @@
 """Fakes of the cycle's outputs (history sinks, the Pushgateway), recording what was done.
 
-- `FakeDeliverySink`: a `DeliverySink` (what Pramathus or remote write are to the runner) whose
-  bodies are JSON lists of point identities; `send` answers from a script (default accept)
+- `FakeDeliverySink`: a `DeliverySink` (what Pramathus or remote write are to the runner) that
+  encodes a batch as a JSON list of point identities; `send` answers from a script (default accept)
   and records every accepted point, so a test compares deliveries with what MLflow holds;
   a short last batch is left open (`open_tail`) as real sinks leave it, and `posts` counts
   the requests that carried points.
@@ -14,25 +14,24 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import Metric
 
-from exporter.model import MetricPoint, RunContext
+from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.planners.series import GroupKey
-from exporter.sinks.delivery import Encoded, Outcome, Reply
+from exporter.sinks.delivery import Outcome, Outgoing, Planned, Reply
 from exporter.sinks.pushgateway import PushedGroup, PushError
-from exporter.state.outbox import EncodedBatch, QueuedBatch
 
 PointKey = tuple[str, str, int, int, int]  # run, key, step, timestamp, value bits
 
 
 @dataclass
 class FakeDeliverySink:
-    """Stands in for a `DeliverySink` (Pramathus, remote write): records accepted points."""
+    """Stands in for a `DeliverySink` (Pramathus, remote write): records accepted points;
+    `script` holds replies to give first."""
 
     name: str = "pramathus"
     batch_size: int = 100
@@ -45,34 +44,27 @@ class FakeDeliverySink:
     contexts: dict[str, RunContext] = field(default_factory=dict)
     posts: int = 0
 
-    def encode(
+    def plan(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
-    ) -> Encoded:
+    ) -> Planned:
         self.contexts.update(contexts)
-        batches = []
-        for start in range(0, len(points), self.batch_size):
-            chunk = points[start : start + self.batch_size]
-            body = json.dumps(
-                [[p.run_id, p.key, p.step, p.timestamp_ms, p.identity[2]] for p in chunk]
-            )
-            batches.append(EncodedBatch(str(uuid.uuid4()), len(chunk), body.encode()))
-        last = len(points) % self.batch_size
-        return Encoded(batches, open_tail=points[len(points) - last :] if last else [])
+        size = self.batch_size
+        batches = [points[start : start + size] for start in range(0, len(points), size)]
+        return Planned(batches, open_tail=len(points) % size != 0)
 
-    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+    def count(self, batch: CapturedBatch) -> int:
+        return len(batch.points)
+
+    def encode(self, batch: CapturedBatch) -> bytes:
+        rows = [[p.run_id, p.key, p.step, p.timestamp_ms, p.identity[2]] for p in batch.points]
+        return json.dumps(rows).encode()
+
+    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
         self.posts += 1
         reply = self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
         if reply.outcome is Outcome.ACCEPTED:
             self.accepted.extend(tuple(p) for p in json.loads(batch.body))
         return reply
-
-    def split(self, body: bytes) -> list[EncodedBatch]:
-        points = json.loads(body)
-        half = len(points) // 2
-        return [
-            EncodedBatch(str(uuid.uuid4()), len(part), json.dumps(part).encode())
-            for part in (points[:half], points[half:])
-        ]
 
     def counts(self) -> Counter[PointKey]:
         return Counter(self.accepted)

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import ExporterEnv
-from tests.support.receiver import Receiver, Reply, point_of
+from tests.support.receiver import Receiver, Reply, point_of, stored_points
 from tests.support.seed import make_run, mlflow_points
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ def _queued(env: ExporterEnv) -> int:
 def _set_aside(env: ExporterEnv) -> list[tuple[str, set[tuple[Any, ...]]]]:
     with closing(sqlite3.connect(env.state_dir / "state.db")) as db:
         rows = db.execute("SELECT reason, body FROM dead_letter ORDER BY id").fetchall()
-    return [(reason, {point_of(m) for m in json.loads(body)["metrics"]}) for reason, body in rows]
+    return [(reason, stored_points(body)) for reason, body in rows]
 
 
 def _judge(
@@ -316,10 +316,11 @@ def test_a_state_file_deleted_under_a_running_exporter_is_written_back_and_nothi
 
 
 def _queued_batches(env: ExporterEnv) -> dict[str, set[tuple[Any, ...]]]:
-    """Queued batches: idempotency key -> the points its body carries."""
+    """Queued batches: idempotency key -> the points it carries (stored as captured, shown
+    as the Pramathus entries the sink encodes at delivery)."""
     with closing(sqlite3.connect(env.state_dir / "state.db")) as db:
         rows = db.execute("SELECT idempotency_key, body FROM spool ORDER BY id").fetchall()
-    return {key: {point_of(m) for m in json.loads(body)["metrics"]} for key, body in rows}
+    return {key: stored_points(body) for key, body in rows}
 
 
 def _with_file_size_limit(limit: int) -> Callable[[], None]:

@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from tests.integration.conftest import ExporterEnv
 from tests.support import servers
 from tests.support.poll import poll_until
-from tests.support.receiver import Receiver, Reply, point_of
+from tests.support.receiver import Receiver, Reply, point_of, stored_points
 from tests.support.seed import log_points, make_run, mlflow_points
 
 pytestmark = pytest.mark.integration
@@ -81,7 +81,7 @@ def _dead_letters(env: ExporterEnv) -> list[tuple[int, set[tuple[Any, ...]]]]:
     """(HTTP status, points) of every dead-lettered batch."""
     with closing(_db(env)) as db:
         rows = db.execute("SELECT status, body FROM dead_letter ORDER BY id").fetchall()
-    return [(status, {point_of(m) for m in json.loads(body)["metrics"]}) for status, body in rows]
+    return [(status, stored_points(body)) for status, body in rows]
 
 
 def _last_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -634,5 +634,5 @@ def test_secrets_never_appear_in_output_logs_or_metrics_even_when_backends_fail(
     assert _dead_letters(exporter_env) == []
     with closing(_db(exporter_env)) as db:
         bodies = [row[0] for row in db.execute("SELECT body FROM spool")]
-    queued = {point_of(m) for body in bodies for m in json.loads(body)["metrics"]}
+    queued = {p for body in bodies for p in stored_points(body)}
     assert receiver.received_points() | queued == mlflow_points(exporter_env.client, runs)

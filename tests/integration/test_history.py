@@ -33,8 +33,11 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.config import RemoteWriteSettings
 from exporter.naming import metric_family_name
 from exporter.sinks import remote_write as rw
+from exporter.sinks.history import RemoteWriteSink
+from exporter.state import captured
 from tests.integration.conftest import ExporterEnv
 from tests.support import history_servers as hs
 from tests.support.poll import poll_until
@@ -233,6 +236,16 @@ def state_rows(env: ExporterEnv, sql: str, *params: Any) -> list[tuple[Any, ...]
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+def remote_write_body(env: ExporterEnv, stored: bytes) -> bytes:
+    """A stored (captured) batch as the remote write sink encodes it at delivery, with the
+    `run_id` length the state holds (the exporter's default minimum of 12 below it)."""
+    [(record,)] = state_rows(env, "SELECT value FROM record WHERE name = 'LabelRecord'")
+    length = max(json.loads(record)["run_id_length"], 12)
+    settings = RemoteWriteSettings(enabled=True, url="http://unused.invalid/api/v1/write")
+    sink = RemoteWriteSink(settings, run_id_length=lambda: length)
+    return sink.encode(captured.loads(stored))
 
 
 def set_aside(env: ExporterEnv) -> dict[str, int]:
@@ -567,7 +580,7 @@ def test_prometheus_without_a_window_gets_recent_points_and_the_old_history_is_s
     aside = {
         (ts.labels, t, "NaN" if math.isnan(v) else v)
         for body, _, _ in bodies
-        for ts in rw.decode(body)
+        for ts in rw.decode(remote_write_body(exporter_env, body))
         for t, v in ts.samples
     }
     assert aside == {

@@ -18,24 +18,28 @@ import requests
 from pydantic import SecretStr
 
 from exporter.config import PramathusSettings, RemoteWriteSettings
-from exporter.model import MetricPoint, RunContext
+from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.sinks import remote_write as rw
 from exporter.sinks.delivery import (
     DeliverySink,
     Drainer,
     DrainResult,
-    Encoded,
     Outcome,
+    Outgoing,
+    Planned,
     Reply,
+    halves,
     retry_after_seconds,
 )
 from exporter.sinks.history import RemoteWriteSink
 from exporter.sinks.pramathus import PramathusSink
-from exporter.state import StateStore
-from exporter.state.outbox import EncodedBatch, Outbox, QueuedBatch, QueueTotals
+from exporter.state import StateStore, captured
+from exporter.state.outbox import Outbox, QueuedBatch, QueueEntry, QueueTotals
+from exporter.trace_model import BucketSample
 from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
 from tests.fakes.http import FakeSlowPost
 from tests.fakes.remote_write import FakeReceiver
+from tests.support import planned
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
 RW_URL = "http://receiver.test:9090/api/v1/write"
@@ -74,10 +78,7 @@ def pramathus(post: Any, **overrides: Any) -> PramathusSink:
 
 
 def enqueue(state: StateStore, sink: DeliverySink, pts: Sequence[MetricPoint]) -> list[QueuedBatch]:
-    outbox = state.outbox(sink.name)
-    with state.transaction():
-        outbox.add(sink.encode(pts, CONTEXTS, T0).batches, T0)
-    return list(outbox.batches())
+    return planned.enqueue(state, sink, pts, CONTEXTS, T0)
 
 
 def drainer(state: StateStore, sink: DeliverySink, clock: FakeClock, sleep: Any) -> Drainer:
@@ -356,13 +357,13 @@ def test_a_partly_too_old_batch_is_bisected_until_only_the_old_samples_are_set_a
     good = [T0 + i * 1000 for i in range(3, 8)]
     assert stored_timestamps(receiver, "mlflow_loss") == good
     assert stored_timestamps(receiver, "mlflow_metric_step") == good
-    # Every set-aside body holds only refused samples, and nothing was retried or waited for.
-    aside = state.db.conn.execute("SELECT body, reason, status FROM dead_letter").fetchall()
+    # Every set-aside batch holds only refused points, and nothing was retried or waited for.
+    aside = state.db.conn.execute("SELECT body, reason, status, form FROM dead_letter").fetchall()
     old = {T0, T0 + 1000, T0 + 2000}
-    for body, reason, status in aside:
-        assert (reason, status) == ("too_old", 400)
-        assert {t for ts in rw.decode(body) for t, _ in ts.samples} <= old
-    assert sum(rw.sample_count(body) for body, _, _ in aside) == 6
+    for body, reason, status, form in aside:
+        assert (reason, status, form) == ("too_old", 400, "captured")
+        assert {p.timestamp_ms for p in captured.loads(body).points} <= old
+    assert sum(sink.count(captured.loads(body)) for body, _, _, _ in aside) == 6
     assert sleep.delays == []
     assert state.outbox("remote_write").totals() == QueueTotals(0, 0)
 
@@ -386,17 +387,17 @@ def test_halves_of_a_split_batch_are_sent_older_first_right_away(
     assert sum(accepted) == 4
 
 
-def test_a_single_refused_sample_is_set_aside_without_splitting(
+def test_a_single_refused_point_is_set_aside_without_splitting(
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     sink = ScriptedSink([Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True)])
-    outbox = state.outbox(sink.name)
-    outbox.add([EncodedBatch("k1", 1, b"[1]")], T0)
+    outbox = _queued(state, sink, [[1]])
 
     result = drainer(state, sink, clock, sleep).drain()
 
-    assert sink.splits == 0
+    assert sink.sent == [[1]]
     assert result.set_aside == {"too_old": 1}
+    assert outbox.totals() == QueueTotals(0, 0)
 
 
 def test_a_split_half_that_must_wait_stops_the_drain_and_stays_queued(
@@ -409,20 +410,24 @@ def test_a_split_half_that_must_wait_stops_the_drain_and_stays_queued(
         ],
         max_attempts=1,
     )
-    outbox = state.outbox(sink.name)
-    outbox.add([EncodedBatch("k1", 4, b"[1, 2, 3, 4]"), EncodedBatch("k2", 1, b"[5]")], T0)
+    outbox = _queued(state, sink, [[1, 2, 3, 4], [5]])
 
     result = drainer(state, sink, clock, sleep).drain()
 
     assert sink.sent == [[1, 2, 3, 4], [1, 2]]  # the newer half and the later batch wait
     assert result.error == "receiver restarting"
-    queued = [json.loads(b.body) for b in outbox.batches()]
+    queued = [json.loads(sink.encode(captured.loads(b.body))) for b in outbox.batches()]
     assert sorted(queued) == [[1, 2], [3, 4], [5]]
 
 
+def item(step: int) -> MetricPoint:
+    """A point of the scripted sink: later steps are newer."""
+    return MetricPoint("run-a", "loss", float(step), step, T0 + step)
+
+
 class ScriptedSink:
-    """A minimal `DeliverySink`: bodies are JSON lists, replies come from a script (then
-    accepted), `split` halves the list."""
+    """A minimal `DeliverySink`: a batch's body is the JSON list of its points' steps,
+    replies come from a script (then accepted)."""
 
     name = "scripted"
     budget_seconds = 30.0
@@ -433,34 +438,37 @@ class ScriptedSink:
         self.script = list(script)
         self.max_attempts = max_attempts
         self.sent: list[Any] = []
-        self.splits = 0
+        self.keys: list[str] = []
+        self.counts: list[int] = []
 
-    def encode(self, pts: Any, contexts: Any, now_ms: int) -> Encoded:
-        raise NotImplementedError
+    def plan(self, pts: Any, contexts: Any, now_ms: int) -> Planned:
+        return Planned([pts])
 
-    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+    def count(self, batch: CapturedBatch) -> int:
+        return len(batch.points)
+
+    def encode(self, batch: CapturedBatch) -> bytes:
+        return json.dumps([p.step for p in batch.points]).encode()
+
+    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
         self.sent.append(json.loads(batch.body))
+        self.keys.append(batch.idempotency_key)
+        self.counts.append(batch.points)
         return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
-
-    def split(self, body: bytes) -> list[EncodedBatch]:
-        self.splits += 1
-        items = json.loads(body)
-        half = len(items) // 2
-        return [
-            EncodedBatch(f"part-{self.splits}-{i}", len(part), json.dumps(part).encode())
-            for i, part in enumerate((items[:half], items[half:]))
-        ]
 
 
 # ---------------------------------------------------------------- boundaries
 
 
 def _queued(state: StateStore, sink: ScriptedSink, items: list[list[int]]) -> Outbox:
+    """Batches of the scripted sink's points, one per list of steps (keys `k0`, `k1`...)."""
     outbox = state.outbox(sink.name)
     with state.transaction():
         outbox.add(
-            [EncodedBatch(f"k{i}", len(it), json.dumps(it).encode()) for i, it in enumerate(items)],
-            T0,
+            [
+                QueueEntry(f"k{i}", len(it), CapturedBatch(tuple(item(s) for s in it)))
+                for i, it in enumerate(items)
+            ]
         )
     return outbox
 
@@ -558,3 +566,173 @@ def test_points_receivers_said_they_dropped_add_up_over_the_batches_of_a_drain(
 
     assert (result.batches, result.points, result.dropped_by_receiver) == (3, 5, 3)
     assert list(outbox.batches()) == []
+
+
+# ---------------------------------------------------------------- the captured form
+
+
+def test_a_refused_batch_splits_by_time_older_half_first_each_half_under_a_new_key(
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
+) -> None:
+    refused = Reply(Outcome.REFUSED, "bad", 400, splittable=True)
+    sink = ScriptedSink([refused])
+    outbox = _queued(state, sink, [[4, 1, 3, 2]])  # queued out of time order
+
+    result = Drainer(sink, outbox, clock, sleep).drain()
+
+    assert sink.sent == [[4, 1, 3, 2], [1, 2], [3, 4]]
+    assert sink.counts == [4, 2, 2]
+    assert sink.keys[0] == "k0"
+    assert len(set(sink.keys)) == 3
+    assert (result.batches, result.points) == (2, 4)
+
+
+def test_halves_keep_the_contexts_of_their_runs_and_the_capture_time() -> None:
+    early = MetricPoint("run-a", "loss", 1.0, 1, T0)
+    late = MetricPoint("run-b", "loss", 2.0, 1, T0 + 5)
+    contexts = {**CONTEXTS, "run-b": RunContext("2", "other", "calm", {})}
+    batch = CapturedBatch((late, early), contexts, created_ms=7)
+
+    older, newer = halves(batch)
+
+    assert older == CapturedBatch((early,), {"run-a": CONTEXTS["run-a"]}, created_ms=7)
+    assert newer == CapturedBatch((late,), {"run-b": contexts["run-b"]}, created_ms=7)
+    with pytest.raises(ValueError, match="cannot split a batch of 1"):
+        halves(older)
+
+
+def test_halves_of_a_batch_of_points_and_buckets_cut_both_by_time() -> None:
+    pts = tuple(MetricPoint("run-a", "loss", 1.0, i, T0 + i) for i in (0, 1))
+    buckets = tuple(BucketSample("1", "f", (), T0 + i, 1.0) for i in (2, 3))
+
+    older, newer = halves(CapturedBatch(pts, CONTEXTS, buckets))
+
+    assert (older.points, older.buckets) == (pts, ())
+    assert (newer.points, newer.buckets) == ((), buckets)
+
+
+def test_halves_of_trace_buckets_are_by_bucket_time() -> None:
+    buckets = tuple(BucketSample("1", "f", (), T0 + i, float(i)) for i in (3, 0, 2, 1))
+
+    older, newer = halves(CapturedBatch(buckets=buckets))
+
+    assert [b.bucket_ms - T0 for b in older.buckets] == [0, 1]
+    assert [b.bucket_ms - T0 for b in newer.buckets] == [2, 3]
+
+
+def test_remote_write_counts_each_split_half_in_samples(
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
+) -> None:
+    receiver = FakeReceiver(oldest_ms=T0 + 2000)
+    sink = remote_write_sink(receiver)
+    enqueue(state, sink, points(4))  # 8 samples: points 0 and 1 too old
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert (result.set_aside, result.points) == ({"too_old": 4}, 4)
+    aside = state.outbox(sink.name).set_aside_batches()
+    assert [a.points for a in aside] == [2, 2]
+
+
+def test_a_batch_retried_in_a_later_drain_carries_the_same_key_and_body(
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
+) -> None:
+    post = FakePost([503, 503, 200])
+    sink = pramathus(post, max_attempts=2)
+    enqueue(state, sink, points(2))
+
+    first = drainer(state, sink, clock, sleep).drain()
+    clock.advance(3600)  # an hour later, the next cycle's drain
+    second = drainer(state, sink, clock, sleep).drain()
+
+    assert (first.batches, second.batches) == (0, 1)
+    assert len(set(post.idempotency_keys)) == 1
+    assert len({c.data for c in post.calls}) == 1
+    assert json.loads(post.calls[-1].data)["timestamp"] == "2024-01-15T10:20:00.000Z"
+
+
+def wire_row(state: StateStore, sink: str, body: bytes, points: int, key: str = "old") -> None:
+    """A row as a version before 4 queued it: a request body, no form given."""
+    state.db.conn.execute(
+        "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (sink, key, T0, points, body),
+    )
+
+
+def test_a_wire_row_of_an_older_version_is_sent_as_it_is_before_later_batches(
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
+) -> None:
+    post = FakePost([200, 200])
+    sink = pramathus(post)
+    wire_row(state, "pramathus", b'{"metrics": ["as queued"]}', 3)
+    enqueue(state, sink, points(1))
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert (result.batches, result.points) == (2, 4)
+    assert post.calls[0].data == b'{"metrics": ["as queued"]}'
+    assert post.idempotency_keys[0] == "old"
+    assert [m["value"] for m in json.loads(post.calls[1].data)["metrics"]] == [0.0]
+
+
+@pytest.mark.parametrize(("status", "reason"), [(413, "too_large"), (400, "rejected")])
+def test_a_wire_row_that_would_need_splitting_is_set_aside_whole_and_can_be_replayed(
+    state: StateStore, clock: FakeClock, sleep: FakeSleep, status: int, reason: str
+) -> None:
+    post = FakePost([FakeResponse(status, "refused"), 200])
+    sink = pramathus(post)
+    wire_row(state, "pramathus", b'{"metrics": [1, 2, 3]}', 3)
+    outbox = state.outbox("pramathus")
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert result.set_aside == {reason: 3}
+    assert len(post.calls) == 1
+    [aside] = outbox.set_aside_batches()
+    assert (aside.reason, aside.points) == (reason, 3)
+    assert aside.error == (
+        f"Pramathus answered HTTP {status}: refused (queued by an older version as a request "
+        "body: set aside whole)"
+    )
+    outbox.replay()
+    assert drainer(state, sink, clock, sleep).drain().points == 3
+    assert post.calls[1].data == b'{"metrics": [1, 2, 3]}'
+
+
+def test_a_version_3_state_delivers_its_queued_request_body_once_after_the_upgrade(
+    tmp_path: Path, clock: FakeClock, sleep: FakeSleep
+) -> None:
+    directory = tmp_path / "state"
+    old = StateStore(directory)
+    conn = old.db.conn
+    for table in ("spool", "dead_letter"):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN form")  # the version 3 layout
+    conn.execute("PRAGMA user_version = 3")
+    wire_row(old, "pramathus", b'{"metrics": ["v3"]}', 2)
+    old.close()
+
+    post = FakePost([200])
+    state = StateStore(directory)
+    try:
+        sink = pramathus(post)
+        first = drainer(state, sink, clock, sleep).drain()
+        second = drainer(state, sink, clock, sleep).drain()
+    finally:
+        state.close()
+
+    assert (first.batches, first.points, second.batches) == (1, 2, 0)
+    assert [c.data for c in post.calls] == [b'{"metrics": ["v3"]}']
+
+
+def test_a_wire_row_refused_for_good_is_set_aside_with_the_message_as_it_came(
+    state: StateStore, clock: FakeClock, sleep: FakeSleep
+) -> None:
+    sink = pramathus(FakePost([FakeResponse(409, "conflict")]))
+    wire_row(state, "pramathus", b'{"metrics": [1]}', 1)
+
+    result = drainer(state, sink, clock, sleep).drain()
+
+    assert result.set_aside == {"rejected": 1}
+    [aside] = state.outbox("pramathus").set_aside_batches()
+    assert aside.error == "Pramathus answered HTTP 409: conflict"

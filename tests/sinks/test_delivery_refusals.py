@@ -24,20 +24,22 @@ import requests
 from pydantic import SecretStr
 
 from exporter.config import PramathusSettings
-from exporter.model import MetricPoint, RunContext
+from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.sinks.delivery import (
     Answer,
     Drainer,
-    Encoded,
     Outcome,
+    Outgoing,
+    Planned,
     Reply,
     post_batch,
     reply_for,
 )
 from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
-from exporter.state.outbox import EncodedBatch, QueuedBatch, QueueTotals
+from exporter.state.outbox import QueueEntry, QueueTotals
 from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
+from tests.support.planned import enqueue
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
 T0 = 1_705_314_000_000
@@ -110,8 +112,7 @@ def sink(post: Any, **overrides: Any) -> PramathusSink:
 
 def queue(state: StateStore, s: PramathusSink, n: int) -> None:
     pts = [MetricPoint("run-a", "loss", float(i), i, T0 + i) for i in range(n)]
-    with state.transaction():
-        state.outbox(s.name).add(s.encode(pts, CONTEXTS, T0).batches, T0)
+    enqueue(state, s, pts, CONTEXTS, T0)
 
 
 def drain(state: StateStore, s: PramathusSink) -> Any:
@@ -304,8 +305,8 @@ def test_a_redirect_message_names_the_location_or_says_there_was_none() -> None:
 
 
 class Scripted:
-    """A minimal `DeliverySink` over JSON-list bodies: replies from a script (then
-    accepted), `split` halves the list; `sent` records every body sent."""
+    """A minimal `DeliverySink`: a batch's body is the JSON list of its points' steps (in
+    time order), replies come from a script (then accepted); `sent` records every body."""
 
     name = "scripted"
     budget_seconds = 30.0
@@ -317,31 +318,29 @@ class Scripted:
         self.script = list(script)
         self.sent: list[bytes] = []
 
-    def encode(self, pts: Any, contexts: Any, now_ms: int) -> Encoded:
-        raise NotImplementedError
+    def plan(self, pts: Any, contexts: Any, now_ms: int) -> Planned:
+        return Planned([pts])
 
-    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+    def count(self, batch: CapturedBatch) -> int:
+        return len(batch.points)
+
+    def encode(self, batch: CapturedBatch) -> bytes:
+        return json.dumps([p.step for p in batch.points]).encode()
+
+    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
         self.sent.append(batch.body)
         return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
 
-    def split(self, body: bytes) -> list[EncodedBatch]:
-        items = json.loads(body)
-        half = len(items) // 2
-        return [
-            EncodedBatch(f"part-{i}", len(part), json.dumps(part).encode())
-            for i, part in enumerate((items[:half], items[half:]))
-        ]
-
 
 def scripted_queue(state: StateStore, s: Scripted, bodies: list[bytes]) -> None:
+    """One batch per body: points whose steps are the body's numbers, in time order."""
+    entries = []
+    for i, body in enumerate(bodies):
+        steps = json.loads(body)
+        pts = tuple(MetricPoint("run-a", "x", 0.0, n, T0 + at) for at, n in enumerate(steps))
+        entries.append(QueueEntry(f"k{i}", len(pts), CapturedBatch(pts)))
     with state.transaction():
-        state.outbox(s.name).add(
-            [
-                EncodedBatch(f"k{i}", max(1, len(json.loads(b) if b.startswith(b"[") else [0])), b)
-                for i, b in enumerate(bodies)
-            ],
-            T0,
-        )
+        state.outbox(s.name).add(entries)
 
 
 def scripted_drain(state: StateStore, s: Scripted) -> Any:

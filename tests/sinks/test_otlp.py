@@ -1,8 +1,8 @@
 """The OTLP sink: encoding with the OpenTelemetry proto messages, answers as the OTLP/HTTP
 spec says, and delivery through the framework's queue.
 
-`FakePost` (`tests/fakes/__init__.py`) stands in for `requests.post`; bodies are decoded with
-the same `opentelemetry-proto` messages a receiver uses. The queue is a real `StateStore` outbox.
+`FakePost` (`tests/fakes/__init__.py`) stands in for `requests.post`; bodies are decoded with the same
+`opentelemetry-proto` messages a receiver uses. The queue is a real `StateStore` outbox.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from exporter.config import OtlpSettings
-from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import Drainer, Outcome
+from exporter.model import CapturedBatch, MetricPoint, RunContext
+from exporter.sinks.delivery import Drainer, Outcome, Outgoing
 from exporter.sinks.otlp import OtlpSink, data_point_count
 from exporter.state import StateStore
-from exporter.state.outbox import QueuedBatch
 from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
+from tests.support.planned import enqueue, outgoing
 
 URL = "https://otlp.vendor.example/v1/metrics"
 RUN = "0123456789abcdef0123456789abcdef"
@@ -66,15 +66,15 @@ def decoded(body: bytes) -> list[tuple[str, int, float, dict[str, str]]]:
     ]
 
 
-def queued(body: bytes, points: int = 1) -> QueuedBatch:
-    return QueuedBatch(1, "key-1", points, body, 0)
+def queued(body: bytes, points: int = 1) -> Outgoing:
+    return Outgoing("key-1", points, body)
 
 
 # ---------------------------------------------------------------------- encoding
 
 
 def test_every_point_is_a_gauge_data_point_at_its_own_time_with_its_attributes() -> None:
-    [batch] = sink().encode(points(2), CONTEXTS, 0).batches
+    [batch] = outgoing(sink(), points(2), CONTEXTS)
 
     assert batch.points == 2
     attributes = {
@@ -99,35 +99,42 @@ def test_every_point_is_a_gauge_data_point_at_its_own_time_with_its_attributes()
 def test_the_run_id_attribute_follows_the_length_decided_for_the_cycle() -> None:
     length = [12]
     s = OtlpSink(settings(), run_id_length=lambda: length[0])
-    length[0] = 14
+    batch = CapturedBatch(tuple(points(1)), CONTEXTS, created_ms=0)
+    at_capture = s.encode(batch)
+    length[0] = 14  # a later cycle, when the batch is delivered
 
-    [batch] = s.encode(points(1), CONTEXTS, 0).batches
-
-    assert decoded(batch.body)[0][3]["run_id"] == RUN[:14]
+    assert decoded(at_capture)[0][3]["run_id"] == RUN[:12]
+    assert decoded(s.encode(batch))[0][3]["run_id"] == RUN[:14]
 
 
 def test_mlflows_stored_infinities_and_nan_go_out_as_such() -> None:
     values = [sys.float_info.max, -sys.float_info.max, math.nan]
     pts = [MetricPoint(RUN, "x", v, i, 1_000 + i) for i, v in enumerate(values)]
 
-    [batch] = sink(service_name="ml").encode(pts, CONTEXTS, 0).batches
+    [batch] = outgoing(sink(service_name="ml"), pts, CONTEXTS)
 
     got = [v for _, _, v, _ in decoded(batch.body)]
     assert got[:2] == [math.inf, -math.inf]
     assert math.isnan(got[2])
 
 
-def test_batches_hold_at_most_batch_size_points_and_split_into_halves_losing_none() -> None:
+def test_batches_hold_at_most_batch_size_points() -> None:
     s = sink(batch_size=4)
     pts = points(5) + points(3, key="acc")
 
-    batches = s.encode(pts, CONTEXTS, 0).batches
-    first, second = s.split(batches[0].body)
+    batches = outgoing(s, pts, CONTEXTS)
 
     assert [b.points for b in batches] == [4, 4]
-    assert [first.points, second.points] == [2, 2]
-    assert decoded(first.body) + decoded(second.body) == decoded(batches[0].body)
     assert data_point_count(batches[1].body) == 4
+    assert [v for _, _, v, _ in decoded(batches[1].body)] == [0.2, 1.0, 0.5, 1 / 3]
+
+
+def test_a_batch_encodes_to_the_same_body_every_time() -> None:
+    s = sink()
+    batch = CapturedBatch(tuple(points(3)), CONTEXTS, created_ms=5)
+
+    assert s.encode(batch) == s.encode(batch)
+    assert s.count(batch) == 3
 
 
 # ---------------------------------------------------------------------- sending
@@ -136,7 +143,7 @@ def test_batches_hold_at_most_batch_size_points_and_split_into_halves_losing_non
 def test_a_batch_is_posted_as_gzip_protobuf_with_the_vendor_headers() -> None:
     post = FakePost()
     s = sink(post, compression="gzip", headers={"DD-API-KEY": "k-123"})
-    [batch] = s.encode(points(1), CONTEXTS, 0).batches
+    [batch] = outgoing(s, points(1), CONTEXTS)
 
     reply = s.send(queued(batch.body), timeout=3)
 
@@ -155,7 +162,7 @@ def test_a_redirect_to_another_origin_carries_no_vendor_header_only_the_body_and
     post = FakePost([moved, 200])
     vendor = {"DD-API-KEY": "k-123", "x-honeycomb-team": "team-key", "X-Scope-OrgID": "t1"}
     s = sink(post, compression="gzip", headers=vendor)
-    [batch] = s.encode(points(1), CONTEXTS, 0).batches
+    [batch] = outgoing(s, points(1), CONTEXTS)
 
     reply = s.send(queued(batch.body), timeout=3)
 
@@ -278,8 +285,7 @@ def test_a_receiver_down_then_up_gets_each_point_once_and_a_refused_point_is_set
     post = FakePost([503, 503, 200, 400, 400, 200])
     s = sink(post, batch_size=2)
     outbox = state.outbox("otlp")
-    with state.transaction():
-        outbox.add(s.encode(points(4), CONTEXTS, 0).batches, 0)
+    enqueue(state, s, points(4), CONTEXTS)
 
     drained = Drainer(s, outbox, clock, FakeSleep(clock)).drain()
 

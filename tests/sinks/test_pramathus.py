@@ -18,8 +18,8 @@ import requests
 
 from exporter.config import PramathusSettings
 from exporter.logs import MASK
-from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import Outcome, retry_after_seconds
+from exporter.model import CapturedBatch, MetricPoint, RunContext
+from exporter.sinks.delivery import Outcome, Outgoing, retry_after_seconds
 from exporter.sinks.pramathus import (
     SOURCE,
     PramathusSink,
@@ -28,8 +28,8 @@ from exporter.sinks.pramathus import (
     point_json,
     public_tags,
 )
-from exporter.state.outbox import QueuedBatch
 from tests.fakes import FakePost, FakeResponse
+from tests.support.planned import outgoing
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
 API_KEY = "pk_live_7f3Kq9ZrTOPSECRET"
@@ -60,8 +60,8 @@ def sink(post: Any = None, **overrides: Any) -> PramathusSink:
     return PramathusSink(PramathusSettings(**settings), post=fake)
 
 
-def batch(body: bytes = b'{"metrics": []}', key: str = "key-1") -> QueuedBatch:
-    return QueuedBatch(id=1, idempotency_key=key, points=1, body=body, attempts=0)
+def batch(body: bytes = b'{"metrics": []}', key: str = "key-1") -> Outgoing:
+    return Outgoing(idempotency_key=key, points=1, body=body)
 
 
 # ---------------------------------------------------------------- encoding
@@ -145,35 +145,38 @@ def test_points_are_encoded_in_batches_of_batch_size_with_their_own_keys() -> No
     pts = [
         MetricPoint("run-a" if i % 2 else "run-b", "loss", float(i), i, NOW_MS) for i in range(5)
     ]
+    s = sink(batch_size=2)
 
-    encoded = sink(batch_size=2).encode(pts, CONTEXTS, NOW_MS + 5)
+    planned = s.plan(pts, CONTEXTS, NOW_MS + 5)
+    sent = outgoing(s, pts, CONTEXTS, NOW_MS + 5)
 
-    assert [b.points for b in encoded.batches] == [2, 2, 1]
-    assert encoded.refused == {}
-    assert len({b.idempotency_key for b in encoded.batches}) == 3
-    bodies = [strict_loads(b.body) for b in encoded.batches]
+    assert [len(b) for b in planned.batches] == [2, 2, 1]
+    assert planned.refused == {}
+    assert planned.open_tail  # the short last batch may take later points
+    assert [b.points for b in sent] == [2, 2, 1]
+    assert len({b.idempotency_key for b in sent}) == 3
+    bodies = [strict_loads(b.body) for b in sent]
     assert [[m["value"] for m in b["metrics"]] for b in bodies] == [[0.0, 1.0], [2.0, 3.0], [4.0]]
     assert {b["timestamp"] for b in bodies} == {iso8601(NOW_MS + 5)}
     assert bodies[0]["metrics"][0]["metadata"]["experiment_name"] == "other"
-    assert encoded.open_tail == pts[4:]  # the short last batch may take later points
 
 
 def test_a_full_last_batch_is_not_left_open() -> None:
     pts = [MetricPoint("run-a", "loss", float(i), i, NOW_MS) for i in range(4)]
-    assert sink(batch_size=2).encode(pts, CONTEXTS, NOW_MS).open_tail == []
+    assert not sink(batch_size=2).plan(pts, CONTEXTS, NOW_MS).open_tail
 
 
 def test_a_batch_is_cut_before_it_exceeds_max_body_bytes() -> None:
     pts = [MetricPoint("run-a", "loss", float(i), i, NOW_MS) for i in range(40)]
     limit = 2048
 
-    encoded = sink(batch_size=500, max_body_bytes=limit).encode(pts, CONTEXTS, NOW_MS)
+    sent = outgoing(sink(batch_size=500, max_body_bytes=limit), pts, CONTEXTS, NOW_MS)
 
-    sizes = [len(b.body) for b in encoded.batches]
+    sizes = [len(b.body) for b in sent]
     assert max(sizes) <= limit
-    assert sum(b.points for b in encoded.batches) == 40
+    assert sum(b.points for b in sent) == 40
     # Each batch is as full as the limit allows: one more entry would not have fitted.
-    entry = len(encoded.batches[0].body) // encoded.batches[0].points
+    entry = len(sent[0].body) // sent[0].points
     assert all(size > limit - 2 * entry for size in sizes[:-1])
 
 
@@ -184,27 +187,25 @@ def test_a_point_larger_than_max_body_bytes_alone_is_set_aside_as_too_large() ->
         MetricPoint("run-h", "loss", 2.0, 1, NOW_MS),
     ]
 
-    encoded = sink(max_body_bytes=1024, max_tag_value_length=5000).encode(
+    planned = sink(max_body_bytes=1024, max_tag_value_length=5000).plan(
         pts, {**CONTEXTS, "run-h": huge}, NOW_MS
     )
 
-    assert [b.points for b in encoded.batches] == [1]
-    assert [b.points for b in encoded.refused["too_large"]] == [1]
-    assert b"xxxx" in encoded.refused["too_large"][0].body
+    assert planned.batches == [[pts[0]]]
+    assert planned.refused == {"too_large": [[pts[1]]]}
 
 
-def test_a_batch_splits_into_halves_of_its_points_with_new_keys_and_its_timestamp() -> None:
-    s = sink(batch_size=10)
-    pts = [MetricPoint("run-a", "loss", float(i), i, NOW_MS) for i in range(5)]
-    body = s.encode(pts, CONTEXTS, NOW_MS).batches[0]
+def test_a_queued_batch_is_encoded_with_its_capture_time_the_same_on_every_delivery() -> None:
+    s = sink()
+    pts = (MetricPoint("run-a", "loss", 0.5, 3, NOW_MS - 60_000),)
+    captured = CapturedBatch(pts, {"run-a": CTX}, created_ms=NOW_MS)
 
-    halves = s.split(body.body)
+    body = s.encode(captured)
 
-    decoded = [json.loads(h.body) for h in halves]
-    assert [[m["value"] for m in d["metrics"]] for d in decoded] == [[0.0, 1.0], [2.0, 3.0, 4.0]]
-    assert [h.points for h in halves] == [2, 3]
-    assert {d["timestamp"] for d in decoded} == {iso8601(NOW_MS)}
-    assert len({h.idempotency_key for h in halves} | {body.idempotency_key}) == 3
+    assert body == s.encode(captured)
+    assert strict_loads(body)["timestamp"] == iso8601(NOW_MS)
+    assert [m["value"] for m in strict_loads(body)["metrics"]] == [0.5]
+    assert s.count(captured) == 1
 
 
 def test_queue_settings_come_from_the_pramathus_section() -> None:

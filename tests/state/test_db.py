@@ -14,9 +14,9 @@ import exporter.state.db as db_module
 from exporter.model import LabelRecord
 from exporter.state import StateError, StateStore
 from exporter.state.db import FILE, Database, explain, is_corruption
-from exporter.state.outbox import EncodedBatch
 from exporter.state.schema import SCHEMA_VERSION
 from tests.fakes import FakeClock
+from tests.support.planned import entry
 
 
 @pytest.fixture
@@ -31,9 +31,7 @@ def populated(directory: Path, batches: int = 300) -> Path:
     its freelist is not empty); returns its path. `batches // 2` batches stay queued."""
     state = StateStore(directory)
     with state.transaction():
-        state.outbox("pramathus").add(
-            [EncodedBatch(f"key-{i}", 1, bytes([i % 251]) * 400) for i in range(batches)], 1
-        )
+        state.outbox("pramathus").add([entry(f"key-{i}", 1, 200) for i in range(batches)])
         for i in range(0, batches, 2):
             state.outbox("pramathus").done(i + 1)  # freed pages: a non-empty freelist
     state.close()
@@ -383,7 +381,7 @@ def test_a_write_that_fails_inside_a_transaction_rolls_everything_back(
     def cycle_that_fails_after_writing() -> None:
         with store.transaction():
             store.save(LabelRecord(run_id_length=6))
-            outbox.add([EncodedBatch("k", 3, b"body")], 1)
+            outbox.add([entry("k", 3)])
             store.ledger.series([("run", "loss")])
             raise RuntimeError("boom")
 
@@ -420,7 +418,7 @@ def test_a_committed_transaction_survives_reopening(tmp_path: Path) -> None:
     state = StateStore(directory)
     with state.transaction():
         state.save(LabelRecord(run_id_length=11))
-        state.outbox("pramathus").add([EncodedBatch("k", 2, b"x")], 1)
+        state.outbox("pramathus").add([entry("k", 2)])
     state.close()
     state = StateStore(directory)
     try:
@@ -438,7 +436,7 @@ def test_a_disk_full_write_inside_a_transaction_surfaces_the_disk_full_error(
     conn.execute(f"PRAGMA max_page_count = {pages + 3}")  # the disk fills up after 3 pages
     outbox = store.outbox("pramathus")
     with pytest.raises(sqlite3.OperationalError, match="full"), store.transaction():
-        outbox.add([EncodedBatch(f"k{i}", 1, bytes(5000)) for i in range(20)], 1)
+        outbox.add([entry(f"k{i}", 1, 5000) for i in range(20)])
     assert outbox.totals().batches == 0
 
 
@@ -556,7 +554,7 @@ def queued_keys(state: StateStore) -> list[str]:
 
 def queue_one(state: StateStore, key: str) -> None:
     with state.transaction():
-        state.outbox("pramathus").add([EncodedBatch(key, 1, b"{}")], 1)
+        state.outbox("pramathus").add([entry(key)])
 
 
 def test_state_files_are_private_to_the_user(tmp_path: Path) -> None:

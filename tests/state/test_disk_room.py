@@ -21,9 +21,10 @@ import pytest
 
 from exporter.state import StateError, StateStore
 from exporter.state.db import _frames_in_use, explain, os_cause, reserve_wal
-from exporter.state.outbox import EncodedBatch, QueuedBatch
+from exporter.state.outbox import QueuedBatch
+from tests.support.planned import entry
 
-BIG_BODY = b"x" * 20_000  # a few overflow pages, as a real batch of a few dozen points
+BIG_BODY = 20_000  # stored bytes: a few overflow pages, as a real batch of a few dozen points
 
 
 @contextmanager
@@ -42,7 +43,7 @@ def largest_file(store: StateStore) -> int:
 
 def queued(store: StateStore) -> QueuedBatch:
     outbox = store.outbox("pramathus")
-    outbox.add([EncodedBatch("key-1", 40, BIG_BODY)], created_ms=1)
+    outbox.add([entry("key-1", 40, BIG_BODY)])
     return next(outbox.batches())
 
 

@@ -12,8 +12,8 @@ import pytest
 from exporter.model import Run
 from exporter.state import StateError, StateStore
 from exporter.state.db import FILE
-from exporter.state.outbox import EncodedBatch
 from exporter.state.schema import SCHEMA_VERSION, TABLES, create, migrate
+from tests.support.planned import entry
 
 # The version-1 layout exactly as `exporter/state.py` created it (git show 9528e3a:...).
 V1_SCHEMA = """
@@ -144,7 +144,7 @@ def test_create_makes_every_table_and_stamps_the_version(tmp_path: Path) -> None
     create(conn)
     create(conn)  # idempotent
     names = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()
     expected = {
         "record", "experiment", "run", "latest", "metric_key", "registered_model",
@@ -187,9 +187,10 @@ def test_spooled_batches_are_kept_in_order_under_the_pramathus_sink(
     migrated: StateStore,
 ) -> None:
     batches = list(migrated.outbox("pramathus").batches())
-    assert [(b.idempotency_key, b.points, b.body, b.attempts) for b in batches] == [
-        ("k1", 3, b"first", 2),
-        ("k2", 4, b"second", 0),
+    # Version 1 queued Pramathus request bodies: they are delivered as they are.
+    assert [(b.idempotency_key, b.points, b.body, b.attempts, b.form) for b in batches] == [
+        ("k1", 3, b"first", 2, "wire"),
+        ("k2", 4, b"second", 0, "wire"),
     ]
     assert raw(migrated, "SELECT sink, created_ms, last_error FROM spool ORDER BY id") == [
         ("pramathus", 10, "HTTP 503"),
@@ -197,7 +198,7 @@ def test_spooled_batches_are_kept_in_order_under_the_pramathus_sink(
     ]
     # New batches queue behind them: the AUTOINCREMENT sequence survived.
     outbox = migrated.outbox("pramathus")
-    outbox.add([EncodedBatch("k3", 1, b"third")], 12)
+    outbox.add([entry("k3", 1, created_ms=12)])
     assert [b.idempotency_key for b in outbox.batches()] == ["k1", "k2", "k3"]
     assert batches[-1].id < list(outbox.batches())[-1].id
 
@@ -208,8 +209,10 @@ def test_dead_letters_are_kept_under_the_pramathus_sink_as_rejected(
     assert raw(
         migrated,
         "SELECT id, sink, idempotency_key, created_ms, failed_ms, points, body, status, error, "
-        "reason FROM dead_letter",
-    ) == [(7, "pramathus", "k0", 5, 6, 9, b"\xde\xad\xbe\xef", 400, "bad request", "rejected")]
+        "reason, form FROM dead_letter",
+    ) == [
+        (7, "pramathus", "k0", 5, 6, 9, b"\xde\xad\xbe\xef", 400, "bad request", "rejected", "wire")
+    ]
     counts = migrated.outbox("pramathus").set_aside_counts()
     assert {r: (t.batches, t.points) for r, t in counts.items()} == {"rejected": (1, 9)}
 
@@ -416,3 +419,46 @@ def test_a_version_2_state_gets_its_run_counts_once_on_upgrade(tmp_path: Path) -
         assert upgraded.mirror.status_counts("2") == {"FINISHED": 2}
     finally:
         upgraded.close()
+
+
+def test_a_version_3_state_gains_the_form_column_its_queued_rows_being_wire_bodies(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "state"
+    store = StateStore(directory)
+    conn = store.db.conn
+    for table in ("spool", "dead_letter"):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN form")
+    conn.execute(
+        "INSERT INTO spool (sink, idempotency_key, created_ms, points, body) "
+        "VALUES ('remote_write', 'k1', 1, 2, x'00')"
+    )
+    conn.execute(
+        "INSERT INTO dead_letter (sink, idempotency_key, created_ms, failed_ms, points, body) "
+        "VALUES ('remote_write', 'k0', 1, 2, 2, x'01')"
+    )
+    conn.execute("PRAGMA user_version = 3")
+    store.close()
+
+    upgraded = StateStore(directory)
+    try:
+        assert raw(upgraded, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        [old] = upgraded.outbox("remote_write").batches()
+        assert (old.idempotency_key, old.form, old.body) == ("k1", "wire", b"\x00")
+        assert raw(upgraded, "SELECT form FROM dead_letter") == [("wire",)]
+        with upgraded.transaction():
+            upgraded.outbox("remote_write").add([entry("k2", 2)])
+        assert [b.form for b in upgraded.outbox("remote_write").batches()] == ["wire", "captured"]
+    finally:
+        upgraded.close()
+    # Opening again changes nothing (the column is there once).
+    again = StateStore(directory)
+    try:
+        assert len(list(again.outbox("remote_write").batches())) == 2
+    finally:
+        again.close()
+
+
+def test_a_version_1_state_gains_the_form_column_too(migrated: StateStore) -> None:
+    columns = {row[1] for row in migrated.db.conn.execute("PRAGMA table_info(dead_letter)")}
+    assert "form" in columns

@@ -9,6 +9,7 @@ from pathlib import Path
 from exporter.planners.traces import Marks
 from exporter.state import StateStore
 from exporter.state.db import FILE
+from exporter.state.schema import SCHEMA_VERSION
 from exporter.state.traces import TraceMarks
 from exporter.trace_model import Fingerprint, NamedValues, TraceLive
 
@@ -58,5 +59,5 @@ def test_a_version_2_database_gains_the_trace_table_and_keeps_its_data(tmp_path:
     finally:
         again.close()
     conn = sqlite3.connect(tmp_path / FILE)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()

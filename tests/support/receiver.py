@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from exporter.sinks.pramathus import point_json
+from exporter.state import captured
+
 
 @dataclass
 class Reply:
@@ -132,3 +135,13 @@ def point_of(entry: dict[str, Any]) -> tuple[Any, ...]:
     meta = entry["metadata"]
     value = entry["value"] if entry["value"] is not None else _NON_FINITE[meta["non_finite"]]
     return (meta["run_id"], entry["name"], meta["step"], value)
+
+
+def stored_points(body: bytes, form: str = "captured") -> set[tuple[Any, ...]]:
+    """The points of a queued or set-aside row of the state, as `point_of` has them: a
+    captured batch is rendered as the Pramathus sink encodes it at delivery; a `wire` row
+    (queued by an older version) is a Pramathus body already."""
+    if form == "wire":
+        return {point_of(m) for m in json.loads(body)["metrics"]}
+    batch = captured.loads(body)
+    return {point_of(point_json(p, batch.contexts[p.run_id], 1000)) for p in batch.points}

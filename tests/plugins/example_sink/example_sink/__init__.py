@@ -8,21 +8,25 @@ Settings come from the environment (`SinkContext.env`):
 
 Each line is `{"batch": <idempotency key>, "point": [run_id, key, step, timestamp_ms,
 value]}`, so a test can tell a batch sent twice from a point captured twice.
+
+The three steps of a sink (`exporter.sinks.delivery.DeliverySink`): `plan` groups captured
+points into batches at capture (nothing is encoded yet: the queue keeps them in a neutral
+form), `encode` turns a queued batch into a request body at delivery (the same bytes for
+the same batch), and `send` makes one attempt with that body. `count` says what a batch
+counts in the sink's unit. Splitting a refused batch and retrying are the framework's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.model import MetricPoint, RunContext
-from exporter.sinks.delivery import DeliverySink, Encoded, Outcome, Reply
+from exporter.model import CapturedBatch, MetricPoint, RunContext
+from exporter.sinks.delivery import DeliverySink, Outcome, Outgoing, Planned, Reply
 from exporter.sinks.registry import SinkContext, SinkSpec
-from exporter.state.outbox import EncodedBatch, QueuedBatch
 
 if os.environ.get("EXAMPLE_SINK_BREAK"):
     raise RuntimeError("example sink is broken on purpose (EXAMPLE_SINK_BREAK)")
@@ -42,31 +46,26 @@ class ExampleSink:
     queue_max_points: int = 1_000_000
     overflow: str = "wait"
 
-    def encode(
+    def plan(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int
-    ) -> Encoded:
-        batches = []
-        for start in range(0, len(points), BATCH_SIZE):
-            chunk = points[start : start + BATCH_SIZE]
-            rows = [[p.run_id, p.key, p.step, p.timestamp_ms, p.value] for p in chunk]
-            batches.append(EncodedBatch(str(uuid.uuid4()), len(chunk), json.dumps(rows).encode()))
-        return Encoded(batches)
+    ) -> Planned:
+        """Batches of up to `BATCH_SIZE` points; this sink refuses none."""
+        return Planned([points[i : i + BATCH_SIZE] for i in range(0, len(points), BATCH_SIZE)])
 
-    def send(self, batch: QueuedBatch, timeout: float | None = None) -> Reply:
+    def count(self, batch: CapturedBatch) -> int:
+        return len(batch.points)
+
+    def encode(self, batch: CapturedBatch) -> bytes:
+        rows = [[p.run_id, p.key, p.step, p.timestamp_ms, p.value] for p in batch.points]
+        return json.dumps(rows).encode()
+
+    def send(self, request: Outgoing, timeout: float | None = None) -> Reply:
         if self.down:
             return Reply(Outcome.RETRY, f"example sink at {self.path} is down")
         with self.path.open("a", encoding="utf-8") as out:
-            for row in json.loads(batch.body):
-                out.write(json.dumps({"batch": batch.idempotency_key, "point": row}) + "\n")
+            for row in json.loads(request.body):
+                out.write(json.dumps({"batch": request.idempotency_key, "point": row}) + "\n")
         return Reply(Outcome.ACCEPTED, status=200)
-
-    def split(self, body: bytes) -> list[EncodedBatch]:
-        rows = json.loads(body)
-        half = len(rows) // 2
-        return [
-            EncodedBatch(str(uuid.uuid4()), len(part), json.dumps(part).encode())
-            for part in (rows[:half], rows[half:])
-        ]
 
 
 def build(context: SinkContext) -> DeliverySink | None:
