@@ -33,6 +33,9 @@ from exporter.state import StateStore
 
 @dataclass
 class SyncResult:
+    """What one capture step did: the refresh's and the capture's counts, with what the
+    mirror and the schedule hold after it (`runs`, `pending`, `settling`)."""
+
     experiments: int = 0
     excluded_experiments: int = 0
     runs: int = 0
