@@ -27,19 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-SYNC_STAGES = (
-    "_experiments",
-    "_registry",
-    "_full_read",
-    "_deltas",
-    "_sweep",
-    "_retention",
-    "_capture",
-    "_backfill",
-)
+# The capture step's stages, on the halves `exporter.sync.Sync` composes.
+REFRESH_STAGES = ("_experiments", "_registry", "_full_read", "_deltas", "_sweep", "_retention")
+CAPTURE_STAGES = ("capture", "backfill")
 RUNNER_STAGES = ("_prepare_series", "_push", "_deliver")
 # Nested inside the stages above; reported on their own as well.
-NESTED = {"_apply": "apply (decide and store runs)", "_record": "record (store new points)"}
+NESTED_REFRESH = {"_apply": "apply (decide and store runs)"}
+NESTED_CAPTURE = {"_record": "record (store new points)"}
 
 _cycle: dict[str, Any] | None = None
 
@@ -86,14 +80,20 @@ def _wrap_stage(cls: type, name: str, label: str) -> None:
 
 
 def _instrument(log_path: Path, profile_path: str | None) -> None:
+    from exporter.capture import Capture
     from exporter.mlflow_source import API, RestSource
+    from exporter.refresh import Refresh
     from exporter.runner import Runner
     from exporter.sync import Sync
 
-    for name in SYNC_STAGES:
-        _wrap_stage(Sync, name, name.lstrip("_"))
-    for name, label in NESTED.items():
-        _wrap_stage(Sync, name, label)
+    for cls, stages, nested in (
+        (Refresh, REFRESH_STAGES, NESTED_REFRESH),
+        (Capture, CAPTURE_STAGES, NESTED_CAPTURE),
+    ):
+        for name in stages:
+            _wrap_stage(cls, name, name.lstrip("_"))
+        for name, label in nested.items():
+            _wrap_stage(cls, name, label)
     for name in RUNNER_STAGES:
         _wrap_stage(Runner, name, name.lstrip("_").replace("_", " "))
 

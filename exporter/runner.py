@@ -1,10 +1,11 @@
 """One export cycle: capture from MLflow, push to the Pushgateway, deliver each sink's queue.
 
 The runner only orchestrates: it runs the stages in order and records what each did. The
-work lives with the stages: capture in `sync.py` (and `traces.py`), the `run_id` label
-length in `labels.py`, the Pushgateway in `sinks/push_stage.py` (which alone writes
-`PushRecord`), each history sink's queue drain in `sinks/delivery.py`; the pull view builds
-its groups itself (`sinks/groups.py`).
+work lives with the stages: capture in `sync.py` (composing `refresh.py`, the mirror, and
+`capture.py`, the queues) and `traces.py`, the `run_id` label length in `labels.py`, the
+Pushgateway in `sinks/push_stage.py` (which alone writes `PushRecord`), each history sink's
+queue drain in `sinks/delivery.py`; the pull view builds its groups itself
+(`sinks/groups.py`).
 
 Each stage fails on its own: a Pushgateway outage does not stop deliveries, and an MLflow
 outage still lets queues drain and the Pushgateway be refilled from the mirror. Whatever

@@ -13,9 +13,10 @@ stages set for the push (a group or the registry to push again) live in the push
 The push marks (the experiments' `dirty` and `cut_runs` columns, the `RegistryMark` record)
 are written through `PushMarks` and, where one statement does both, by the mirror:
 - set dirty (`mark_dirty`, `mark_registry_dirty`) by the modules in `DIRTY_SETTERS`: the
-  mirror (a run written or tombstoned), the sync (the registry or the experiment counts
-  changed), the label length (a longer `run_id` label), the trace stage (live trace series)
-  and the push stage's `prepare` (the per-run selection or the run window moved);
+  mirror (a run written or tombstoned), the refresh (the registry or the experiment
+  counts changed), the label length (a longer `run_id` label), the trace stage (live
+  trace series) and the push stage's `prepare` (the per-run selection or the run window
+  moved);
 - set clean (`mark_clean`, `mark_registry_clean`) and `set_cut_runs` by the push stage only,
   after it pushed the groups;
 - in SQL, the columns are written by `push_marks.py`, by the mirror's experiment upsert
@@ -76,9 +77,9 @@ DIRTY = {"mark_dirty", "mark_registry_dirty"}
 CLEAN = {"mark_clean", "mark_registry_clean", "set_cut_runs"}
 DIRTY_SETTERS = [
     "exporter/labels.py",
+    "exporter/refresh.py",
     "exporter/sinks/push_stage.py",
     "exporter/state/mirror.py",
-    "exporter/sync.py",
     "exporter/traces.py",
 ]
 # SQL that assigns a push mark's column (`SET dirty = ...`, `, cut_runs = ...`).

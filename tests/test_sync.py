@@ -13,7 +13,9 @@ Collaborators are the documented fakes, except the state:
 - `exporter.state.StateStore`: the real SQLite state in `tmp_path` (mirror, ledger, outboxes).
 
 A "Sync" below is what one cycle does: move the clock an interval, build a `Sync` over the
-same state and run it. Nothing is delivered: the queues are read, or drained by hand.
+same state and run it. Nothing is delivered: the queues are read, or drained by hand. Its
+halves have tests of their own: `tests/test_refresh.py` (the mirror) and
+`tests/test_capture.py` (the queues).
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from typing import Any
 
 import pytest
 
-from exporter import sync as sync_module
+from exporter import capture as capture_module
 from exporter.config import Settings
-from exporter.model import MetricPoint
 from exporter.state import StateStore, captured
 from exporter.sync import Sync, SyncResult
 from tests.fakes import FakeClock
@@ -386,34 +387,13 @@ def test_a_sync_stopped_part_way_keeps_what_it_queued_and_the_next_completes_the
     assert rest.pending == 0
 
 
-def test_a_rolled_back_transaction_keeps_the_open_tail_as_the_queue_kept_it(b: Bench) -> None:
-    sink = FakeDeliverySink(batch_size=4)
-    capture = Sync(b.mlflow, b.state, b.settings, [sink], b.clock)
-
-    def queue(steps: range, fail: bool = False) -> None:
-        pts = [MetricPoint("run-a", "loss", 0.5, s, 1_000 + s) for s in steps]
-        with b.state.transaction():
-            tails = capture._enqueue([sink], pts, 1, SyncResult())  # noqa: SLF001
-            if fail:
-                raise RuntimeError("the capture failed part-way")
-        capture._keep_tails(tails)  # noqa: SLF001
-
-    queue(range(2))  # an open batch of two
-    with pytest.raises(RuntimeError):
-        queue(range(2, 4), fail=True)  # joined the tail, then rolled back
-    queue(range(4, 6))  # joins the tail the queue holds
-
-    batches = list(b.state.outbox(sink.name).batches())
-    assert [[p.step for p in captured.loads(x.body).points] for x in batches] == [[0, 1, 4, 5]]
-
-
 # ---------------------------------------------------------------------- a later sink
 
 
 def test_a_sink_enabled_later_is_backfilled_over_syncs_and_the_first_gets_nothing_twice(
     b: Bench, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sync_module, "BACKFILL_SERIES_PER_CYCLE", 2)
+    monkeypatch.setattr(capture_module, "BACKFILL_SERIES_PER_CYCLE", 2)
     exp = b.mlflow.create_experiment("churn")
     finished_runs(b, exp, 3)  # six series
     first, later = FakeDeliverySink("pramathus"), FakeDeliverySink("otlp")

@@ -1,7 +1,8 @@
 """Change capture, decided: what to ask MLflow for, what changed, which points are new.
 
-Pure functions over plain data; `sync.py` executes what they decide. The model behind them
-(see the README, "How a cycle reads MLflow"):
+Pure functions over plain data; `refresh.py` (the mirror) and `capture.py` (the queues)
+execute what they decide. The model behind them (see the README, "How a cycle reads
+MLflow"):
 
 - A run *settles* for `settle_ms` after every change the exporter sees (it appeared, its
   metrics, tags, name or status moved, it was deleted or restored). MLflow's own clients

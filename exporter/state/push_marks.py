@@ -5,7 +5,7 @@ the `RegistryMark` record. The marks have two kinds of writers (`tests/test_owne
 
 - set dirty by whoever changes what a group holds: the mirror (`state/mirror.py`: a run
   written or tombstoned; an experiment new, renamed, moved to another stage or updated,
-  inside `set_experiments`' upsert, one statement per cycle), the sync (`sync.py`: the
+  inside `set_experiments`' upsert, one statement per cycle), the refresh (`refresh.py`: the
   registry changed, or the experiment counts the registry group reports), the label length
   (`labels.py`: a longer `run_id` label changes every group), the trace stage (`traces.py`:
   an experiment's live trace series) and the push stage's `prepare` (an experiment entered
