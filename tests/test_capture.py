@@ -15,30 +15,17 @@ from pathlib import Path
 import pytest
 
 from exporter.capture import Capture
-from exporter.config import Settings
 from exporter.model import MetricPoint
 from exporter.refresh import Refresh
-from exporter.state import StateStore, captured
-from tests.fakes import FakeClock
-from tests.fakes.mlflow_server import FakeMlflow
+from exporter.state import captured
 from tests.fakes.sinks import FakeDeliverySink
+from tests.support.world import MlflowWorld
 
 HISTORY = "metrics/get-history-bulk-interval"
 
 
-class World:
+class World(MlflowWorld):
     """MLflow, the state and the settings captures work on; `due()` refreshes the mirror."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.clock = FakeClock(1_700_000_000.0)
-        self.mlflow = FakeMlflow(self.clock)
-        self.state = StateStore(tmp / "state", clock=self.clock)
-        self.settings = Settings.model_validate(
-            {"export": {"settle_seconds": 60, "state_dir": str(tmp / "state")}}
-        )
-
-    def now_ms(self) -> int:
-        return int(self.clock() * 1000)
 
     def due(self) -> dict[str, bool]:
         """Refresh the mirror from MLflow; the runs whose histories are due."""
@@ -60,7 +47,7 @@ class World:
 def w(tmp_path: Path) -> Iterator[World]:
     world = World(tmp_path)
     yield world
-    world.state.close()
+    world.close()
 
 
 def test_a_capture_queues_the_due_runs_points_once_for_each_sink_and_leaves_none_due(

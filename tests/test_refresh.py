@@ -13,29 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import Settings
 from exporter.model import CaptureRecord
 from exporter.refresh import Refresh, StoppedError
-from exporter.state import StateStore
-from tests.fakes import FakeClock
-from tests.fakes.mlflow_server import FakeMlflow
+from tests.support.world import MlflowWorld
 
 HISTORY = "metrics/get-history-bulk-interval"
 
 
-class World:
+class World(MlflowWorld):
     """MLflow, the state and the settings one refresh after another works on."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.clock = FakeClock(1_700_000_000.0)
-        self.mlflow = FakeMlflow(self.clock)
-        self.state = StateStore(tmp / "state", clock=self.clock)
-        self.settings = Settings.model_validate(
-            {"export": {"settle_seconds": 60, "state_dir": str(tmp / "state")}}
-        )
-
-    def now_ms(self) -> int:
-        return int(self.clock() * 1000)
 
     def finished_runs(self, n: int) -> list[str]:
         """`n` runs of one experiment that ended an hour ago, two points each."""
@@ -54,7 +40,7 @@ class World:
 def w(tmp_path: Path) -> Iterator[World]:
     world = World(tmp_path)
     yield world
-    world.state.close()
+    world.close()
 
 
 def test_a_first_refresh_mirrors_new_runs_and_makes_them_due_without_reading_history(

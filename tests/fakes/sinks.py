@@ -5,6 +5,7 @@
   and records every accepted point, so a test compares deliveries with what MLflow holds;
   a short last batch is left open (`open_tail`) as real sinks leave it, and `posts` counts
   the requests that carried points.
+- `FakeStepSink`: a `DeliverySink` as the drainer sees it, bodies the JSON list of steps.
 - `FakeGateway`: the Pushgateway as the runner uses it (`push`, `delete`, `start_time`,
   `existing_groups`), keeping groups in a dict; `restart()` empties it and changes its start
   time like a Pushgateway without persistence; `down` makes every call fail.
@@ -17,6 +18,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import Metric
 
@@ -72,6 +74,41 @@ class FakeDeliverySink:
     def delivered(self) -> set[tuple[str, str, int, int, float]]:
         """Accepted points in `FakeMlflow.all_points()` form."""
         return {(r, k, s, t, v) for r, k, s, t, v in self.accepted}
+
+
+class FakeStepSink:
+    """Stands in for a `DeliverySink` as the drainer sees it: a batch's body is the JSON
+    list of its points' steps (in queue order), replies come from `script` (then accepted);
+    records every body (`bodies`, decoded in `sent`), its key and its count."""
+
+    name = "scripted"
+    budget_seconds = 30.0
+    queue_max_points = 1000
+    overflow = "wait"
+
+    def __init__(self, script: list[Reply], max_attempts: int = 0) -> None:
+        self.script = list(script)
+        self.max_attempts = max_attempts
+        self.bodies: list[bytes] = []
+        self.sent: list[Any] = []
+        self.keys: list[str] = []
+        self.counts: list[int] = []
+
+    def plan(self, pts: Sequence[MetricPoint], contexts: Any, now_ms: int) -> Planned:
+        return Planned([pts])
+
+    def count(self, batch: CapturedBatch) -> int:
+        return len(batch.points)
+
+    def encode(self, batch: CapturedBatch) -> bytes:
+        return json.dumps([p.step for p in batch.points]).encode()
+
+    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
+        self.bodies.append(batch.body)
+        self.sent.append(json.loads(batch.body))
+        self.keys.append(batch.idempotency_key)
+        self.counts.append(batch.points)
+        return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
 
 
 @dataclass

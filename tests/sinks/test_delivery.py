@@ -25,8 +25,6 @@ from exporter.sinks.delivery import (
     Drainer,
     DrainResult,
     Outcome,
-    Outgoing,
-    Planned,
     Reply,
     halves,
     retry_after_seconds,
@@ -39,6 +37,7 @@ from exporter.trace_model import BucketSample
 from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
 from tests.fakes.http import FakeSlowPost
 from tests.fakes.remote_write import FakeReceiver
+from tests.fakes.sinks import FakeStepSink
 from tests.support import planned
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
@@ -390,7 +389,7 @@ def test_halves_of_a_split_batch_are_sent_older_first_right_away(
 def test_a_single_refused_point_is_set_aside_without_splitting(
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
-    sink = ScriptedSink([Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True)])
+    sink = FakeStepSink([Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True)])
     outbox = _queued(state, sink, [[1]])
 
     result = drainer(state, sink, clock, sleep).drain()
@@ -403,7 +402,7 @@ def test_a_single_refused_point_is_set_aside_without_splitting(
 def test_a_split_half_that_must_wait_stops_the_drain_and_stays_queued(
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
-    sink = ScriptedSink(
+    sink = FakeStepSink(
         [
             Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True),
             Reply(Outcome.RETRY, "receiver restarting", 503),
@@ -425,42 +424,10 @@ def item(step: int) -> MetricPoint:
     return MetricPoint("run-a", "loss", float(step), step, T0 + step)
 
 
-class ScriptedSink:
-    """A minimal `DeliverySink`: a batch's body is the JSON list of its points' steps,
-    replies come from a script (then accepted)."""
-
-    name = "scripted"
-    budget_seconds = 30.0
-    queue_max_points = 1000
-    overflow = "wait"
-
-    def __init__(self, script: list[Reply], max_attempts: int = 0) -> None:
-        self.script = list(script)
-        self.max_attempts = max_attempts
-        self.sent: list[Any] = []
-        self.keys: list[str] = []
-        self.counts: list[int] = []
-
-    def plan(self, pts: Any, contexts: Any, now_ms: int) -> Planned:
-        return Planned([pts])
-
-    def count(self, batch: CapturedBatch) -> int:
-        return len(batch.points)
-
-    def encode(self, batch: CapturedBatch) -> bytes:
-        return json.dumps([p.step for p in batch.points]).encode()
-
-    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
-        self.sent.append(json.loads(batch.body))
-        self.keys.append(batch.idempotency_key)
-        self.counts.append(batch.points)
-        return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
-
-
 # ---------------------------------------------------------------- boundaries
 
 
-def _queued(state: StateStore, sink: ScriptedSink, items: list[list[int]]) -> Outbox:
+def _queued(state: StateStore, sink: FakeStepSink, items: list[list[int]]) -> Outbox:
     """Batches of the scripted sink's points, one per list of steps (keys `k0`, `k1`...)."""
     outbox = state.outbox(sink.name)
     with state.transaction():
@@ -476,7 +443,7 @@ def _queued(state: StateStore, sink: ScriptedSink, items: list[list[int]]) -> Ou
 def test_a_budget_spent_to_the_exact_second_sends_no_further_batch(
     state: StateStore, clock: FakeClock
 ) -> None:
-    sink = ScriptedSink([])
+    sink = FakeStepSink([])
     outbox = _queued(state, sink, [[1], [2]])
 
     class SendsForTheWholeBudget(Drainer):
@@ -495,7 +462,7 @@ def test_a_refused_batch_of_two_points_is_split_into_single_points(
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     refused = Reply(Outcome.REFUSED, "too old", 400, reason="too_old", splittable=True)
-    sink = ScriptedSink([refused, refused])
+    sink = FakeStepSink([refused, refused])
     outbox = _queued(state, sink, [[1, 2]])
 
     result = Drainer(sink, outbox, clock, sleep).drain()
@@ -507,7 +474,7 @@ def test_a_refused_batch_of_two_points_is_split_into_single_points(
 def test_a_set_aside_batch_records_when_it_failed_in_milliseconds(
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
-    sink = ScriptedSink([Reply(Outcome.REFUSED, "no", 400)])
+    sink = FakeStepSink([Reply(Outcome.REFUSED, "no", 400)])
     outbox = _queued(state, sink, [[1]])
 
     Drainer(sink, outbox, clock, sleep).drain()
@@ -520,7 +487,7 @@ def test_backoff_is_capped_at_thirty_seconds(
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     busy = Reply(Outcome.RETRY, "busy")
-    sink = ScriptedSink([busy] * 12)
+    sink = FakeStepSink([busy] * 12)
     outbox = _queued(state, sink, [[1]])
     sink.budget_seconds = 10_000
 
@@ -533,7 +500,7 @@ def test_backoff_is_capped_at_thirty_seconds(
 def test_a_wait_never_outlasts_what_is_left_of_the_budget(
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
-    sink = ScriptedSink([Reply(Outcome.RETRY, "busy", retry_after=0.0)] * 3)
+    sink = FakeStepSink([Reply(Outcome.RETRY, "busy", retry_after=0.0)] * 3)
     sink.budget_seconds = 0.4
     outbox = _queued(state, sink, [[1]])
 
@@ -553,7 +520,7 @@ def test_retry_after_zero_and_non_finite_values() -> None:
 def test_points_receivers_said_they_dropped_add_up_over_the_batches_of_a_drain(
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
-    sink = ScriptedSink(
+    sink = FakeStepSink(
         [
             Reply(Outcome.ACCEPTED, dropped_by_receiver=1),
             Reply(Outcome.ACCEPTED),
@@ -575,7 +542,7 @@ def test_a_refused_batch_splits_by_time_older_half_first_each_half_under_a_new_k
     state: StateStore, clock: FakeClock, sleep: FakeSleep
 ) -> None:
     refused = Reply(Outcome.REFUSED, "bad", 400, splittable=True)
-    sink = ScriptedSink([refused])
+    sink = FakeStepSink([refused])
     outbox = _queued(state, sink, [[4, 1, 3, 2]])  # queued out of time order
 
     result = Drainer(sink, outbox, clock, sleep).drain()

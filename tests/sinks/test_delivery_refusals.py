@@ -29,8 +29,6 @@ from exporter.sinks.delivery import (
     Answer,
     Drainer,
     Outcome,
-    Outgoing,
-    Planned,
     Reply,
     post_batch,
     reply_for,
@@ -39,6 +37,7 @@ from exporter.sinks.pramathus import PramathusSink
 from exporter.state import StateStore
 from exporter.state.outbox import QueueEntry, QueueTotals
 from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
+from tests.fakes.sinks import FakeStepSink
 from tests.support.planned import enqueue
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
@@ -304,35 +303,7 @@ def test_a_redirect_message_names_the_location_or_says_there_was_none() -> None:
 # ---------------------------------------------------------------- the drainer's edges
 
 
-class Scripted:
-    """A minimal `DeliverySink`: a batch's body is the JSON list of its points' steps (in
-    time order), replies come from a script (then accepted); `sent` records every body."""
-
-    name = "scripted"
-    budget_seconds = 30.0
-    max_attempts = 0
-    queue_max_points = 1000
-    overflow = "wait"
-
-    def __init__(self, script: list[Reply]) -> None:
-        self.script = list(script)
-        self.sent: list[bytes] = []
-
-    def plan(self, pts: Any, contexts: Any, now_ms: int) -> Planned:
-        return Planned([pts])
-
-    def count(self, batch: CapturedBatch) -> int:
-        return len(batch.points)
-
-    def encode(self, batch: CapturedBatch) -> bytes:
-        return json.dumps([p.step for p in batch.points]).encode()
-
-    def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
-        self.sent.append(batch.body)
-        return self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
-
-
-def scripted_queue(state: StateStore, s: Scripted, bodies: list[bytes]) -> None:
+def scripted_queue(state: StateStore, s: FakeStepSink, bodies: list[bytes]) -> None:
     """One batch per body: points whose steps are the body's numbers, in time order."""
     entries = []
     for i, body in enumerate(bodies):
@@ -343,62 +314,62 @@ def scripted_queue(state: StateStore, s: Scripted, bodies: list[bytes]) -> None:
         state.outbox(s.name).add(entries)
 
 
-def scripted_drain(state: StateStore, s: Scripted) -> Any:
+def scripted_drain(state: StateStore, s: FakeStepSink) -> Any:
     clock = FakeClock()
     return Drainer(s, state.outbox(s.name), clock, FakeSleep(clock)).drain()
 
 
 def test_a_blocked_reply_without_a_cause_blocks_as_an_endpoint_problem(state: StateStore) -> None:
-    s = Scripted([Reply(Outcome.BLOCKED, "no")])
+    s = FakeStepSink([Reply(Outcome.BLOCKED, "no")])
     scripted_queue(state, s, [b"[1]"])
 
     assert scripted_drain(state, s).blocked == "endpoint"
 
 
 def test_a_body_exactly_at_the_learnt_limit_is_sent_whole(state: StateStore) -> None:
-    s = Scripted([])
+    s = FakeStepSink([])
     state.outbox(s.name).set_body_limit(len(b"[1, 2]"))
     scripted_queue(state, s, [b"[1, 2]", b"[1, 2, 3]"])
 
     scripted_drain(state, s)
 
-    assert s.sent == [b"[1, 2]", b"[1]", b"[2, 3]"]
+    assert s.bodies == [b"[1, 2]", b"[1]", b"[2, 3]"]
 
 
 def test_a_single_point_over_the_learnt_limit_is_sent_not_split(state: StateStore) -> None:
-    s = Scripted([])
+    s = FakeStepSink([])
     state.outbox(s.name).set_body_limit(2)
     scripted_queue(state, s, [b"[1234]"])
 
     assert scripted_drain(state, s).points == 1
-    assert s.sent == [b"[1234]"]
+    assert s.bodies == [b"[1234]"]
 
 
 def test_parts_split_before_sending_are_retried_within_the_same_budget(
     state: StateStore,
 ) -> None:
-    s = Scripted([Reply(Outcome.RETRY, "busy", 503)])
+    s = FakeStepSink([Reply(Outcome.RETRY, "busy", 503)])
     state.outbox(s.name).set_body_limit(4)
     scripted_queue(state, s, [b"[1, 2]"])
 
     result = scripted_drain(state, s)
 
     assert (result.points, result.error) == (2, None)
-    assert s.sent == [b"[1]", b"[1]", b"[2]"]
+    assert s.bodies == [b"[1]", b"[1]", b"[2]"]
 
 
 def test_the_limit_is_the_largest_body_accepted_after_a_413_in_that_drain(
     state: StateStore,
 ) -> None:
     too_large = Reply(Outcome.REFUSED, "413", 413, reason="too_large", splittable=True)
-    s = Scripted([Reply(Outcome.ACCEPTED), too_large])
+    s = FakeStepSink([Reply(Outcome.ACCEPTED), too_large])
     state.outbox(s.name).set_body_limit(99)  # learnt before: replaced by what is learnt now
     scripted_queue(state, s, [b"[1, 2, 3, 4, 5]", b"[1, 2, 300]", b"[10, 2]"])
 
     scripted_drain(state, s)
 
     # Before the 413 nothing is learnt; after it [1] (3 bytes), [2, 300] (8), [10, 2] (7).
-    assert s.sent[2:] == [b"[1]", b"[2, 300]", b"[10, 2]"]
+    assert s.bodies[2:] == [b"[1]", b"[2, 300]", b"[10, 2]"]
     assert state.outbox(s.name).body_limit() == len(b"[2, 300]")
 
 
@@ -450,7 +421,7 @@ def test_an_accepted_reply_carries_the_status_the_endpoint_answered() -> None:
 def test_a_batch_whose_row_cannot_be_written_is_not_sent(state: StateStore) -> None:
     # A full or read-only state refuses the claim's write; a trigger makes SQLite refuse it
     # for the first batch's row only, so a claim that wrote no row would let it go out.
-    s = Scripted([])
+    s = FakeStepSink([])
     scripted_queue(state, s, [b"[1]", b"[2]"])
     first = next(iter(state.outbox(s.name).batches())).id
     state.db.conn.execute(
@@ -461,7 +432,7 @@ def test_a_batch_whose_row_cannot_be_written_is_not_sent(state: StateStore) -> N
     with pytest.raises(sqlite3.Error, match="disk is full"):
         scripted_drain(state, s)
 
-    assert s.sent == []
+    assert s.bodies == []
 
 
 # ---------------------------------------------------------------- one POST: post_batch
