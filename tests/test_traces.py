@@ -400,3 +400,25 @@ def test_without_a_sink_consuming_trace_buckets_no_bucket_is_read(
 
     assert again.trace_calls() - calls > idle  # the settled buckets were read for the taker
     assert taker.accepted_buckets
+
+
+def test_each_sink_taking_trace_buckets_applies_its_own_overflow_policy(
+    make: Callable[..., TraceHarness],
+) -> None:
+    both = frozenset({POINTS, TRACE_BUCKETS})
+    trimming = FakeDeliverySink(
+        name="archive", batch_size=2, consumes=both, queue_max_points=2, overflow="drop_newest"
+    )
+    waiting = FakeDeliverySink(name="lake", batch_size=2, consumes=both, queue_max_points=2)
+    h = make()
+    h.reopen(sinks=[trimming, waiting])
+    genai(h)
+    h.ok_cycle()
+    with structlog.testing.capture_logs() as logs:
+        h.ok_cycle(advance=SETTLE + BUCKET)
+
+    assert len(trimming.accepted_buckets) == 2  # the first batch; the newer ones dropped
+    assert len(waiting.accepted_buckets) > 2  # `wait`: trace buckets are always queued
+    lost = [e for e in logs if e["event"] == "queue.overflow_lost"]
+    assert [e["sink"] for e in lost] == ["archive"]
+    assert lost[0]["lost_points"] == len(waiting.accepted_buckets) - 2
