@@ -109,7 +109,8 @@ class TraceMetrics:
         )
         self.samples = Counter(
             f"{P}trace_history_samples",
-            "Trace history samples (one per closed bucket and series) queued for remote write.",
+            "Trace history samples (one per closed bucket and series) queued for the sinks "
+            "that consume them.",
             registry=r,
         )
         for kind in ("traces", "assessments"):

@@ -3,7 +3,8 @@
 This module executes; `planners/traces.py` decides (see there for the cost model). Each
 cycle: probe every experiment in scope at once and narrow down to those that moved, read
 those, refresh the window of experiments with recent traces, and queue the closed and
-settled buckets for remote write. Everything read in a cycle is written in one transaction
+settled buckets on every sink that consumes trace buckets (`delivery.bucket_sinks`), each
+batched as that sink plans them. Everything read in a cycle is written in one transaction
 at its end (marks, live series, queued buckets), so a failure part-way leaves the state as
 it was and the next cycle finds the same moves again.
 
@@ -25,8 +26,7 @@ from exporter.mlflow_source import TRACE_MAX_RESULTS, MlflowSource, TracesUnsupp
 from exporter.model import CapturedBatch
 from exporter.planners import traces as plan
 from exporter.planners.traces import Marks, MovedRead, Step
-from exporter.sinks.delivery import DeliverySink
-from exporter.sinks.trace_history import plan_buckets
+from exporter.sinks.delivery import BucketSink, DeliverySink, bucket_sinks
 from exporter.state import StateStore
 from exporter.state.outbox import QueueEntry
 from exporter.state.traces import TraceMarks
@@ -34,15 +34,13 @@ from exporter.trace_model import BucketSample, Fingerprint, TracePoint, TraceQue
 
 log = structlog.get_logger("exporter.traces")
 
-HISTORY_SINK = "remote_write"
-
 
 @dataclass
 class TraceResult:
     experiments: int = 0  # experiments holding traces
     moved: int = 0
     windowed: int = 0
-    samples: int = 0  # history samples queued
+    samples: int = 0  # history samples read (queued on each sink that takes them)
     late: dict[str, int] = field(default_factory=dict)  # kind -> changes before the horizon
     names_cut: int = 0
 
@@ -172,11 +170,11 @@ class TraceStage:
         return replace(marks, live=plan.with_window(marks.live, None))
 
     def _history(self, marks: Marks, name: str, now_ms: int, samples: list[BucketSample]) -> Marks:
-        """Read the closed, settled buckets holding traces (when remote write is on) and
+        """Read the closed, settled buckets holding traces (when a sink consumes them) and
         move the written horizon past them."""
         t = self.settings.traces
         end = plan.due_end(now_ms, t.settle_seconds * 1000, t.bucket_seconds * 1000)
-        if self._history_sink() is not None and plan.due_with_traces(marks, end):
+        if bucket_sinks(self.sinks) and plan.due_with_traces(marks, end):
             names = sorted(marks.live.assessments) if marks.live is not None else []
             for queries in plan.history_queries(
                 marks.experiment_id, marks.written_until_ms, end, t.bucket_seconds
@@ -184,9 +182,6 @@ class TraceStage:
                 answers = {k: self._ask(q) for k, q in queries.items()}
                 samples += plan.bucket_samples(marks.experiment_id, name, answers, names)
         return plan.advance(marks, end)
-
-    def _history_sink(self) -> DeliverySink | None:
-        return next((s for s in self.sinks if s.name == HISTORY_SINK), None)
 
     # ------------------------------------------------------------------ writing
 
@@ -201,23 +196,26 @@ class TraceStage:
         changed = [m for e, m in marks.items() if before.get(e) != m]
         dirty = [e for e, m in marks.items() if e not in before or before[e].live != m.live]
         gone = sorted(set(before) - set(marks))
-        sink = self._history_sink()
         with self.state.transaction():
             store.save(changed)
             store.forget(gone)
             self.state.push_marks.mark_dirty(dirty)
-            if sink is not None and samples:
-                batch_size = getattr(getattr(sink, "settings", None), "batch_size", 5000)
-                outbox = self.state.outbox(sink.name)
-                batches = [
-                    CapturedBatch(buckets=group, created_ms=now_ms)
-                    for group in plan_buckets(samples, batch_size)
-                ]
-                outbox.add([QueueEntry(str(uuid.uuid4()), sink.count(b), b) for b in batches])
-                # Trace buckets are few: under the default `wait` policy they are always
-                # queued; only an opt-in drop policy trims (and says what was lost).
-                if sink.overflow != "wait":
-                    oldest = sink.overflow == "drop_oldest"
-                    dropped = outbox.trim(sink.queue_max_points, oldest)
-                    if dropped:
-                        log.warning("queue.overflow_lost", sink=sink.name, lost_points=dropped)
+            if samples:
+                for sink in bucket_sinks(self.sinks):
+                    self._queue(sink, samples, now_ms)
+
+    def _queue(self, sink: BucketSink, samples: Sequence[BucketSample], now_ms: int) -> None:
+        """Queue the buckets on one sink's queue, in the batches it plans."""
+        outbox = self.state.outbox(sink.name)
+        batches = [
+            CapturedBatch(buckets=tuple(group), created_ms=now_ms)
+            for group in sink.plan_buckets(samples)
+        ]
+        outbox.add([QueueEntry(str(uuid.uuid4()), sink.count(b), b) for b in batches])
+        # Trace buckets are few: under the default `wait` policy they are always queued;
+        # only an opt-in drop policy trims (and says what was lost).
+        if sink.overflow != "wait":
+            oldest = sink.overflow == "drop_oldest"
+            dropped = outbox.trim(sink.queue_max_points, oldest)
+            if dropped:
+                log.warning("queue.overflow_lost", sink=sink.name, lost_points=dropped)

@@ -1,7 +1,8 @@
 """The traces stage seen through whole cycles, against the in-memory MLflow's traces.
 
 Collaborators are the documented fakes of `tests/test_runner.py` (FakeMlflow, FakeGateway,
-a FakeReceiver behind a real remote write sink); the state is the real SQLite store.
+a FakeReceiver behind a real remote write sink, FakeDeliverySinks that consume trace buckets
+or not); the state is the real SQLite store.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from exporter.mlflow_source import MlflowError
 from exporter.planners.series import experiment_key
 from exporter.runner import Runner
 from exporter.sinks import remote_write as rw
+from exporter.sinks.delivery import POINTS, TRACE_BUCKETS
 from exporter.sinks.groups import mirror_builder
 from exporter.sinks.history import RemoteWriteSink
 from exporter.state.traces import TraceMarks
 from tests.fakes import FakeSleep
 from tests.fakes.mlflow_server import percentile
 from tests.fakes.remote_write import FakeReceiver
+from tests.fakes.sinks import FakeDeliverySink
 from tests.test_runner import Harness, sample
 
 BUCKET = 10
@@ -344,3 +347,78 @@ def test_closed_settled_buckets_are_written_once_at_their_start(
     assert sample(h.metrics, "mlflow_exporter_trace_late_changes_total", kind="traces") == 1
     assert h.value("mlflow_traces", experiment_id=exp, status="OK") == 5
     assert sample(h.metrics, "mlflow_exporter_trace_history_samples_total") > 0
+
+
+def test_trace_buckets_go_to_every_sink_that_consumes_them_and_to_no_other(
+    make: Callable[..., TraceHarness],
+) -> None:
+    h = make()
+    points_only = FakeDeliverySink(name="pramathus")
+    takers = [
+        FakeDeliverySink(name=name, batch_size=3, consumes=frozenset({POINTS, TRACE_BUCKETS}))
+        for name in ("archive", "lake")
+    ]
+    h.reopen(sinks=[points_only, *takers])
+    exp = genai(h)
+    first_bucket = h.mlflow.traces[0].timestamp_ms // (BUCKET * 1000) * BUCKET * 1000
+    h.ok_cycle()
+    h.ok_cycle(advance=SETTLE + BUCKET)
+
+    traces = [
+        (t, v)
+        for family, labels, t, v in takers[0].accepted_buckets
+        if family == "mlflow_trace_bucket_traces" and dict(labels)["status"] == "OK"
+    ]
+    assert traces == [(first_bucket, 4.0)]
+    assert {dict(labels)["experiment_id"] for _, labels, _, _ in takers[0].accepted_buckets} == {
+        exp
+    }
+    assert sorted(takers[1].accepted_buckets) == sorted(takers[0].accepted_buckets)
+    assert takers[0].posts > 1  # batched as the sink plans them (3 buckets a batch)
+    assert points_only.accepted_buckets == []
+    assert points_only.posts == 0
+
+
+def test_without_a_sink_consuming_trace_buckets_no_bucket_is_read(
+    make: Callable[..., TraceHarness],
+) -> None:
+    h = make()
+    h.reopen(sinks=[FakeDeliverySink(name="pramathus")])
+    genai(h)
+    h.ok_cycle()
+    calls = h.trace_calls()
+    h.ok_cycle(advance=SETTLE + BUCKET)
+
+    idle = h.trace_calls() - calls
+    taker = FakeDeliverySink(name="archive", consumes=frozenset({POINTS, TRACE_BUCKETS}))
+    again = make()
+    again.reopen(sinks=[taker])
+    genai(again)
+    again.ok_cycle()
+    calls = again.trace_calls()
+    again.ok_cycle(advance=SETTLE + BUCKET)
+
+    assert again.trace_calls() - calls > idle  # the settled buckets were read for the taker
+    assert taker.accepted_buckets
+
+
+def test_each_sink_taking_trace_buckets_applies_its_own_overflow_policy(
+    make: Callable[..., TraceHarness],
+) -> None:
+    both = frozenset({POINTS, TRACE_BUCKETS})
+    trimming = FakeDeliverySink(
+        name="archive", batch_size=2, consumes=both, queue_max_points=2, overflow="drop_newest"
+    )
+    waiting = FakeDeliverySink(name="lake", batch_size=2, consumes=both, queue_max_points=2)
+    h = make()
+    h.reopen(sinks=[trimming, waiting])
+    genai(h)
+    h.ok_cycle()
+    with structlog.testing.capture_logs() as logs:
+        h.ok_cycle(advance=SETTLE + BUCKET)
+
+    assert len(trimming.accepted_buckets) == 2  # the first batch; the newer ones dropped
+    assert len(waiting.accepted_buckets) > 2  # `wait`: trace buckets are always queued
+    lost = [e for e in logs if e["event"] == "queue.overflow_lost"]
+    assert [e["sink"] for e in lost] == ["archive"]
+    assert lost[0]["lost_points"] == len(waiting.accepted_buckets) - 2

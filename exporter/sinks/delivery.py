@@ -10,6 +10,10 @@ Every history sink (Pramathus, remote write, OTLP, an installed one) plugs in th
   of one idempotency key carries the same body), with the labels of the delivering cycle;
 - `send`: one attempt with one body, and what the answer means (`Reply`).
 
+What a sink consumes (`consumes`): every sink takes captured points (`POINTS`); a sink that
+also takes the trace history buckets declares `TRACE_BUCKETS` and plans them into batches
+(`BucketSink.plan_buckets`), and the traces stage queues them on every such sink.
+
 This module owns what is common, and one rule for every sink: a point is delivered (a 2xx
 from the endpoint it was sent to, for the request that carried it), still queued, or set
 aside with a reason an operator can see and replay (`exporter dead-letters`).
@@ -37,10 +41,10 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -146,6 +150,44 @@ class DeliverySink(Protocol):
         """One attempt to deliver one request, waiting at most `timeout` seconds (what is
         left of the delivery budget) when it is shorter than the sink's own timeout."""
         ...
+
+
+# What a sink may consume (`BucketSink.consumes`): captured points, trace history buckets.
+POINTS = "points"
+TRACE_BUCKETS = "trace_buckets"
+CONSUMABLE = frozenset({POINTS, TRACE_BUCKETS})
+
+
+@runtime_checkable
+class BucketSink(DeliverySink, Protocol):
+    """A `DeliverySink` that also takes the trace history buckets.
+
+    `consumes` is optional on a sink, so it is not a `DeliverySink` member: a Protocol
+    member cannot carry a default for the classes that only match it (a third-party sink
+    would have to declare it). A sink without it takes points only (`consumes(sink)`); one
+    that declares `TRACE_BUCKETS` has `plan_buckets` too (the registry checks it when it
+    builds the sink), so nothing outside the sink reads its settings to batch buckets.
+    """
+
+    @property
+    def consumes(self) -> frozenset[str]:
+        """What it takes: `POINTS` and `TRACE_BUCKETS`."""
+        ...
+
+    def plan_buckets(self, samples: Sequence[BucketSample]) -> Sequence[Sequence[BucketSample]]:
+        """One cycle's trace buckets grouped into batches (each queued as one `CapturedBatch`)."""
+        ...
+
+
+def consumes(sink: DeliverySink) -> frozenset[str]:
+    """What a sink declares it consumes (its `consumes`); `POINTS` when it declares nothing."""
+    declared: Iterable[str] = getattr(sink, "consumes", (POINTS,))
+    return frozenset(declared)
+
+
+def bucket_sinks(sinks: Iterable[DeliverySink]) -> list[BucketSink]:
+    """The sinks that declare they take trace buckets (and can plan them), in order."""
+    return [s for s in sinks if TRACE_BUCKETS in consumes(s) and isinstance(s, BucketSink)]
 
 
 def queue_entries(

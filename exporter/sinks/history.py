@@ -12,9 +12,9 @@ timestamp: of points sharing one, the highest step is sent and the others are se
 without a request; receivers that refuse samples for their age or order get them split
 out and set aside by the delivery loop.
 
-The sink also takes the trace history buckets (`trace_history.py`): a queued batch holds
-points or buckets, and `encode` renders either when the batch is delivered, with the
-`run_id` length decided for the delivering cycle.
+The sink also consumes the trace history buckets (`consumes`, `plan_buckets`;
+`trace_history.py`): a queued batch holds points or buckets, and `encode` renders either
+when the batch is delivered, with the `run_id` length decided for the delivering cycle.
 """
 
 from __future__ import annotations
@@ -28,8 +28,17 @@ from exporter.config import RemoteWriteSettings
 from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.naming import label_value, metric_family_name
 from exporter.sinks import remote_write as wire
-from exporter.sinks.delivery import Outcome, Outgoing, Planned, Reply, reply_for
-from exporter.sinks.trace_history import bucket_series
+from exporter.sinks import trace_history
+from exporter.sinks.delivery import (
+    POINTS,
+    TRACE_BUCKETS,
+    Outcome,
+    Outgoing,
+    Planned,
+    Reply,
+    reply_for,
+)
+from exporter.trace_model import BucketSample
 
 STEP_FAMILY = "mlflow_metric_step"
 SAMPLES_PER_POINT = 2
@@ -81,6 +90,11 @@ class RemoteWriteSink:
     def overflow(self) -> str:
         return self.settings.queue_overflow
 
+    @property
+    def consumes(self) -> frozenset[str]:
+        """Captured points and the trace history buckets."""
+        return frozenset({POINTS, TRACE_BUCKETS})
+
     # ------------------------------------------------------------------ encoding
 
     def plan(
@@ -105,6 +119,10 @@ class RemoteWriteSink:
         batches = [keep[start : start + per_batch] for start in range(0, len(keep), per_batch)]
         return Planned(batches, refused)
 
+    def plan_buckets(self, samples: Sequence[BucketSample]) -> list[tuple[BucketSample, ...]]:
+        """Trace buckets in batches of at most `batch_size` samples (one per bucket)."""
+        return trace_history.plan_buckets(samples, self.settings.batch_size)
+
     def count(self, batch: CapturedBatch) -> int:
         """Samples: two per point (value and step), one per trace bucket."""
         return len(batch.points) * SAMPLES_PER_POINT + len(batch.buckets)
@@ -113,7 +131,7 @@ class RemoteWriteSink:
         """A write request of the batch's points (labels with this cycle's `run_id`
         length) and buckets."""
         series = _series(batch.points, batch.contexts, self.run_id_length())
-        return wire.encode([*series, *bucket_series(batch.buckets)])
+        return wire.encode([*series, *trace_history.bucket_series(batch.buckets)])
 
     # ------------------------------------------------------------------ sending
 

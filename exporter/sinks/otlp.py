@@ -51,6 +51,7 @@ from exporter.logs import redact
 from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.naming import label_value, metric_family_name
 from exporter.sinks.delivery import (
+    POINTS,
     Outcome,
     Outgoing,
     Planned,
@@ -170,6 +171,11 @@ class OtlpSink:
     @property
     def overflow(self) -> str:
         return self.settings.queue_overflow
+
+    @property
+    def consumes(self) -> frozenset[str]:
+        """Captured points only (no trace buckets)."""
+        return frozenset({POINTS})
 
     def plan(
         self,

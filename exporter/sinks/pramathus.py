@@ -23,6 +23,7 @@ from exporter.config import PramathusSettings
 from exporter.logs import redact, secret_forms
 from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.sinks.delivery import (
+    POINTS,
     Outcome,
     Outgoing,
     Planned,
@@ -113,6 +114,11 @@ class PramathusSink:
     @property
     def overflow(self) -> str:
         return self.settings.spool_overflow
+
+    @property
+    def consumes(self) -> frozenset[str]:
+        """Captured points only (no trace buckets)."""
+        return frozenset({POINTS})
 
     def plan(
         self, points: Sequence[MetricPoint], contexts: Mapping[str, RunContext], now_ms: int

@@ -6,7 +6,9 @@ factory that builds the `DeliverySink` from a `SinkContext`, or returns None whi
 off. A `DeliverySink` plans captured points into batches (`plan`, at capture), encodes a
 queued batch into a request body (`encode`, at delivery: the queue holds every sink's
 batches in one neutral form, `CapturedBatch`) and sends one body (`send`); see
-`delivery.py`, and tests/plugins/example_sink for a complete one. The framework gives
+`delivery.py`, and tests/plugins/example_sink for a complete one. The sink itself says
+what it consumes (`consumes`, optional: captured points only when absent; trace buckets
+with `plan_buckets`, a `delivery.BucketSink`), checked when it is built. The framework gives
 every sink the rest: its durable queue and delivery marks, retries within its budget,
 splitting of refused batches, set-aside and replay, self-metrics, health stage and
 backfill when it is first enabled.
@@ -32,7 +34,15 @@ from importlib.metadata import entry_points
 from pydantic import SecretStr
 
 from exporter.config import ConfigError, Settings
-from exporter.sinks.delivery import CREDENTIAL_HEADER, DeliverySink
+from exporter.sinks.delivery import (
+    CONSUMABLE,
+    CREDENTIAL_HEADER,
+    POINTS,
+    TRACE_BUCKETS,
+    BucketSink,
+    DeliverySink,
+    consumes,
+)
 from exporter.sinks.probe import Probe, http_answers
 
 ENTRY_POINT_GROUP = "mlflow_monitoring.sinks"
@@ -231,5 +241,26 @@ def build_sinks(
             raise ConfigError(
                 [f"sink {spec.name!r} built a sink named {sink.name!r}: use one name"]
             )
+        _check_consumes(spec.name, sink)
         sinks.append(sink)
     return sinks
+
+
+def _check_consumes(name: str, sink: DeliverySink) -> None:
+    """ConfigError unless what a sink declares it consumes is something it can take: known
+    values, captured points (every sink gets them), and `plan_buckets` for trace buckets."""
+    taken = consumes(sink)
+    problems = []
+    if taken - CONSUMABLE:
+        problems.append(
+            f"sink {name!r} declares it consumes {sorted(taken - CONSUMABLE)}: "
+            f"use {', '.join(sorted(CONSUMABLE))}"
+        )
+    if POINTS not in taken:
+        problems.append(f"sink {name!r} must consume {POINTS!r}: every sink takes captured points")
+    if TRACE_BUCKETS in taken and not isinstance(sink, BucketSink):
+        problems.append(
+            f"sink {name!r} declares it consumes {TRACE_BUCKETS!r} but has no plan_buckets"
+        )
+    if problems:
+        raise ConfigError(problems)

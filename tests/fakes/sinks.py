@@ -1,10 +1,12 @@
 """Fakes of the cycle's outputs (history sinks, the Pushgateway), recording what was done.
 
 - `FakeDeliverySink`: a `DeliverySink` (what Pramathus or remote write are to the runner) that
-  encodes a batch as a JSON list of point identities; `send` answers from a script (default accept)
-  and records every accepted point, so a test compares deliveries with what MLflow holds;
-  a short last batch is left open (`open_tail`) as real sinks leave it, and `posts` counts
-  the requests that carried points.
+  encodes a batch as JSON (point identities, and trace buckets as family, labels, time and
+  value); `send` answers from a script (default accept) and records every accepted point,
+  so a test compares deliveries with what MLflow holds, and every accepted bucket; a short
+  last batch is left open (`open_tail`) as real sinks leave it, and `posts` counts the
+  requests. It consumes points only unless `consumes` says trace buckets too (then it
+  plans them in batches of `batch_size`, like remote write).
 - `FakeStepSink`: a `DeliverySink` as the drainer sees it, bodies the JSON list of steps.
 - `FakeGateway`: the Pushgateway as the runner uses it (`push`, `delete`, `start_time`,
   `existing_groups`), keeping groups in a dict; `restart()` empties it and changes its start
@@ -24,16 +26,18 @@ from prometheus_client.core import Metric
 
 from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.planners.series import GroupKey
-from exporter.sinks.delivery import Outcome, Outgoing, Planned, Reply
+from exporter.sinks.delivery import POINTS, Outcome, Outgoing, Planned, Reply
 from exporter.sinks.pushgateway import PushedGroup, PushError
+from exporter.trace_model import BucketSample
 
 PointKey = tuple[str, str, int, int, int]  # run, key, step, timestamp, value bits
+BucketKey = tuple[str, tuple[tuple[str, str], ...], int, float]  # family, labels, start, value
 
 
 @dataclass
 class FakeDeliverySink:
-    """Stands in for a `DeliverySink` (Pramathus, remote write): records accepted points;
-    `script` holds replies to give first."""
+    """Stands in for a `DeliverySink` (Pramathus, remote write): records accepted points
+    and buckets; `script` holds replies to give first."""
 
     name: str = "pramathus"
     batch_size: int = 100
@@ -43,6 +47,8 @@ class FakeDeliverySink:
     overflow: str = "wait"
     script: list[Reply] = field(default_factory=list)
     accepted: list[PointKey] = field(default_factory=list)
+    accepted_buckets: list[BucketKey] = field(default_factory=list)
+    consumes: frozenset[str] = frozenset({POINTS})
     contexts: dict[str, RunContext] = field(default_factory=dict)
     posts: int = 0
 
@@ -54,18 +60,27 @@ class FakeDeliverySink:
         batches = [points[start : start + size] for start in range(0, len(points), size)]
         return Planned(batches, open_tail=len(points) % size != 0)
 
+    def plan_buckets(self, samples: Sequence[BucketSample]) -> list[Sequence[BucketSample]]:
+        size = self.batch_size
+        return [samples[start : start + size] for start in range(0, len(samples), size)]
+
     def count(self, batch: CapturedBatch) -> int:
-        return len(batch.points)
+        return batch.size
 
     def encode(self, batch: CapturedBatch) -> bytes:
         rows = [[p.run_id, p.key, p.step, p.timestamp_ms, p.identity[2]] for p in batch.points]
-        return json.dumps(rows).encode()
+        buckets = [[b.family, dict(b.labels), b.bucket_ms, b.value] for b in batch.buckets]
+        return json.dumps({"points": rows, "buckets": buckets}).encode()
 
     def send(self, batch: Outgoing, timeout: float | None = None) -> Reply:
         self.posts += 1
         reply = self.script.pop(0) if self.script else Reply(Outcome.ACCEPTED)
         if reply.outcome is Outcome.ACCEPTED:
-            self.accepted.extend(tuple(p) for p in json.loads(batch.body))
+            body = json.loads(batch.body)
+            self.accepted.extend(tuple(p) for p in body["points"])
+            self.accepted_buckets.extend(
+                (f, tuple(sorted(labels.items())), t, v) for f, labels, t, v in body["buckets"]
+            )
         return reply
 
     def counts(self) -> Counter[PointKey]:

@@ -21,11 +21,16 @@ from exporter.config import PramathusSettings, RemoteWriteSettings
 from exporter.model import CapturedBatch, MetricPoint, RunContext
 from exporter.sinks import remote_write as rw
 from exporter.sinks.delivery import (
+    POINTS,
+    TRACE_BUCKETS,
+    BucketSink,
     DeliverySink,
     Drainer,
     DrainResult,
     Outcome,
     Reply,
+    bucket_sinks,
+    consumes,
     halves,
     retry_after_seconds,
 )
@@ -37,7 +42,7 @@ from exporter.trace_model import BucketSample
 from tests.fakes import FakeClock, FakePost, FakeResponse, FakeSleep
 from tests.fakes.http import FakeSlowPost
 from tests.fakes.remote_write import FakeReceiver
-from tests.fakes.sinks import FakeStepSink
+from tests.fakes.sinks import FakeDeliverySink, FakeStepSink
 from tests.support import planned
 
 ENDPOINT = "https://pramathus.example.com/api/metrics"
@@ -703,3 +708,30 @@ def test_a_wire_row_refused_for_good_is_set_aside_with_the_message_as_it_came(
     assert result.set_aside == {"rejected": 1}
     [aside] = state.outbox("pramathus").set_aside_batches()
     assert aside.error == "Pramathus answered HTTP 409: conflict"
+
+
+# ---------------------------------------------------------------- what a sink consumes
+
+
+class DeclaresBucketsOnly(FakeStepSink):
+    """A sink that says it takes trace buckets but cannot plan them (no `plan_buckets`)."""
+
+    consumes = frozenset({POINTS, TRACE_BUCKETS})
+
+
+def test_a_sink_declaring_nothing_takes_points_only_and_remote_write_takes_buckets() -> None:
+    remote_write: BucketSink = RemoteWriteSink(RemoteWriteSettings(enabled=True, url=RW_URL))
+
+    assert consumes(FakeStepSink([])) == {POINTS}
+    assert consumes(pramathus(FakePost([]))) == {POINTS}
+    assert consumes(remote_write) == {POINTS, TRACE_BUCKETS}
+    assert bucket_sinks([remote_write]) == [remote_write]
+
+
+def test_trace_buckets_go_only_to_sinks_that_declare_them_and_can_plan_them() -> None:
+    taker = FakeDeliverySink(name="taker", consumes=frozenset({POINTS, TRACE_BUCKETS}))
+    points_only = FakeDeliverySink(name="points_only")  # has plan_buckets, declares points
+    sinks: list[DeliverySink] = [points_only, taker, DeclaresBucketsOnly([]), FakeStepSink([])]
+
+    assert bucket_sinks(sinks) == [taker]
+    assert bucket_sinks([]) == []

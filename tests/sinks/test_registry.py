@@ -22,7 +22,7 @@ from exporter import cli
 from exporter.config import ConfigError, Settings
 from exporter.selfmetrics import SelfMetrics
 from exporter.sinks import registry
-from exporter.sinks.delivery import DeliverySink
+from exporter.sinks.delivery import POINTS, TRACE_BUCKETS, DeliverySink
 from exporter.sinks.registry import ENTRY_POINT_GROUP, SinkContext, SinkSpec
 from tests.fakes.sinks import FakeDeliverySink
 
@@ -117,6 +117,58 @@ def test_a_factory_building_a_sink_of_another_name_is_refused() -> None:
         registry.build_sinks(SinkContext(settings(), env={}), [spec])
 
 
+@pytest.mark.parametrize(
+    ("declared", "problem"),
+    [
+        (
+            frozenset({POINTS, "spans"}),
+            "sink 'fourth' declares it consumes ['spans']: use points, trace_buckets",
+        ),
+        (
+            frozenset({TRACE_BUCKETS}),
+            "sink 'fourth' must consume 'points': every sink takes captured points",
+        ),
+    ],
+)
+def test_a_sink_consuming_what_no_stage_gives_it_is_refused_when_built(
+    declared: frozenset[str], problem: str
+) -> None:
+    spec = SinkSpec("fourth", "X", lambda c: FakeDeliverySink(name="fourth", consumes=declared))
+
+    with pytest.raises(ConfigError) as caught:
+        registry.build_sinks(SinkContext(settings(), env={}), [spec])
+
+    assert caught.value.problems == [problem]
+
+
+class NoBucketPlan(FakeDeliverySink):
+    """Declares trace buckets but has no way to plan them."""
+
+    plan_buckets = None  # type: ignore[assignment]
+
+
+def test_a_sink_declaring_trace_buckets_without_plan_buckets_is_refused_when_built() -> None:
+    sink = NoBucketPlan(name="fourth", consumes=frozenset({POINTS, TRACE_BUCKETS}))
+    spec = SinkSpec("fourth", "X", lambda c: sink)
+
+    with pytest.raises(ConfigError) as caught:
+        registry.build_sinks(SinkContext(settings(), env={}), [spec])
+
+    assert caught.value.problems == [
+        "sink 'fourth' declares it consumes 'trace_buckets' but has no plan_buckets"
+    ]
+
+
+def test_a_sink_consuming_points_and_trace_buckets_is_built() -> None:
+    sink = FakeDeliverySink(name="fourth", consumes=frozenset({POINTS, TRACE_BUCKETS}))
+
+    built = registry.build_sinks(
+        SinkContext(settings(), env={}), [SinkSpec("fourth", "X", lambda c: sink)]
+    )
+
+    assert built == [sink]
+
+
 def test_what_counts_count_comes_from_the_registry() -> None:
     assert registry.unit("remote_write") == "samples"
     assert registry.unit("pramathus") == "points"
@@ -200,13 +252,7 @@ def _code_names(tree: ast.AST) -> Iterator[str]:
 
 BUILTIN_MODULES = {
     "pramathus": {"sinks/pramathus.py"},
-    # traces.py: until trace buckets go to the sinks that declare they take them.
-    "remote_write": {
-        "sinks/history.py",
-        "sinks/remote_write.py",
-        "sinks/trace_history.py",
-        "traces.py",
-    },
+    "remote_write": {"sinks/history.py", "sinks/remote_write.py", "sinks/trace_history.py"},
     "otlp": {"sinks/otlp.py"},
 }
 
