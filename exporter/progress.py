@@ -78,7 +78,14 @@ class CaptureProgress:
     _view: ProgressView | None = field(default=None, repr=False)
 
     def begin(self, runs_total: int) -> None:
-        """A capture of `runs_total` runs' histories starts."""
+        """A capture of `runs_total` runs' histories starts. After one that ended short of
+        its total (held back by full queues, as `export-once`'s rounds are, or failed
+        part-way), it continues that one: what was done counts towards the new total, and
+        the rate and time left span both, so a long first export shows one total."""
+        if self._view is not None and not self._view.finished and self._done:
+            self._total = self._done + runs_total
+            self._publish(finished=runs_total == 0)
+            return
         self._total, self._done, self._points = runs_total, 0, 0
         self._begun_runs = self._begun_points = 0
         self._started = self._logged = self.clock()

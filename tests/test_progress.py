@@ -51,3 +51,26 @@ def test_an_empty_capture_is_finished_at_once_and_logs_nothing() -> None:
     assert seen[-1].finished
     assert progress.view == seen[-1]
     assert logs == []
+
+
+def test_a_capture_ended_short_of_its_total_is_continued_by_the_next_one() -> None:
+    clock = FakeClock(100.0)
+    seen: list[ProgressView] = []
+    progress = CaptureProgress(clock, seen.append)
+    progress.begin(1000)
+    clock.advance(10.0)
+    progress.advance(runs=400, points=4000)
+    progress.end()  # held back: 600 runs still due
+    clock.advance(10.0)  # the queues drain
+    progress.begin(600)
+    clock.advance(10.0)
+    progress.advance(runs=200, points=2000)
+
+    view = seen[-1]
+    assert (view.runs_done, view.runs_total, view.points_done) == (600, 1000, 6000)
+    assert view.elapsed_seconds == 30.0  # one rate over the whole export
+    progress.advance(runs=400, points=4000)
+    progress.end()
+    assert seen[-1].finished
+    progress.begin(5)  # the next cycle's capture starts afresh
+    assert (seen[-1].runs_done, seen[-1].runs_total) == (0, 5)
