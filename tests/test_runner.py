@@ -338,6 +338,29 @@ def test_a_disabled_sink_forgets_its_queue(h: Harness) -> None:
     assert h.state.outbox("pramathus").totals().points == 0
 
 
+def remote_write_runner(
+    h: Harness, settings: Settings, receiver: FakeReceiver, with_gateway: bool = True
+) -> None:
+    """Give `h` a runner whose one sink is remote write to `receiver`, its `run_id` length
+    read from the state as the app wires it."""
+    sink = RemoteWriteSink(
+        settings.remote_write,
+        run_id_length=lambda: max(h.state.load(LabelRecord).run_id_length, 12),
+        client=RemoteWriteClient(settings.remote_write, post=receiver, clock=h.clock),
+    )
+    h.runner = Runner(
+        settings=settings,
+        source=h.mlflow,
+        state=h.state,
+        metrics=h.metrics,
+        health=h.health,
+        pushgateway=h.gateway if with_gateway else None,
+        sinks=[sink],
+        clock=h.clock,
+        sleep=FakeSleep(h.clock),
+    )
+
+
 @pytest.mark.parametrize("prometheus", [False, True], ids=["prometheus_off", "prometheus_on"])
 def test_two_runs_sharing_12_characters_get_two_remote_write_series_whatever_sinks_are_on(
     tmp_path: Path, prometheus: bool
@@ -353,22 +376,7 @@ def test_two_runs_sharing_12_characters_get_two_remote_write_series_whatever_sin
         }
     )
     receiver = FakeReceiver(in_order=False)
-    sink = RemoteWriteSink(
-        settings.remote_write,
-        run_id_length=lambda: max(h.state.load(LabelRecord).run_id_length, 12),
-        client=RemoteWriteClient(settings.remote_write, post=receiver, clock=h.clock),
-    )
-    h.runner = Runner(
-        settings=settings,
-        source=h.mlflow,
-        state=h.state,
-        metrics=h.metrics,
-        health=h.health,
-        pushgateway=h.gateway if prometheus else None,
-        sinks=[sink],
-        clock=h.clock,
-        sleep=FakeSleep(h.clock),
-    )
+    remote_write_runner(h, settings, receiver, with_gateway=prometheus)
     exp = h.mlflow.create_experiment("twins")
     first = h.mlflow.create_run(exp, run_id="0123456789ab" + "0" * 20)
     h.mlflow.log(first, "loss", 1.0)
@@ -404,22 +412,7 @@ def test_a_point_queued_before_the_run_id_length_grew_goes_out_with_the_deliveri
         }
     )
     receiver = FakeReceiver(in_order=False, outages=[401])  # blocks the first cycle
-    sink = RemoteWriteSink(
-        settings.remote_write,
-        run_id_length=lambda: max(h.state.load(LabelRecord).run_id_length, 12),
-        client=RemoteWriteClient(settings.remote_write, post=receiver, clock=h.clock),
-    )
-    h.runner = Runner(
-        settings=settings,
-        source=h.mlflow,
-        state=h.state,
-        metrics=h.metrics,
-        health=h.health,
-        pushgateway=h.gateway,
-        sinks=[sink],
-        clock=h.clock,
-        sleep=FakeSleep(h.clock),
-    )
+    remote_write_runner(h, settings, receiver)
     exp = h.mlflow.create_experiment("twins")
     first = h.mlflow.create_run(exp, run_id="0123456789ab" + "0" * 20)
     h.mlflow.log(first, "loss", 1.0)

@@ -1,4 +1,4 @@
-"""Fixtures shared by the state tests."""
+"""Fixtures shared by the state tests: a fresh state and its parts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.state import StateStore
+from exporter.state import CaptureSchedule, Mirror, PushMarks, StateStore
 
 
 @pytest.fixture
@@ -16,3 +16,18 @@ def store(tmp_path: Path) -> Iterator[StateStore]:
     state = StateStore(tmp_path / "state")
     yield state
     state.close()
+
+
+@pytest.fixture
+def mirror(store: StateStore) -> Mirror:
+    return store.mirror
+
+
+@pytest.fixture
+def schedule(store: StateStore) -> CaptureSchedule:
+    return store.schedule
+
+
+@pytest.fixture
+def marks(store: StateStore) -> PushMarks:
+    return store.push_marks

@@ -12,23 +12,8 @@ import pytest
 
 import exporter.state.mirror as mirror_module
 from exporter.model import Experiment, KnownRun, LatestMetric, ModelVersion, Registry, Run
-from exporter.state import CaptureSchedule, Mirror, PushMarks, StateStore
+from exporter.state import CaptureSchedule, Mirror, PushMarks
 from exporter.state.schedule import PENDING_FULL, PENDING_NONE, PENDING_WINDOW
-
-
-@pytest.fixture
-def mirror(store: StateStore) -> Mirror:
-    return store.mirror
-
-
-@pytest.fixture
-def marks(store: StateStore) -> PushMarks:
-    return store.push_marks
-
-
-@pytest.fixture
-def schedule(store: StateStore) -> CaptureSchedule:
-    return store.schedule
 
 
 def make_run(

@@ -5,21 +5,9 @@ under `tmp_path`, no servers."""
 
 from __future__ import annotations
 
-import pytest
-
 from exporter.model import Experiment
 from exporter.state import Mirror, PushMarks, StateStore
 from tests.state.test_mirror import make_run, write
-
-
-@pytest.fixture
-def mirror(store: StateStore) -> Mirror:
-    return store.mirror
-
-
-@pytest.fixture
-def marks(store: StateStore) -> PushMarks:
-    return store.push_marks
 
 
 def test_new_experiments_start_dirty(mirror: Mirror, marks: PushMarks) -> None:

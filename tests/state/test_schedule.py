@@ -14,16 +14,6 @@ from exporter.state.schedule import PENDING_FULL, PENDING_NONE, PENDING_WINDOW
 from tests.state.test_mirror import make_run, write
 
 
-@pytest.fixture
-def mirror(store: StateStore) -> Mirror:
-    return store.mirror
-
-
-@pytest.fixture
-def schedule(store: StateStore) -> CaptureSchedule:
-    return store.schedule
-
-
 def test_capture_due_lists_pending_and_settling_active_runs_with_whether_to_read_whole(
     mirror: Mirror, schedule: CaptureSchedule
 ) -> None:
